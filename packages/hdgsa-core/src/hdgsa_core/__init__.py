@@ -1,0 +1,50 @@
+"""hdgsa-core: capability flags, backend choice, argument checks and shared helpers for the
+hdgsa kernel packages."""
+
+from .backend import BACKEND_ENV_VAR, resolve_backend, runnable_backends, triton_unavailable_reason
+from .capabilities import (
+    FLA_VERSION,
+    HAS_CUDA,
+    HAS_FLA,
+    HAS_TRITON,
+    TRITON_VERSION,
+    capabilities,
+    interpreter_enabled,
+    parse_version,
+)
+from .checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_dtype,
+    check_index_range,
+    check_ndim,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND_ENV_VAR",
+    "FLA_VERSION",
+    "FLOAT_DTYPES",
+    "HAS_CUDA",
+    "HAS_FLA",
+    "HAS_TRITON",
+    "INDEX_DTYPES",
+    "TRITON_VERSION",
+    "__version__",
+    "capabilities",
+    "check_dtype",
+    "check_index_range",
+    "check_ndim",
+    "check_same_device",
+    "check_shape",
+    "check_tensor",
+    "interpreter_enabled",
+    "parse_version",
+    "resolve_backend",
+    "runnable_backends",
+    "triton_unavailable_reason",
+]
