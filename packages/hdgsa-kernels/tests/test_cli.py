@@ -1,0 +1,76 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from hdgsa_core.registry import BenchCase, CheckResult
+
+from hdgsa_kernels import cli
+from hdgsa_kernels.bench import Ceilings, Measurement, _add_speedups, format_results, run_benchmarks, summarize
+from hdgsa_kernels.ops import resolve_op_names
+
+
+def test_info_prints_versions_and_flags(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "hdgsa-rmsnorm" in out and "HAS_TRITON" in out and torch.__version__ in out
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "hdgsa_kernels", "info"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "HAS_FLA" in result.stdout
+
+
+def test_check_sinkhorn_passes_on_cpu(capsys):
+    assert cli.main(["check", "sinkhorn", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "sinkhorn" in out and " 0 failed" in out
+
+
+def test_check_exits_non_zero_on_a_mismatch(monkeypatch, capsys):
+    failing = [CheckResult("rmsnorm", "torch", "tiny", "y", 1.0, 1e-5)]
+    monkeypatch.setattr(cli, "import_op_module", lambda op, sub: type("M", (), {"self_check": staticmethod(lambda device: failing)}))
+    assert cli.main(["check", "rmsnorm", "--device", "cpu"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_check_counts_a_crash_as_failure(monkeypatch, capsys):
+    def crash(device):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(cli, "import_op_module", lambda op, sub: type("M", (), {"self_check": staticmethod(crash)}))
+    assert cli.main(["check", "rmsnorm", "--device", "cpu"]) == 1
+    assert "kernel exploded" in capsys.readouterr().out
+
+
+def test_unknown_op_is_a_usage_error(capsys):
+    assert cli.main(["check", "flashattention"]) == 2
+    assert "unknown op" in capsys.readouterr().err
+
+
+def test_op_names_and_aliases():
+    assert resolve_op_names([]) == ["rmsnorm", "sinkhorn", "indexer", "sparse-attn", "deltanet"]
+    assert resolve_op_names(["deltanet", "sparse", "rmsnorm"]) == ["rmsnorm", "sparse-attn", "deltanet"]
+
+
+def test_roofline_and_speedups():
+    case = BenchCase(op="rmsnorm", name="fwd", providers={}, bytes=3e9, flops=None)
+    ceilings = Ceilings(copy_gbps=3000.0, matmul_tflops=800.0)
+    ours = Measurement("rmsnorm", "fwd", "hdgsa", ms=1.25, ours=True)
+    peer = Measurement("rmsnorm", "fwd", "liger", ms=2.5)
+    missing = Measurement("rmsnorm", "fwd", "quack", note="skipped: not installed")
+    for m in (ours, peer, missing):
+        summarize(case, m, ceilings)
+    _add_speedups(case, [ours, peer, missing])
+    assert ours.gbps == pytest.approx(2400.0)
+    assert ours.roofline_pct == pytest.approx(80.0)
+    assert peer.speedup == pytest.approx(2.0) and ours.speedup == pytest.approx(2.0)
+    table = format_results([ours, peer, missing])
+    assert "skipped: not installed" in table and "2400" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_bench_without_gpu_says_so(capsys):
+    assert run_benchmarks(["rmsnorm"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err
