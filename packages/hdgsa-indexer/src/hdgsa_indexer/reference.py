@@ -1,0 +1,280 @@
+"""Plain PyTorch gated indexer: the ``backend="torch"`` implementation (like fla's ``naive.py``).
+
+Scores (``[B, Tq, Tkv]``), for query ``t``, key ``s``::
+
+    score[b, t, s] = sum_h sigmoid(w[b, t, h]) * sigmoid(scale * <q[b, t, h], k[b, s]> + bias[h])
+
+and, with ``causal``, ``score[b, t, s] = -inf`` for ``s > t + q_offset``.
+
+:func:`gated_indexer_reference` builds the whole matrix and is differentiable through
+autograd. :func:`indexer_topk_reference` never builds it: it walks the queries in chunks,
+scores one chunk against the keys it can see, selects that chunk's top-k and moves on, so
+its extra memory is the ``[B, Tq, topk]`` outputs plus one chunk's bounded workspace.
+
+Both compute in float32 (float64 when given float64, which the tests use as the reference)
+and share :func:`_chunk_scores`, so the two paths do the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "DEFAULT_WORKSPACE_BYTES",
+    "gated_indexer_reference",
+    "indexer_topk_reference",
+    "chunk_sizes",
+    "valid_key_counts",
+]
+
+# Workspace that one query chunk of indexer_topk may use. 256 MiB keeps the chunks large enough
+# for the matmul and torch.topk to run at speed on a GPU (1,024 queries per chunk at Tkv = 8,192,
+# H = 4) while staying small next to the [B, Tq, Tkv] matrix it replaces (1 GiB at T = 16,384).
+DEFAULT_WORKSPACE_BYTES = 256 * 2**20
+
+# Workspace bytes per (batch, query, key) triple in one chunk, besides 4 per head for the head
+# logits: the float32 score row (4), its int64 sort key (8) and torch.topk's scratch (about 12).
+_BYTES_PER_KEY = 24
+_BYTES_PER_HEAD_KEY = 4
+
+_INT32_LOW_MASK = 0xFFFFFFFF
+_INT32_MAGNITUDE_BITS = 0x7FFFFFFF
+_INT64_MAX = 2**63 - 1
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32 for float32/float16/bfloat16 inputs, float64 if any input is float64."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def valid_key_counts(
+    num_queries: int, num_keys: int, causal: bool, q_offset: int, device: torch.device
+) -> torch.Tensor:
+    """Number of keys each query may see, int64 ``[Tq]``.
+
+    The valid keys of query ``t`` are always the prefix ``0 .. n[t] - 1``:
+    ``n[t] = clamp(t + q_offset + 1, 0, Tkv)`` with ``causal``, else ``Tkv``.
+    """
+    positions = torch.arange(num_queries, device=device, dtype=torch.int64)
+    if not causal:
+        return torch.full_like(positions, num_keys)
+    return (positions + (q_offset + 1)).clamp_(0, num_keys)
+
+
+def _chunk_scores(
+    q_rows: torch.Tensor,
+    k_compute: torch.Tensor,
+    w_rows: torch.Tensor,
+    bias_compute: torch.Tensor,
+    scale: float,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Unmasked scores of some queries against some keys, ``[B, C, S]`` in ``compute_dtype``.
+
+    ``q_rows`` ``[B, C, H, d]``, ``k_compute`` ``[B, S, d]`` (already in ``compute_dtype``),
+    ``w_rows`` ``[B, C, H]``, ``bias_compute`` ``[H]``. Differentiable; out of place, so the
+    same code serves the autograd path and the no-grad top-k path.
+    """
+    batch, rows, heads, dim = q_rows.shape
+    num_keys = k_compute.shape[1]
+    # One matmul for all heads: [B, C*H, d] @ [B, d, S]. reshape copies only if q's layout needs it.
+    q_flat = q_rows.to(compute_dtype).reshape(batch, rows * heads, dim)
+    logits = torch.matmul(q_flat, k_compute.transpose(1, 2)).view(batch, rows, heads, num_keys)
+    key_gates = torch.sigmoid(logits * scale + bias_compute[:, None])
+    head_gates = torch.sigmoid(w_rows.to(compute_dtype))
+    # Sum over heads as a batched [1, H] @ [H, S] product.
+    return torch.matmul(head_gates.unsqueeze(-2), key_gates).squeeze(-2)
+
+
+def gated_indexer_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float = 1.0,
+    causal: bool = True,
+    q_offset: int = 0,
+) -> torch.Tensor:
+    """Gated indexer scores ``[B, Tq, Tkv]`` (float32; float64 for float64 inputs).
+
+    ``score[b, t, s] = sum_h sigmoid(w[b, t, h]) * sigmoid(scale * <q[b, t, h], k[b, s]> + bias[h])``;
+    with ``causal``, keys ``s > t + q_offset`` get ``-inf``. The mask is applied after the
+    scores are computed (``masked_fill``), so masked entries pass zero gradient and no NaN.
+
+    Args:
+        q: ``[B, Tq, H, d]``. k: ``[B, Tkv, d]``. w: ``[B, Tq, H]``. bias: ``[H]``.
+        scale: multiplies the dot products. causal: mask keys after ``t + q_offset``.
+        q_offset: position of query 0 among the keys (``Tkv - Tq`` when decoding).
+    """
+    compute_dtype = _compute_dtype(q, k, w, bias)
+    scores = _chunk_scores(q, k.to(compute_dtype), w, bias.to(compute_dtype), scale, compute_dtype)
+    if causal:
+        num_queries, num_keys = q.shape[1], k.shape[1]
+        counts = valid_key_counts(num_queries, num_keys, causal, q_offset, q.device)
+        keys = torch.arange(num_keys, device=q.device)
+        scores = scores.masked_fill(keys[None, :] >= counts[:, None], float("-inf"))
+    return scores
+
+
+def chunk_sizes(
+    batch: int, num_keys: int, heads: int, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+) -> tuple[int, int]:
+    """``(batches, queries)`` per chunk so one chunk's workspace fits ``workspace_bytes``.
+
+    One query of one batch element needs about ``Tkv * (4 * H + 24)`` bytes of workspace: the
+    head logits, the score row, its sort key and ``torch.topk``'s scratch. A chunk takes every
+    batch element and as many queries as fit; if one query over all batch elements does not
+    fit, it takes one query of as many batch elements as fit. Never less than one query of one
+    batch element, so the workspace is at most ``max(workspace_bytes, Tkv * (4 * H + 24))``.
+    """
+    per_row = max(1, num_keys * (_BYTES_PER_HEAD_KEY * heads + _BYTES_PER_KEY))
+    rows = max(1, workspace_bytes // per_row)
+    if rows >= batch:
+        return batch, max(1, rows // max(batch, 1))
+    return rows, 1
+
+
+def _float_sort_key(values: torch.Tensor) -> torch.Tensor:
+    """int64 whose order is the order of the float32 ``values`` (-inf lowest, +inf highest)."""
+    # -0.0 + 0.0 = +0.0, so the two zeros get one key and tie like the floats do.
+    bits = (values.to(torch.float32) + 0.0).view(torch.int32)
+    # Negative floats: larger magnitude means smaller value, so flip the magnitude bits.
+    ordered = torch.where(bits < 0, bits ^ _INT32_MAGNITUDE_BITS, bits)
+    return ordered.to(torch.int64)
+
+
+def _select_topk(
+    scores: torch.Tensor, topk: int, sink_size: int, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of masked score rows with the tie rule and sinks; ``[B, C, topk]`` int32/float32.
+
+    ``scores`` ``[B, C, S]`` (invalid keys already ``-inf``), ``counts`` ``[C]`` valid keys per
+    row (a prefix). Each key gets a distinct int64 sort key: the score's order in the high 32
+    bits, the reversed key index in the low 32 bits (so ties go to the lower index); sinks get
+    the largest keys, in key order. All keys are distinct, so ``torch.topk``'s result is
+    unique and deterministic.
+    """
+    batch, rows, num_keys = scores.shape
+    keys = torch.arange(num_keys, device=scores.device, dtype=torch.int64)
+    sort_key = (_float_sort_key(scores) << 32) | (_INT32_LOW_MASK - keys)
+    if sink_size > 0:
+        sink = keys < sink_size
+        sort_key = torch.where(sink, _INT64_MAX - keys, sort_key)
+    taken = min(topk, num_keys)
+    best = torch.topk(sort_key, taken, dim=-1, largest=True, sorted=True).values
+    indices = _INT32_LOW_MASK - (best & _INT32_LOW_MASK)
+    selected = torch.gather(scores, -1, indices).to(torch.float32)
+    # Slots past the number of valid keys: index -1, score -inf.
+    slot = torch.arange(taken, device=scores.device)
+    empty = slot[None, :] >= counts[:, None]
+    indices = indices.masked_fill(empty, -1).to(torch.int32)
+    selected = selected.masked_fill(empty, float("-inf"))
+    if taken < topk:
+        pad = (batch, rows, topk - taken)
+        indices = torch.cat([indices, indices.new_full(pad, -1)], dim=-1)
+        selected = torch.cat([selected, selected.new_full(pad, float("-inf"))], dim=-1)
+    return indices, selected
+
+
+def _row_stats(
+    scores: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population variance of the valid scores of each row (two passes); 0 and 0 for
+    a row with no valid key."""
+    num_keys = scores.shape[-1]
+    valid = torch.arange(num_keys, device=scores.device)[None, :] < counts[:, None]
+    denominator = counts.clamp(min=1).to(scores.dtype)
+    mean = torch.where(valid, scores, 0.0).sum(-1) / denominator
+    centered = torch.where(valid, scores - mean[..., None], 0.0)
+    var = centered.square().sum(-1) / denominator
+    return mean.to(torch.float32), var.to(torch.float32)
+
+
+@torch.no_grad()
+def indexer_topk_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor,
+    topk: int,
+    scale: float = 1.0,
+    causal: bool = True,
+    q_offset: int = 0,
+    sink_size: int = 0,
+    return_stats: bool = False,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    query_chunk: int | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Chunked top-k of the gated indexer scores, never building ``[B, Tq, Tkv]``.
+
+    For each chunk of queries: score it against the keys the chunk can see (with ``causal``,
+    keys ``0 .. last query + q_offset``), mask, select (:func:`_select_topk`), and, with
+    ``return_stats``, take each row's mean and population variance over its valid keys.
+
+    Args:
+        q, k, w, bias, topk, scale, causal, q_offset, sink_size, return_stats: as
+            :func:`hdgsa_indexer.indexer_topk`.
+        workspace_bytes: the chunk's workspace budget (:func:`chunk_sizes`).
+        query_chunk: queries per chunk (all batch elements at once); overrides
+            ``workspace_bytes`` (tests use it to cross chunk boundaries on small inputs).
+
+    Returns:
+        ``(indices, scores)`` int32 / float32 ``[B, Tq, topk]``, plus ``(mean, var)``
+        float32 ``[B, Tq]`` with ``return_stats``.
+    """
+    batch, num_queries, heads, _ = q.shape
+    num_keys = k.shape[1]
+    device = q.device
+    indices = torch.empty(batch, num_queries, topk, dtype=torch.int32, device=device)
+    scores = torch.empty(batch, num_queries, topk, dtype=torch.float32, device=device)
+    outputs: tuple[torch.Tensor, ...] = (indices, scores)
+    if return_stats:
+        mean = torch.empty(batch, num_queries, dtype=torch.float32, device=device)
+        var = torch.empty(batch, num_queries, dtype=torch.float32, device=device)
+        outputs = (indices, scores, mean, var)
+    if batch == 0 or num_queries == 0:
+        return outputs
+    if num_keys == 0:
+        indices.fill_(-1)
+        scores.fill_(float("-inf"))
+        if return_stats:
+            mean.zero_()
+            var.zero_()
+        return outputs
+
+    compute_dtype = _compute_dtype(q, k, w, bias)
+    bias_compute = bias.to(compute_dtype)
+    counts = valid_key_counts(num_queries, num_keys, causal, q_offset, device)
+    batch_chunk, chunk = chunk_sizes(batch, num_keys, heads, workspace_bytes)
+    if query_chunk is not None:
+        batch_chunk, chunk = batch, query_chunk
+    for batch_start in range(0, batch, batch_chunk):
+        b = slice(batch_start, min(batch_start + batch_chunk, batch))
+        # Casting k costs [b, Tkv, d] floats, the size of an input: not a [Tq, Tkv] quantity.
+        k_compute = k[b].to(compute_dtype)
+        for start in range(0, num_queries, chunk):
+            stop = min(start + chunk, num_queries)
+            t = slice(start, stop)
+            chunk_counts = counts[t]
+            # Keys after the chunk's last valid key are -inf for all its rows: skip them.
+            visible = min(num_keys, max(0, stop + q_offset)) if causal else num_keys
+            if visible == 0:
+                indices[b, t] = -1
+                scores[b, t] = float("-inf")
+                if return_stats:
+                    mean[b, t] = 0.0
+                    var[b, t] = 0.0
+                continue
+            chunk_scores = _chunk_scores(
+                q[b, t], k_compute[:, :visible], w[b, t], bias_compute, scale, compute_dtype
+            )
+            if causal:
+                keys = torch.arange(visible, device=device)
+                chunk_scores.masked_fill_(keys[None, :] >= chunk_counts[:, None], float("-inf"))
+            indices[b, t], scores[b, t] = _select_topk(chunk_scores, topk, sink_size, chunk_counts)
+            if return_stats:
+                mean[b, t], var[b, t] = _row_stats(chunk_scores, chunk_counts)
+    return outputs
