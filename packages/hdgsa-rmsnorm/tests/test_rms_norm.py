@@ -1,0 +1,268 @@
+"""rms_norm against a float64 reference: values and gradients of x, residual and weight, on
+every backend that can run here (torch; triton on CUDA or with TRITON_INTERPRET=1), plus the
+errors SPEC section 2 promises for bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hdgsa_core import runnable_backends
+from hdgsa_core.testing import DEFAULT_TOLERANCE, assert_matches_reference, make_tensor, strided_rows
+from hdgsa_rmsnorm import api, rms_norm, rms_norm_reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICE_BACKENDS = [
+    pytest.param(device, backend, id=f"{device}-{backend}")
+    for device in DEVICES
+    for backend in runnable_backends(torch.device(device), implemented=api._TRITON_IMPLEMENTED)
+]
+DTYPES = [pytest.param(dtype, id=str(dtype).removeprefix("torch.")) for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+
+
+def _inputs(shape, dtype, device, *, weight=True, residual=True, residual_dtype=None, weight_dtype=None, seed=0):
+    hidden = shape[-1]
+    x = make_tensor(*shape, dtype=dtype, device=device, seed=seed, requires_grad=True)
+    w = None
+    if weight:
+        w = make_tensor(hidden, dtype=weight_dtype or dtype, device=device, seed=seed + 1, scale=0.5, offset=1.0, requires_grad=True)
+    r = None
+    if residual:
+        r = make_tensor(*shape, dtype=residual_dtype or dtype, device=device, seed=seed + 2, requires_grad=True)
+    return x, w, r
+
+
+def _as64(tensor):
+    return None if tensor is None else tensor.detach().double().requires_grad_(True)
+
+
+def _outputs_and_grads(fn, x, w, r, upstream):
+    """Outputs of ``fn(x, w, r)`` (a tuple) and the gradients of sum(out * upstream) wrt
+    each given input (x, w, r order; None where not given)."""
+    outs = fn(x, w, r)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    inputs = [t for t in (x, w, r) if t is not None]
+    grads = iter(torch.autograd.grad(outs, inputs, [u.to(o.dtype) for o, u in zip(outs, upstream)]))
+    return [o.detach() for o in outs], [next(grads) if t is not None else None for t in (x, w, r)]
+
+
+def check_against_float64(
+    shape,
+    dtype,
+    device,
+    backend,
+    *,
+    weight=True,
+    residual=True,
+    prenorm=False,
+    residual_in_fp32=False,
+    eps=1e-6,
+    residual_dtype=None,
+    weight_dtype=None,
+    layout=None,
+    seed=0,
+):
+    """Run rms_norm on ``backend``; compare outputs and gradients with float64, holding it to
+    2x the error of the PyTorch reference run on the same low-precision inputs."""
+    x, w, r = _inputs(shape, dtype, device, weight=weight, residual=residual, residual_dtype=residual_dtype, weight_dtype=weight_dtype, seed=seed)
+    if layout is not None:
+        x = layout(x)
+        r = layout(r) if r is not None else None
+
+    def ours(x_, w_, r_):
+        return rms_norm(x_, w_, eps, r_, prenorm=prenorm, residual_in_fp32=residual_in_fp32, backend=backend)
+
+    def reference(x_, w_, r_):
+        return rms_norm_reference(x_, w_, eps, r_, prenorm, residual_in_fp32)
+
+    n_out = 2 if prenorm else 1
+    # upstream gradients in the outputs' dtypes, so the float64 reference sees the same values
+    out_dtypes = [dtype, torch.float32 if residual_in_fp32 else dtype][:n_out]
+    upstream = [make_tensor(*shape, dtype=d, device=device, seed=seed + 10 + i) for i, d in enumerate(out_dtypes)]
+    outs, grads = _outputs_and_grads(ours, x, w, r, upstream)
+    outs64, grads64 = _outputs_and_grads(reference, _as64(x), _as64(w), _as64(r), upstream)
+    outs_lp, grads_lp = _outputs_and_grads(reference, x, w, r, upstream)
+
+    assert outs[0].dtype == dtype and outs[0].shape == x.shape and outs[0].device == x.device
+    if prenorm:
+        h_dtype = torch.float32 if residual_in_fp32 else dtype
+        assert outs[1].dtype == h_dtype and outs[1].shape == x.shape
+    for name, out, out64, out_lp in zip(("y", "h"), outs, outs64, outs_lp):
+        assert_matches_reference(f"{backend} {name}", out, out64, out_lp)
+    for name, grad, grad64, grad_lp, source in zip(("dx", "dweight", "dresidual"), grads, grads64, grads_lp, (x, w, r)):
+        if source is None:
+            continue
+        assert grad.dtype == source.dtype and grad.shape == source.shape
+        assert_matches_reference(f"{backend} {name}", grad, grad64, grad_lp, tol=DEFAULT_TOLERANCE[source.dtype])
+    return outs, grads
+
+
+# ----------------------------------------------------------------------------- values, grads
+
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [1, 3, 130, 1000, 4097])
+def test_prenorm_residual_weight(device, backend, dtype, hidden):
+    check_against_float64((5, hidden), dtype, device, backend, prenorm=True)
+
+
+FLAGS = {
+    "plain": dict(weight=False, residual=False),
+    "weight": dict(residual=False),
+    "residual-no-weight": dict(weight=False),
+    "residual-weight": dict(),
+    "prenorm-no-residual": dict(residual=False, prenorm=True),
+    "prenorm-no-weight": dict(weight=False, prenorm=True),
+    "prenorm-residual-in-fp32": dict(prenorm=True, residual_in_fp32=True),
+    "fp32-residual-stream": dict(prenorm=True, residual_in_fp32=True, residual_dtype=torch.float32),
+    "fp32-weight": dict(weight_dtype=torch.float32),
+    "eps-0.1": dict(prenorm=True, eps=0.1),
+}
+
+
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("flags", list(FLAGS), ids=list(FLAGS))
+@pytest.mark.parametrize("hidden", [7, 520])
+def test_flags(device, backend, dtype, flags, hidden):
+    check_against_float64((3, 4, hidden), dtype, device, backend, **FLAGS[flags])
+
+
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1), (64,), (2, 3, 4, 96), (37, 48)], ids=str)
+def test_shapes(device, backend, shape):
+    check_against_float64(shape, torch.bfloat16, device, backend, prenorm=True)
+
+
+LAYOUTS = {
+    # rows not packed: a view into a wider buffer (stride(-1) == 1; read in place)
+    "strided-rows": strided_rows,
+    # leading dims that cannot be merged into one row stride
+    "transposed-leading": lambda t: t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True),
+    # every other row of a taller buffer
+    "row-step-2": lambda t: torch.repeat_interleave(t.detach(), 2, dim=-2)[..., ::2, :].requires_grad_(True),
+    # last dim not contiguous: the kernel needs a copy
+    "column-major": lambda t: t.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(True),
+}
+
+
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layouts(device, backend, layout, dtype):
+    check_against_float64((3, 5, 200), dtype, device, backend, prenorm=True, layout=LAYOUTS[layout])
+
+
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("hidden", [65536, 262144])
+def test_large_hidden(device, backend, hidden):
+    rows = 2 if device == "cpu" else 33
+    check_against_float64((rows, hidden), torch.bfloat16, device, backend, prenorm=True)
+
+
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 16), (4, 0), (2, 0, 8)], ids=str)
+def test_empty(device, backend, shape):
+    x, w, r = _inputs(shape, torch.float32, device)
+    y, h = rms_norm(x, w, 1e-6, r, prenorm=True, backend=backend)
+    assert y.shape == x.shape and h.shape == x.shape
+    dx, dw, dr = torch.autograd.grad((y.sum() + h.sum()), (x, w, r))
+    assert dx.shape == x.shape and dw.shape == w.shape and dr.shape == r.shape
+    assert torch.all(dw == 0)
+
+
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+def test_inputs_unchanged_and_outputs_new(device, backend):
+    x, w, r = _inputs((4, 33), torch.float32, device)
+    saved = [t.detach().clone() for t in (x, w, r)]
+    y, h = rms_norm(x, w, 1e-6, r, prenorm=True, backend=backend)
+    for before, after in zip(saved, (x, w, r)):
+        assert torch.equal(before, after)
+    y2, h2 = rms_norm(x, None, 1e-6, None, prenorm=True, backend=backend)
+    assert h2.data_ptr() != x.data_ptr() and torch.equal(h2, x.detach())
+    assert y.is_contiguous() and h.is_contiguous()
+
+
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+def test_deterministic(device, backend):
+    """Same inputs, bitwise the same outputs and gradients, run after run."""
+    x, w, r = _inputs((65, 300), torch.bfloat16, device)
+    dy = make_tensor(65, 300, dtype=torch.bfloat16, device=device, seed=5)
+    dh = make_tensor(65, 300, dtype=torch.bfloat16, device=device, seed=6)
+    runs = []
+    for _ in range(2):
+        y, h = rms_norm(x, w, 1e-6, r, prenorm=True, backend=backend)
+        grads = torch.autograd.grad((y, h), (x, w, r), (dy, dh))
+        runs.append((y, h, *grads))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+def test_no_grad_and_partial_grads(device, backend):
+    x, w, r = _inputs((6, 40), torch.float16, device)
+    with torch.no_grad():
+        y = rms_norm(x, w, 1e-6, r, backend=backend)
+    expected = rms_norm_reference(x.detach().double(), w.detach().double(), 1e-6, r.detach().double())
+    assert_matches_reference("no-grad y", y, expected)
+    # only y gets a gradient although prenorm returns h too; weight frozen
+    w_frozen = w.detach()
+    y, h = rms_norm(x, w_frozen, 1e-6, r, prenorm=True, backend=backend)
+    dx, dr = torch.autograd.grad(y.float().sum(), (x, r))
+    x64, r64 = _as64(x), _as64(r)
+    y64 = rms_norm_reference(x64, w_frozen.double(), 1e-6, r64)
+    dx64, dr64 = torch.autograd.grad(y64.sum(), (x64, r64))
+    assert_matches_reference("y-only dx", dx, dx64)
+    assert_matches_reference("y-only dresidual", dr, dr64)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def test_bad_inputs():
+    x = torch.randn(4, 8)
+    with pytest.raises(TypeError, match="x"):
+        rms_norm([[1.0]])
+    with pytest.raises(TypeError, match="x: dtype int64"):
+        rms_norm(torch.ones(4, 8, dtype=torch.int64))
+    with pytest.raises(TypeError, match="x: dtype float64"):
+        rms_norm(torch.ones(4, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x: expected shape"):
+        rms_norm(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"weight: expected shape \[N\] = \[8\], got shape \[7\]"):
+        rms_norm(x, torch.ones(7))
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(x, torch.ones(1, 8))
+    with pytest.raises(TypeError, match="weight: dtype int32"):
+        rms_norm(x, torch.ones(8, dtype=torch.int32))
+    with pytest.raises(TypeError, match="weight"):
+        rms_norm(x, [1.0] * 8)
+    with pytest.raises(ValueError, match=r"residual: expected shape .*\[4, 8\], got shape \[4, 7\]"):
+        rms_norm(x, None, 1e-6, torch.randn(4, 7))
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm(x, None, 1e-6, torch.randn(8))
+    with pytest.raises(TypeError, match="residual: dtype int64"):
+        rms_norm(x, None, 1e-6, torch.ones(4, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="one device"):
+        rms_norm(x, torch.ones(8, device="meta"))
+    with pytest.raises(ValueError, match="one device"):
+        rms_norm(x, None, 1e-6, torch.ones(4, 8, device="meta"))
+    with pytest.raises(ValueError, match="eps"):
+        rms_norm(x, eps=-1.0)
+    with pytest.raises(ValueError, match="eps"):
+        rms_norm(x, eps=float("nan"))
+    with pytest.raises(TypeError, match="eps"):
+        rms_norm(x, eps="1e-6")
+    with pytest.raises(ValueError, match="backend"):
+        rms_norm(x, backend="cuda")
+
+
+def test_unavailable_backend_raises(monkeypatch):
+    x = torch.randn(4, 8)
+    if "triton" not in runnable_backends(x.device, implemented=api._TRITON_IMPLEMENTED):
+        with pytest.raises(RuntimeError, match="triton"):
+            rms_norm(x, backend="triton")
+    monkeypatch.setenv("HDGSA_BACKEND", "torch")
+    expected = rms_norm_reference(x.double()).float()
+    assert_matches_reference("HDGSA_BACKEND=torch", rms_norm(x), expected.double())
+    monkeypatch.setenv("HDGSA_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="HDGSA_BACKEND"):
+        rms_norm(x)
