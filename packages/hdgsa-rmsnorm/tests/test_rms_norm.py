@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from hdgsa_core import runnable_backends
 from hdgsa_core.testing import DEFAULT_TOLERANCE, assert_matches_reference, make_tensor, strided_rows
 from hdgsa_rmsnorm import api, rms_norm, rms_norm_reference
@@ -16,18 +17,33 @@ DEVICE_BACKENDS = [
     for device in DEVICES
     for backend in runnable_backends(torch.device(device), implemented=api._TRITON_IMPLEMENTED)
 ]
-DTYPES = [pytest.param(dtype, id=str(dtype).removeprefix("torch.")) for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+DTYPES = [
+    pytest.param(dtype, id=str(dtype).removeprefix("torch."))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16)
+]
 
 
-def _inputs(shape, dtype, device, *, weight=True, residual=True, residual_dtype=None, weight_dtype=None, seed=0):
+def _inputs(
+    shape, dtype, device, *, weight=True, residual=True, residual_dtype=None, weight_dtype=None, seed=0
+):
     hidden = shape[-1]
     x = make_tensor(*shape, dtype=dtype, device=device, seed=seed, requires_grad=True)
     w = None
     if weight:
-        w = make_tensor(hidden, dtype=weight_dtype or dtype, device=device, seed=seed + 1, scale=0.5, offset=1.0, requires_grad=True)
+        w = make_tensor(
+            hidden,
+            dtype=weight_dtype or dtype,
+            device=device,
+            seed=seed + 1,
+            scale=0.5,
+            offset=1.0,
+            requires_grad=True,
+        )
     r = None
     if residual:
-        r = make_tensor(*shape, dtype=residual_dtype or dtype, device=device, seed=seed + 2, requires_grad=True)
+        r = make_tensor(
+            *shape, dtype=residual_dtype or dtype, device=device, seed=seed + 2, requires_grad=True
+        )
     return x, w, r
 
 
@@ -41,7 +57,9 @@ def _outputs_and_grads(fn, x, w, r, upstream):
     outs = fn(x, w, r)
     outs = outs if isinstance(outs, tuple) else (outs,)
     inputs = [t for t in (x, w, r) if t is not None]
-    grads = iter(torch.autograd.grad(outs, inputs, [u.to(o.dtype) for o, u in zip(outs, upstream)]))
+    grads = iter(
+        torch.autograd.grad(outs, inputs, [u.to(o.dtype) for o, u in zip(outs, upstream, strict=False)])
+    )
     return [o.detach() for o in outs], [next(grads) if t is not None else None for t in (x, w, r)]
 
 
@@ -63,7 +81,16 @@ def check_against_float64(
 ):
     """Run rms_norm on ``backend``; compare outputs and gradients with float64, holding it to
     2x the error of the PyTorch reference run on the same low-precision inputs."""
-    x, w, r = _inputs(shape, dtype, device, weight=weight, residual=residual, residual_dtype=residual_dtype, weight_dtype=weight_dtype, seed=seed)
+    x, w, r = _inputs(
+        shape,
+        dtype,
+        device,
+        weight=weight,
+        residual=residual,
+        residual_dtype=residual_dtype,
+        weight_dtype=weight_dtype,
+        seed=seed,
+    )
     if layout is not None:
         x = layout(x)
         r = layout(r) if r is not None else None
@@ -77,28 +104,39 @@ def check_against_float64(
     n_out = 2 if prenorm else 1
     # upstream gradients in the outputs' dtypes, so the float64 reference sees the same values
     out_dtypes = [dtype, torch.float32 if residual_in_fp32 else dtype][:n_out]
-    upstream = [make_tensor(*shape, dtype=d, device=device, seed=seed + 10 + i) for i, d in enumerate(out_dtypes)]
+    upstream = [
+        make_tensor(*shape, dtype=d, device=device, seed=seed + 10 + i) for i, d in enumerate(out_dtypes)
+    ]
     outs, grads = _outputs_and_grads(ours, x, w, r, upstream)
     outs64, grads64 = _outputs_and_grads(reference, _as64(x), _as64(w), _as64(r), upstream)
     outs_lp, grads_lp = _outputs_and_grads(reference, x, w, r, upstream)
 
-    assert outs[0].dtype == dtype and outs[0].shape == x.shape and outs[0].device == x.device
+    assert outs[0].dtype == dtype
+    assert outs[0].shape == x.shape
+    assert outs[0].device == x.device
     if prenorm:
         h_dtype = torch.float32 if residual_in_fp32 else dtype
-        assert outs[1].dtype == h_dtype and outs[1].shape == x.shape
-    for name, out, out64, out_lp in zip(("y", "h"), outs, outs64, outs_lp):
+        assert outs[1].dtype == h_dtype
+        assert outs[1].shape == x.shape
+    for name, out, out64, out_lp in zip(("y", "h"), outs, outs64, outs_lp, strict=False):
         assert_matches_reference(f"{backend} {name}", out, out64, out_lp)
-    for name, grad, grad64, grad_lp, source in zip(("dx", "dweight", "dresidual"), grads, grads64, grads_lp, (x, w, r)):
+    for name, grad, grad64, grad_lp, source in zip(
+        ("dx", "dweight", "dresidual"), grads, grads64, grads_lp, (x, w, r), strict=False
+    ):
         if source is None:
             continue
-        assert grad.dtype == source.dtype and grad.shape == source.shape
-        assert_matches_reference(f"{backend} {name}", grad, grad64, grad_lp, tol=DEFAULT_TOLERANCE[source.dtype])
+        assert grad.dtype == source.dtype
+        assert grad.shape == source.shape
+        assert_matches_reference(
+            f"{backend} {name}", grad, grad64, grad_lp, tol=DEFAULT_TOLERANCE[source.dtype]
+        )
     return outs, grads
 
 
 # ----------------------------------------------------------------------------- values, grads
 
-@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [1, 3, 130, 1000, 4097])
 def test_prenorm_residual_weight(device, backend, dtype, hidden):
@@ -119,7 +157,7 @@ FLAGS = {
 }
 
 
-@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("flags", list(FLAGS), ids=list(FLAGS))
 @pytest.mark.parametrize("hidden", [7, 520])
@@ -127,7 +165,7 @@ def test_flags(device, backend, dtype, flags, hidden):
     check_against_float64((3, 4, hidden), dtype, device, backend, **FLAGS[flags])
 
 
-@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("shape", [(1, 1), (64,), (2, 3, 4, 96), (37, 48)], ids=str)
 def test_shapes(device, backend, shape):
     check_against_float64(shape, torch.bfloat16, device, backend, prenorm=True)
@@ -137,52 +175,61 @@ LAYOUTS = {
     # rows not packed: a view into a wider buffer (stride(-1) == 1; read in place)
     "strided-rows": strided_rows,
     # leading dims that cannot be merged into one row stride
-    "transposed-leading": lambda t: t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True),
+    "transposed-leading": lambda t: (
+        t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
+    ),
     # every other row of a taller buffer
     "row-step-2": lambda t: torch.repeat_interleave(t.detach(), 2, dim=-2)[..., ::2, :].requires_grad_(True),
     # last dim not contiguous: the kernel needs a copy
-    "column-major": lambda t: t.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(True),
+    "column-major": lambda t: (
+        t.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_(True)
+    ),
 }
 
 
-@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layouts(device, backend, layout, dtype):
     check_against_float64((3, 5, 200), dtype, device, backend, prenorm=True, layout=LAYOUTS[layout])
 
 
-@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("hidden", [65536, 262144])
 def test_large_hidden(device, backend, hidden):
     rows = 2 if device == "cpu" else 33
     check_against_float64((rows, hidden), torch.bfloat16, device, backend, prenorm=True)
 
 
-@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 16), (4, 0), (2, 0, 8)], ids=str)
 def test_empty(device, backend, shape):
     x, w, r = _inputs(shape, torch.float32, device)
     y, h = rms_norm(x, w, 1e-6, r, prenorm=True, backend=backend)
-    assert y.shape == x.shape and h.shape == x.shape
+    assert y.shape == x.shape
+    assert h.shape == x.shape
     dx, dw, dr = torch.autograd.grad((y.sum() + h.sum()), (x, w, r))
-    assert dx.shape == x.shape and dw.shape == w.shape and dr.shape == r.shape
+    assert dx.shape == x.shape
+    assert dw.shape == w.shape
+    assert dr.shape == r.shape
     assert torch.all(dw == 0)
 
 
-@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 def test_inputs_unchanged_and_outputs_new(device, backend):
     x, w, r = _inputs((4, 33), torch.float32, device)
     saved = [t.detach().clone() for t in (x, w, r)]
     y, h = rms_norm(x, w, 1e-6, r, prenorm=True, backend=backend)
-    for before, after in zip(saved, (x, w, r)):
+    for before, after in zip(saved, (x, w, r), strict=False):
         assert torch.equal(before, after)
-    y2, h2 = rms_norm(x, None, 1e-6, None, prenorm=True, backend=backend)
-    assert h2.data_ptr() != x.data_ptr() and torch.equal(h2, x.detach())
-    assert y.is_contiguous() and h.is_contiguous()
+    _y2, h2 = rms_norm(x, None, 1e-6, None, prenorm=True, backend=backend)
+    assert h2.data_ptr() != x.data_ptr()
+    assert torch.equal(h2, x.detach())
+    assert y.is_contiguous()
+    assert h.is_contiguous()
 
 
-@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 def test_deterministic(device, backend):
     """Same inputs, bitwise the same outputs and gradients, run after run."""
     x, w, r = _inputs((65, 300), torch.bfloat16, device)
@@ -193,11 +240,11 @@ def test_deterministic(device, backend):
         y, h = rms_norm(x, w, 1e-6, r, prenorm=True, backend=backend)
         grads = torch.autograd.grad((y, h), (x, w, r), (dy, dh))
         runs.append((y, h, *grads))
-    for first, second in zip(*runs):
+    for first, second in zip(*runs, strict=False):
         assert torch.equal(first, second)
 
 
-@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 def test_no_grad_and_partial_grads(device, backend):
     x, w, r = _inputs((6, 40), torch.float16, device)
     with torch.no_grad():
@@ -206,7 +253,7 @@ def test_no_grad_and_partial_grads(device, backend):
     assert_matches_reference("no-grad y", y, expected)
     # only y gets a gradient although prenorm returns h too; weight frozen
     w_frozen = w.detach()
-    y, h = rms_norm(x, w_frozen, 1e-6, r, prenorm=True, backend=backend)
+    y, _h = rms_norm(x, w_frozen, 1e-6, r, prenorm=True, backend=backend)
     dx, dr = torch.autograd.grad(y.float().sum(), (x, r))
     x64, r64 = _as64(x), _as64(r)
     y64 = rms_norm_reference(x64, w_frozen.double(), 1e-6, r64)
@@ -216,6 +263,7 @@ def test_no_grad_and_partial_grads(device, backend):
 
 
 # ----------------------------------------------------------------------------- bad inputs
+
 
 def test_bad_inputs():
     x = torch.randn(4, 8)

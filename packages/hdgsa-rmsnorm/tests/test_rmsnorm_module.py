@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from hdgsa_core.testing import assert_matches_reference, make_tensor
 from hdgsa_rmsnorm import RMSNorm, rms_norm, rms_norm_reference
 
 
 def test_parameters_and_repr():
     norm = RMSNorm(48)
-    assert isinstance(norm.weight, torch.nn.Parameter) and norm.weight.shape == (48,)
+    assert isinstance(norm.weight, torch.nn.Parameter)
+    assert norm.weight.shape == (48,)
     assert torch.equal(norm.weight.detach(), torch.ones(48))
     assert repr(norm) == "RMSNorm(48, eps=1e-06, elementwise_affine=True)"
     plain = RMSNorm(16, eps=1e-5, elementwise_affine=False)
-    assert plain.weight is None and list(plain.parameters()) == []
+    assert plain.weight is None
+    assert list(plain.parameters()) == []
     assert "elementwise_affine=False" in repr(plain)
     typed = RMSNorm(8, dtype=torch.bfloat16, device="cpu")
-    assert typed.weight.dtype == torch.bfloat16 and typed.weight.device.type == "cpu"
+    assert typed.weight.dtype == torch.bfloat16
+    assert typed.weight.device.type == "cpu"
 
 
 def test_forward_matches_function():
@@ -33,8 +37,10 @@ def test_forward_matches_function():
     assert_matches_reference("module y", y, y64)
     assert_matches_reference("module h", h, h64)
     y.sum().backward()
-    assert norm.weight.grad is not None and norm.weight.grad.shape == (40,)
-    assert x.grad is not None and residual.grad is not None
+    assert norm.weight.grad is not None
+    assert norm.weight.grad.shape == (40,)
+    assert x.grad is not None
+    assert residual.grad is not None
 
 
 def test_bad_arguments():

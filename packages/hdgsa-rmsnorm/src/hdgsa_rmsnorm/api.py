@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 
 import torch
+
 from hdgsa_core import check_dtype, check_same_device, check_shape, check_tensor, resolve_backend
 
 from .reference import rms_norm_reference
