@@ -1,0 +1,202 @@
+"""Tests for :func:`hdgsa_sinkhorn.sinkhorn_knopp`: values and gradients against float64, on every
+backend that can run here (PyTorch; Triton on CUDA or under TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hdgsa_core import interpreter_enabled, runnable_backends
+from hdgsa_core.testing import assert_matches_reference, grads_of, make_tensor, strided_rows
+
+from hdgsa_sinkhorn import sinkhorn_knopp, sinkhorn_knopp_reference
+from hdgsa_sinkhorn.api import TRITON_IMPLEMENTED
+
+DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+CASES = [
+    pytest.param(device, backend, id=f"{device.type}-{backend}")
+    for device in DEVICES
+    for backend in runnable_backends(device, implemented=TRITON_IMPLEMENTED)
+]
+# The interpreter runs Triton on numpy one op at a time: keep its batches tiny.
+SMALL = interpreter_enabled()
+
+
+def _run(logits: torch.Tensor, grad_output: torch.Tensor, num_iters: int, eps: float, backend: str):
+    """Output and d(logits) of one backend (``backend=None``: the float64 reference)."""
+    leaf = logits.detach().clone().requires_grad_(True) if logits.is_contiguous() else logits.detach().requires_grad_(True)
+    if backend is None:
+        out = sinkhorn_knopp_reference(leaf.to(torch.float64), num_iters, eps)
+    else:
+        out = sinkhorn_knopp(leaf, num_iters, eps, backend=backend)
+    (grad,) = grads_of(out, [leaf], grad_output.to(out.dtype))
+    return out.detach(), grad
+
+
+def _check(logits: torch.Tensor, num_iters: int, backend: str, eps: float = 1e-8, seed: int = 1) -> None:
+    grad_output = make_tensor(*logits.shape, dtype=logits.dtype, device=logits.device, seed=seed)
+    out, grad = _run(logits, grad_output, num_iters, eps, backend)
+    out64, grad64 = _run(logits.to(torch.float64), grad_output.to(torch.float64), num_iters, eps, None)
+    out_lp, grad_lp = _run(logits, grad_output, num_iters, eps, "torch")
+    assert out.shape == logits.shape and out.dtype == logits.dtype
+    assert grad.shape == logits.shape and grad.dtype == logits.dtype
+    assert_matches_reference(f"P ({backend})", out, out64, out_lp)
+    assert_matches_reference(f"d logits ({backend})", grad, grad64, grad_lp)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 16, 32])
+@pytest.mark.parametrize("num_iters", [0, 1, 20, 50])
+def test_values_and_grads_vs_float64(device, backend, n, num_iters):
+    batch = (3,) if SMALL and n >= 16 else (5,)
+    logits = make_tensor(*batch, n, n, device=device, seed=n * 100 + num_iters, scale=2.0)
+    _check(logits, num_iters, backend)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+@pytest.mark.parametrize("shape", [(4, 4), (1, 1), (2, 3, 4, 4), (2, 1, 3, 5, 5), (7, 3, 3)], ids=str)
+def test_batch_shapes(device, backend, shape):
+    logits = make_tensor(*shape, device=device, seed=len(shape), scale=1.5)
+    _check(logits, 20, backend)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+@pytest.mark.parametrize("n", [3, 4, 8])
+def test_non_contiguous(device, backend, n):
+    base = make_tensor(6, n, n, device=device, seed=7)
+    _check(base.transpose(-1, -2), 20, backend)  # columns are the contiguous axis
+    _check(strided_rows(base, pad=3), 20, backend)  # padded rows
+    _check(make_tensor(n, n, 6, device=device, seed=8).permute(2, 0, 1), 20, backend)  # batch innermost
+    _check(make_tensor(12, n, n, device=device, seed=9)[::2], 20, backend)  # every other matrix
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [4, 5])
+def test_low_precision(device, backend, dtype, n):
+    logits = make_tensor(2, 3, n, n, device=device, dtype=dtype, seed=11)
+    _check(logits, 20, backend)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+@pytest.mark.parametrize("eps", [0.0, 1e-3])
+def test_eps(device, backend, eps):
+    _check(make_tensor(4, 4, 4, device=device, seed=12), 10, backend, eps=eps)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+@pytest.mark.parametrize("n", [2, 4, 7])
+def test_doubly_stochastic_after_convergence(device, backend, n):
+    logits = make_tensor(8, n, n, device=device, seed=13)
+    probs = sinkhorn_knopp(logits, 50, backend=backend)
+    ones = torch.ones(8, n, device=device)
+    torch.testing.assert_close(probs.sum(-2), ones, atol=1e-5, rtol=0)  # last step: columns
+    torch.testing.assert_close(probs.sum(-1), ones, atol=1e-3, rtol=0)
+    assert (probs >= 0).all()
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+@pytest.mark.parametrize("n", [1, 4, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_logits_stay_finite(device, backend, n, dtype):
+    signs = torch.randint(0, 2, (6, n, n), generator=torch.Generator().manual_seed(n)) * 2 - 1
+    logits = (signs * 1e4).to(device=device, dtype=dtype)
+    logits[0] = 1e4  # all equal: ties in the max
+    logits[1, 0, 0] = -1e4
+    logits = logits.requires_grad_(True)
+    probs = sinkhorn_knopp(logits, 20, backend=backend)
+    (grad,) = torch.autograd.grad(probs, logits, make_tensor(6, n, n, device=device, dtype=dtype, seed=3))
+    assert torch.isfinite(probs).all() and torch.isfinite(grad).all()
+    reference = sinkhorn_knopp_reference(logits.detach().double(), 20)
+    torch.testing.assert_close(probs.double(), reference, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_empty_batch(device, backend):
+    logits = torch.randn(0, 3, 4, 4, device=device, requires_grad=True)
+    probs = sinkhorn_knopp(logits, 20, backend=backend)
+    assert probs.shape == (0, 3, 4, 4)
+    (grad,) = torch.autograd.grad(probs, logits, torch.ones_like(probs))
+    assert grad.shape == logits.shape
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_deterministic(device, backend):
+    logits = make_tensor(5, 3, 4, 4, device=device, seed=21, requires_grad=True)
+    grad_output = make_tensor(5, 3, 4, 4, device=device, seed=22)
+    first, second = (sinkhorn_knopp(logits, 20, backend=backend) for _ in range(2))
+    assert torch.equal(first, second)
+    grads = [torch.autograd.grad(out, logits, grad_output)[0] for out in (first, second)]
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_input_unchanged(device, backend):
+    logits = make_tensor(3, 4, 4, device=device, seed=23)
+    saved = logits.clone()
+    sinkhorn_knopp(logits, 5, backend=backend)
+    assert torch.equal(logits, saved)
+
+
+# ---- bad inputs (SPEC section 2) -------------------------------------------------------------
+
+def test_rejects_non_tensor():
+    with pytest.raises(TypeError, match="logits"):
+        sinkhorn_knopp([[1.0]])
+
+
+@pytest.mark.parametrize("shape", [(4,), (), (3, 4), (2, 4, 5), (2, 0, 0)], ids=str)
+def test_rejects_bad_shape(shape):
+    with pytest.raises(ValueError, match="logits"):
+        sinkhorn_knopp(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.int64, torch.bool, torch.complex64])
+def test_rejects_bad_dtype(dtype):
+    with pytest.raises(TypeError, match="logits"):
+        sinkhorn_knopp(torch.zeros(2, 3, 3, dtype=dtype))
+
+
+@pytest.mark.parametrize("num_iters", [-1, 2.0, 1.5, True, "3", None])
+def test_rejects_bad_num_iters(num_iters):
+    with pytest.raises(ValueError, match="num_iters"):
+        sinkhorn_knopp(torch.randn(2, 3, 3), num_iters)
+
+
+@pytest.mark.parametrize("eps", [-1e-8, float("nan"), float("inf"), "1e-8", None])
+def test_rejects_bad_eps(eps):
+    with pytest.raises(ValueError, match="eps"):
+        sinkhorn_knopp(torch.randn(2, 3, 3), 5, eps)
+
+
+def test_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        sinkhorn_knopp(torch.randn(2, 3, 3), backend="cuda")
+
+
+@pytest.mark.skipif(interpreter_enabled(), reason="Triton can run on CPU under the interpreter")
+def test_triton_on_cpu_without_interpreter_raises():
+    with pytest.raises(RuntimeError, match="triton"):
+        sinkhorn_knopp(torch.randn(2, 3, 3), backend="triton")
+
+
+def _literal_steps(logits: torch.Tensor, num_iters: int, eps: float) -> torch.Tensor:
+    """SPEC 3.2 written out: division steps, not the log domain the reference uses."""
+    probs = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(num_iters):
+        probs = probs / (probs.sum(-1, keepdim=True) + eps)
+        probs = probs / (probs.sum(-2, keepdim=True) + eps)
+    return probs
+
+
+@pytest.mark.parametrize("num_iters", [0, 1, 20])
+@pytest.mark.parametrize("eps", [1e-8, 0.1])
+def test_reference_is_the_literal_computation(num_iters, eps):
+    """The log-domain reference is the same function, with the same gradient, as SPEC's steps."""
+    logits = make_tensor(4, 2, 5, 5, dtype=torch.float64, seed=31, scale=2.0, requires_grad=True)
+    logits.data[0, 0, 1, 2] = logits.data[0, 0].max()  # a tie in the max
+    grad_output = make_tensor(4, 2, 5, 5, dtype=torch.float64, seed=32)
+    expected = _literal_steps(logits, num_iters, eps)
+    actual = sinkhorn_knopp_reference(logits, num_iters, eps)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-14)
+    grads = [torch.autograd.grad(out, logits, grad_output)[0] for out in (actual, expected)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
