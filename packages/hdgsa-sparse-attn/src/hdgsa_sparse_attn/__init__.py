@@ -1,5 +1,7 @@
 """Attention over selected token indices (Gated Sparse Attention), forward and backward, with GQA."""
 
+from .api import sparse_attention
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "sparse_attention"]

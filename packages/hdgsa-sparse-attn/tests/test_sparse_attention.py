@@ -1,0 +1,429 @@
+"""sparse_attention against float64 references: values, lse and the gradients of q, k, v."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hdgsa_core import runnable_backends
+from hdgsa_core.testing import DEFAULT_TOLERANCE, assert_close, make_tensor, strided_rows
+from hdgsa_sparse_attn import sparse_attention
+from hdgsa_sparse_attn.api import _TRITON_IMPLEMENTED
+from hdgsa_sparse_attn.reference import (
+    WORKSPACE_BYTES,
+    query_chunk_size,
+    sparse_attention_dense,
+    sparse_attention_torch,
+)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CASES = [
+    (device, backend)
+    for device in DEVICES
+    for backend in runnable_backends(torch.device(device), implemented=_TRITON_IMPLEMENTED)
+]
+CASE_IDS = [f"{device}-{backend}" for device, backend in CASES]
+
+
+def index_shape(layout: str, batch: int, seq_len: int, topk: int, hq: int, hkv: int) -> tuple[int, ...]:
+    heads = {"per_query": hq, "per_kv": hkv, "shared": 1}
+    if layout == "shared3d":
+        return (batch, seq_len, topk)
+    return (batch, heads[layout], seq_len, topk)
+
+
+def make_indices(shape: tuple[int, ...], num_keys: int, seed: int, dtype=torch.int64, low: int = -2):
+    """Random indices in [low, num_keys): negatives (masked) and repeats included."""
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randint(low, num_keys, shape, generator=generator)
+    if shape[-1] >= 2 and num_keys > 0:
+        indices[..., 0] = indices[..., 0].clamp(min=0)
+        indices[..., 1] = indices[..., 0]  # a repeated index on every row
+    return indices.to(dtype)
+
+
+def make_mask(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(shape, generator=generator) > 0.3
+    mask[..., 0, :] = False  # query 0 attends to nothing
+    return mask
+
+
+def check_against_dense(q, k, v, indices, mask=None, scale=None, *, backend="torch", tol=None, grad_lse=True):
+    """Run the op and its float64 dense reference; compare out, lse and the grads of q, k, v."""
+    dtype = q.dtype
+    tol = DEFAULT_TOLERANCE[dtype] if tol is None else tol
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse = sparse_attention(q, k, v, indices, mask, scale, return_lse=True, backend=backend)
+    assert out.dtype == dtype
+    assert out.shape == (*q.shape[:3], v.shape[-1])
+    assert lse.dtype == torch.float32
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64, lse64 = sparse_attention_dense(q64, k64, v64, indices, mask, scale)
+    assert_close("out", out, out64, tol)
+    assert_close("lse", lse, lse64, tol)
+
+    grad_out = make_tensor(*out.shape, dtype=dtype, device=out.device, seed=99)
+    # The lse enters the loss too (through its finite entries), so its gradient is checked.
+    lse_weight = 0.5 if grad_lse else 0.0
+    finite = torch.isfinite(lse64)
+    loss = (out.float() * grad_out.float()).sum() + lse_weight * lse[finite].sum()
+    loss64 = (out64 * grad_out.double()).sum() + lse_weight * lse64[finite].sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    grads64 = torch.autograd.grad(loss64, (q64, k64, v64))
+    for name, grad, grad64 in zip(("dq", "dk", "dv"), grads, grads64, strict=True):
+        assert grad.dtype == dtype
+        assert torch.isfinite(grad).all(), f"{name} has non-finite values"
+        assert_close(name, grad, grad64, tol)
+    return out, lse
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("layout", ["per_query", "per_kv", "shared", "shared3d"])
+@pytest.mark.parametrize(("hq", "hkv"), [(3, 3), (4, 2), (4, 1)], ids=["group1", "group2", "group4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_layouts_and_groups(device, backend, layout, hq, hkv, dtype):
+    batch, seq_len, num_keys, topk, dim, dim_v = 2, 5, 11, 6, 60, 24
+    q = make_tensor(batch, seq_len, hq, dim, dtype=dtype, device=device, seed=1)
+    k = make_tensor(batch, num_keys, hkv, dim, dtype=dtype, device=device, seed=2)
+    v = make_tensor(batch, num_keys, hkv, dim_v, dtype=dtype, device=device, seed=3)
+    shape = index_shape(layout, batch, seq_len, topk, hq, hkv)
+    indices = make_indices(shape, num_keys, seed=4).to(device)
+    mask = make_mask(shape, seed=5).to(device)
+    out, lse = check_against_dense(q, k, v, indices, mask, backend=backend)
+    # Query 0 is fully masked: zero output, -inf lse.
+    assert (out[:, 0] == 0).all()
+    assert torch.isneginf(lse[:, :, 0]).all()
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"]
+)
+def test_without_mask(device, backend, dtype):
+    q = make_tensor(1, 7, 4, 32, dtype=dtype, device=device, seed=11)
+    k = make_tensor(1, 9, 2, 32, dtype=dtype, device=device, seed=12)
+    v = make_tensor(1, 9, 2, 32, dtype=dtype, device=device, seed=13)
+    indices = make_indices((1, 4, 7, 5), 9, seed=14).to(device)
+    check_against_dense(q, k, v, indices, backend=backend)
+
+
+def test_literal_formula():
+    """A per-row loop straight from SPEC 3.4 (independent of both vectorized versions)."""
+    batch, seq_len, hq, hkv, num_keys, topk, dim, dim_v = 2, 3, 4, 2, 6, 5, 8, 3
+    q = make_tensor(batch, seq_len, hq, dim, seed=21)
+    k = make_tensor(batch, num_keys, hkv, dim, seed=22)
+    v = make_tensor(batch, num_keys, hkv, dim_v, seed=23)
+    indices = make_indices((batch, hq, seq_len, topk), num_keys, seed=24)
+    mask = make_mask(indices.shape, seed=25)
+    scale = 0.3
+    out, lse = sparse_attention(q, k, v, indices, mask, scale, return_lse=True)
+    group = hq // hkv
+    for b in range(batch):
+        for t in range(seq_len):
+            for h in range(hq):
+                slots = [int(i) for i, m in zip(indices[b, h, t], mask[b, h, t], strict=True) if i >= 0 and m]
+                if not slots:
+                    assert (out[b, t, h] == 0).all()
+                    assert lse[b, h, t] == -math.inf
+                    continue
+                keys = k[b, slots, h // group].double()
+                scores = scale * keys @ q[b, t, h].double()
+                probs = torch.softmax(scores, 0)
+                expected = probs @ v[b, slots, h // group].double()
+                assert_close("out row", out[b, t, h], expected, 1e-5)
+                assert_close("lse row", lse[b, h, t], torch.logsumexp(scores, 0), 1e-6)
+
+
+def test_repeated_index_counts_twice():
+    q = make_tensor(1, 1, 1, 4, seed=31)
+    k = make_tensor(1, 2, 1, 4, seed=32)
+    v = make_tensor(1, 2, 1, 2, seed=33)
+    out_twice = sparse_attention(q, k, v, torch.tensor([[[0, 0, 1]]]))
+    scores = (k[0, :, 0] @ q[0, 0, 0]) * 4**-0.5
+    weights = torch.stack([2 * scores[0].exp(), scores[1].exp()])
+    expected = (weights / weights.sum()) @ v[0, :, 0]
+    assert_close("out", out_twice[0, 0, 0], expected, 1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 100])
+def test_chunked_gather_matches_dense(chunk_size):
+    q = make_tensor(2, 7, 4, 12, dtype=torch.float64, seed=41, requires_grad=True)
+    k = make_tensor(2, 10, 2, 12, dtype=torch.float64, seed=42, requires_grad=True)
+    v = make_tensor(2, 10, 2, 5, dtype=torch.float64, seed=43, requires_grad=True)
+    indices = make_indices((2, 4, 7, 6), 10, seed=44)
+    mask = make_mask(indices.shape, seed=45)
+    out, lse = sparse_attention_torch(q, k, v, indices, mask, chunk_size=chunk_size)
+    out64, lse64 = sparse_attention_dense(q, k, v, indices, mask)
+    assert_close("out", out, out64, 1e-12)
+    assert_close("lse", lse, lse64, 1e-12)
+    grad_out = make_tensor(*out.shape, dtype=torch.float64, seed=46)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    grads64 = torch.autograd.grad(out64, (q, k, v), grad_out)
+    for name, grad, grad64 in zip(("dq", "dk", "dv"), grads, grads64, strict=True):
+        assert_close(name, grad, grad64, 1e-12)
+
+
+def test_chunk_size_fits_workspace():
+    # The benchmark shape: B1 T8192 H16 D128 k512, per query head.
+    chunk = query_chunk_size(1, 16, 16, 16, 512, 128, 128)
+    gathered_per_query = 16 * 512 * (128 + 128) * 4
+    assert chunk >= 1
+    assert chunk * gathered_per_query <= WORKSPACE_BYTES
+    assert query_chunk_size(1, 16, 16, 16, 512, 128, 128, workspace_bytes=1) == 1
+    # Shared lists gather each row once per KV head, not per query head: bigger chunks.
+    assert query_chunk_size(1, 16, 2, 2, 512, 128, 128) >= 4 * chunk
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
+def test_fully_masked_rows_no_nan(device, backend):
+    q = make_tensor(1, 3, 2, 8, device=device, seed=51, requires_grad=True)
+    k = make_tensor(1, 4, 1, 8, device=device, seed=52, requires_grad=True)
+    v = make_tensor(1, 4, 1, 8, device=device, seed=53, requires_grad=True)
+    indices = torch.tensor([[[0, 1], [-1, -7], [2, 3]]], device=device)  # row 1: all negative
+    mask = torch.tensor([[[False, False], [True, True], [True, False]]], device=device)  # row 0 masked
+    out, lse = sparse_attention(q, k, v, indices, mask, return_lse=True, backend=backend)
+    assert (out[:, :2] == 0).all()
+    assert torch.isneginf(lse[:, :, :2]).all()
+    assert torch.isfinite(lse[:, :, 2]).all()
+    # Gradients through out and the lse of every row (including -inf entries) stay finite.
+    grads = torch.autograd.grad(out.sum() + lse[torch.isfinite(lse)].sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert (grads[0][:, :2] == 0).all()
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
+def test_zero_slots(device, backend):
+    """K = 0: every row is empty: zeros and -inf, zero gradients (no error)."""
+    q = make_tensor(2, 3, 4, 8, device=device, seed=61, requires_grad=True)
+    k = make_tensor(2, 5, 2, 8, device=device, seed=62, requires_grad=True)
+    v = make_tensor(2, 5, 2, 6, device=device, seed=63, requires_grad=True)
+    indices = torch.zeros(2, 4, 3, 0, dtype=torch.int32, device=device)
+    out, lse = sparse_attention(q, k, v, indices, return_lse=True, backend=backend)
+    assert out.shape == (2, 3, 4, 6)
+    assert (out == 0).all()
+    assert torch.isneginf(lse).all()
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all((g == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
+def test_empty_inputs(device, backend):
+    # No queries.
+    q = make_tensor(1, 0, 2, 8, device=device, requires_grad=True)
+    k = make_tensor(1, 4, 1, 8, device=device)
+    v = make_tensor(1, 4, 1, 8, device=device)
+    out, lse = sparse_attention(
+        q, k, v, torch.zeros(1, 0, 3, dtype=torch.long, device=device), return_lse=True, backend=backend
+    )
+    assert out.shape == (1, 0, 2, 8)
+    assert lse.shape == (1, 2, 0)
+    # No keys: only negative indices are valid, every row is empty.
+    q = make_tensor(1, 2, 2, 8, device=device, requires_grad=True)
+    k = make_tensor(1, 0, 1, 8, device=device, requires_grad=True)
+    v = make_tensor(1, 0, 1, 8, device=device, requires_grad=True)
+    indices = torch.full((1, 2, 2, 3), -1, device=device)
+    out, lse = sparse_attention(q, k, v, indices, return_lse=True, backend=backend)
+    assert (out == 0).all()
+    assert torch.isneginf(lse).all()
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert grads[1].shape == k.shape
+    assert (grads[0] == 0).all()
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("layout", ["per_query", "per_kv", "shared3d"])
+def test_single_query(device, backend, layout):
+    q = make_tensor(3, 1, 4, 16, device=device, seed=71)
+    k = make_tensor(3, 6, 2, 16, device=device, seed=72)
+    v = make_tensor(3, 6, 2, 16, device=device, seed=73)
+    indices = make_indices(index_shape(layout, 3, 1, 4, 4, 2), 6, seed=74).to(device)
+    check_against_dense(q, k, v, indices, backend=backend)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_non_contiguous_inputs(device, backend, dtype):
+    batch, seq_len, hq, hkv, num_keys, topk, dim = 2, 6, 4, 2, 9, 5, 20
+    # q as a [B, H, T, D] buffer seen through a transpose; k with padded rows; v a slice.
+    q = make_tensor(batch, hq, seq_len, dim, dtype=dtype, device=device, seed=81).transpose(1, 2)
+    k = strided_rows(make_tensor(batch, num_keys, hkv, dim, dtype=dtype, device=device, seed=82))
+    v = make_tensor(batch, num_keys, hkv, 2 * dim, dtype=dtype, device=device, seed=83)[..., ::2]
+    indices = make_indices((batch, seq_len, hq, topk), num_keys, seed=84).to(device).transpose(1, 2)
+    mask = (
+        make_mask((batch, hq, seq_len, topk), seed=85)
+        .to(device)
+        .transpose(-1, -2)
+        .contiguous()
+        .transpose(-1, -2)
+    )
+    assert not (q.is_contiguous())
+    assert not (k.is_contiguous())
+    assert not (v.is_contiguous())
+    assert not (indices.is_contiguous())
+    check_against_dense(q, k, v, indices, mask, backend=backend)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
+def test_index_dtypes_agree(device, backend):
+    q = make_tensor(1, 5, 2, 8, device=device, seed=91)
+    k = make_tensor(1, 7, 2, 8, device=device, seed=92)
+    v = make_tensor(1, 7, 2, 8, device=device, seed=93)
+    indices = make_indices((1, 2, 5, 4), 7, seed=94).to(device)
+    out64 = sparse_attention(q, k, v, indices, backend=backend)
+    out32 = sparse_attention(q, k, v, indices.int(), backend=backend)
+    assert torch.equal(out64, out32)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
+def test_negative_index_is_masked(device, backend):
+    q = make_tensor(1, 4, 2, 8, device=device, seed=101)
+    k = make_tensor(1, 6, 1, 8, device=device, seed=102)
+    v = make_tensor(1, 6, 1, 8, device=device, seed=103)
+    indices = make_indices((1, 4, 5), 6, seed=104, low=0).to(device)
+    mask = make_mask(indices.shape, seed=105).to(device)
+    with_mask = sparse_attention(q, k, v, indices, mask, backend=backend)
+    with_negatives = sparse_attention(q, k, v, torch.where(mask, indices, -3), backend=backend)
+    torch.testing.assert_close(with_mask, with_negatives, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
+def test_validate(device, backend):
+    q = make_tensor(1, 3, 2, 8, device=device, seed=111)
+    k = make_tensor(1, 5, 2, 8, device=device, seed=112)
+    v = make_tensor(1, 5, 2, 8, device=device, seed=113)
+    indices = torch.tensor([[[0, 1], [2, 5], [4, 3]]], device=device)
+    with pytest.raises(ValueError, match="indices"):
+        sparse_attention(q, k, v, indices, backend=backend)
+    # Unchecked, an index >= Tkv is a masked slot (never read).
+    unchecked = sparse_attention(q, k, v, indices, validate=False, backend=backend)
+    masked = sparse_attention(q, k, v, torch.where(indices < 5, indices, -1), backend=backend)
+    torch.testing.assert_close(unchecked, masked, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
+def test_scale_and_determinism(device, backend):
+    q = make_tensor(2, 6, 4, 16, device=device, seed=121)
+    k = make_tensor(2, 8, 4, 16, device=device, seed=122)
+    v = make_tensor(2, 8, 4, 16, device=device, seed=123)
+    indices = make_indices((2, 6, 5), 8, seed=124).to(device)
+    saved = [t.clone() for t in (q, k, v, indices)]
+    check_against_dense(q, k, v, indices, None, 0.7, backend=backend)
+    first = sparse_attention(q, k, v, indices, scale=0.7, backend=backend)
+    second = sparse_attention(q, k, v, indices, scale=0.7, backend=backend)
+    assert torch.equal(first, second)
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v, indices), saved, strict=True))  # inputs untouched
+
+
+def test_return_types():
+    q, k, v = make_tensor(1, 2, 1, 4), make_tensor(1, 3, 1, 4), make_tensor(1, 3, 1, 4)
+    indices = torch.tensor([[[0, 1], [1, 2]]])
+    out = sparse_attention(q, k, v, indices)
+    assert isinstance(out, torch.Tensor)
+    out2, lse = sparse_attention(q, k, v, indices, return_lse=True)
+    assert torch.equal(out, out2)
+    assert lse.shape == (1, 1, 2)
+    assert lse.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- bad inputs (SPEC section 2)
+
+
+def _inputs(dtype=torch.float32):
+    q = make_tensor(2, 5, 4, 8, dtype=dtype)
+    k = make_tensor(2, 7, 2, 8, dtype=dtype)
+    v = make_tensor(2, 7, 2, 6, dtype=dtype)
+    indices = make_indices((2, 4, 5, 3), 7, seed=1)
+    return q, k, v, indices
+
+
+def _bad_cases():
+    q, k, v, idx = _inputs()
+    mask = torch.ones(idx.shape, dtype=torch.bool)
+    value = ValueError
+    return {
+        "q_rank": (value, "q", (q[0], k, v, idx, None)),
+        "k_rank": (value, "k", (q, k[0], v, idx, None)),
+        "v_rank": (value, "v", (q, k, v[..., None], idx, None)),
+        "indices_rank": (value, "indices", (q, k, v, idx[..., None], None)),
+        "k_batch": (value, "k", (q, k[:1], v, idx, None)),
+        "v_batch": (value, "v", (q, k, v[:1], idx, None)),
+        "k_dim": (value, "k", (q, k[..., :7], v, idx, None)),
+        "v_keys": (value, "v", (q, k, v[:, :6], idx, None)),
+        "v_heads": (value, "v", (q, k, v[:, :, :1], idx, None)),
+        "gqa_not_multiple": (value, "Hkv", (q[:, :, :3], k, v, idx[:, :3], None)),
+        "index_heads": (value, "indices", (q, k, v, idx[:, :3], None)),
+        "index_batch": (value, "indices", (q, k, v, idx[:1], None)),
+        "index_time": (value, "indices", (q, k, v, idx[:, :, :4], None)),
+        "index_time_3d": (value, "indices", (q, k, v, idx[:, 0, :4], None)),
+        "mask_shape": (value, "mask", (q, k, v, idx, mask[..., :2])),
+        "mask_shape_3d_vs_4d": (value, "mask", (q, k, v, idx, mask[:, 0])),
+        "mask_dtype": (TypeError, "mask", (q, k, v, idx, mask.float())),
+        "index_dtype_float": (TypeError, "indices", (q, k, v, idx.float(), None)),
+        "index_dtype_int16": (TypeError, "indices", (q, k, v, idx.short(), None)),
+        "q_dtype_float64": (TypeError, "q", (q.double(), k.double(), v.double(), idx, None)),
+        "q_dtype_int": (TypeError, "q", (q.long(), k.long(), v.long(), idx, None)),
+        "k_dtype_mismatch": (TypeError, "k", (q, k.half(), v, idx, None)),
+        "v_dtype_mismatch": (TypeError, "v", (q, k, v.bfloat16(), idx, None)),
+        "q_not_tensor": (TypeError, "q", (q.tolist(), k, v, idx, None)),
+        "mask_not_tensor": (TypeError, "mask", (q, k, v, idx, mask.tolist())),
+        "index_device": (value, "device", (q, k, v, idx.to("meta"), None)),
+        "k_device": (value, "device", (q, k.to("meta"), v, idx, None)),
+        "mask_device": (value, "device", (q, k, v, idx, mask.to("meta"))),
+        "index_out_of_range": (value, "indices", (q, k, v, idx + 7, None)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_cases()))
+def test_bad_inputs(name):
+    error, message, args = _bad_cases()[name]
+    with pytest.raises(error, match=message):
+        sparse_attention(*args)
+
+
+def test_bad_scale_and_backend():
+    q, k, v, idx = _inputs()
+    with pytest.raises(TypeError, match="scale"):
+        sparse_attention(q, k, v, idx, scale="0.1")
+    with pytest.raises(TypeError, match="scale"):
+        sparse_attention(q, k, v, idx, scale=torch.tensor(0.1))
+    with pytest.raises(ValueError, match="backend"):
+        sparse_attention(q, k, v, idx, backend="cuda")
+
+
+def test_triton_backend_not_implemented_yet(monkeypatch):
+    q, k, v, idx = _inputs()
+    with pytest.raises(RuntimeError, match="not implemented yet"):
+        sparse_attention(q, k, v, idx, backend="triton")
+    monkeypatch.setenv("HDGSA_BACKEND", "torch")
+    sparse_attention(q, k, v, idx)
+    monkeypatch.setenv("HDGSA_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="not implemented yet"):
+        sparse_attention(q, k, v, idx)
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_torch_compile_fullgraph(validate):
+    q = make_tensor(1, 6, 4, 8, seed=131, requires_grad=True)
+    k = make_tensor(1, 6, 2, 8, seed=132, requires_grad=True)
+    v = make_tensor(1, 6, 2, 8, seed=133, requires_grad=True)
+    indices = make_indices((1, 2, 6, 4), 6, seed=134)
+
+    def attend(q, k, v, indices):
+        return sparse_attention(q, k, v, indices, return_lse=True, validate=validate)
+
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    out, lse = compiled(q, k, v, indices)
+    expected_out, expected_lse = attend(q, k, v, indices)
+    torch.testing.assert_close(out, expected_out)
+    torch.testing.assert_close(lse, expected_lse)
+    out.sum().backward()
+    assert q.grad is not None
+    assert torch.isfinite(q.grad).all()
+    if validate:  # the range check is a device-side assertion when compiled
+        with pytest.raises(RuntimeError, match="out of range"):
+            compiled(q, k, v, indices + 6)
