@@ -1,0 +1,121 @@
+"""The fla backend: when it can run, and the call into ``fla.ops.gated_delta_rule``.
+
+fla is imported only here and only when the fla path is considered for CUDA tensors
+(``import fla`` imports Triton and probes the GPU: slow, and it may be broken).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+from hdgsa_core import FLA_VERSION, HAS_FLA, HAS_TRITON, TRITON_VERSION
+
+__all__ = [
+    "FLA_MAX_HEAD_DIM_K",
+    "fla_backward_refusal",
+    "fla_unavailable_reason",
+    "run_fla",
+]
+
+# fla's chunked kernels keep a [K, BV] state tile per program and assert K <= 256.
+FLA_MAX_HEAD_DIM_K = 256
+
+_FLA_MODULE = "fla.ops.gated_delta_rule"
+
+
+def _import_fla_error() -> str | None:
+    """None when ``fla.ops.gated_delta_rule`` imports, else why not. A module that imported
+    once is a ``sys.modules`` lookup; a broken install is retried (and fails) each call."""
+    try:
+        importlib.import_module(_FLA_MODULE)
+    except Exception as error:  # noqa: BLE001  (any import failure means fla cannot run)
+        return f"`import {_FLA_MODULE}` failed: {type(error).__name__}: {error}"
+    return None
+
+
+def fla_backward_refusal() -> str | None:
+    """Why fla's gated delta rule backward refuses to run here, or None when it runs.
+
+    fla-core 0.6 raises in the backward (``chunk_bwd_dqkwg``) on Hopper GPUs with
+    Triton >= 3.4.0 and < 3.7.1, where those Triton versions miscompiled the kernel and gave
+    wrong gradients (fla issue #640), unless fla routes that kernel to TileLang (``tilelang``
+    installed, an ``nvcc`` found, ``FLA_TILELANG`` not ``0``). This mirrors fla's own
+    condition with fla's own flags, so it can be known before the forward runs. Call only
+    once ``fla.ops.gated_delta_rule`` imported.
+    """
+    fla_utils = importlib.import_module("fla.utils")
+    hopper = bool(getattr(fla_utils, "IS_NVIDIA_HOPPER", False))
+    triton_from_3_4 = bool(getattr(fla_utils, "TRITON_ABOVE_3_4_0", False))
+    triton_from_3_7_1 = bool(getattr(fla_utils, "TRITON_ABOVE_3_7_1", True))
+    if not (hopper and triton_from_3_4 and not triton_from_3_7_1):
+        return None
+    if _tilelang_takes_the_backward():
+        return None
+    return (
+        f"fla-core {FLA_VERSION} refuses the gated delta rule backward on Hopper GPUs with "
+        f"Triton >= 3.4.0 and < 3.7.1 (installed: Triton {TRITON_VERSION}), where it computed wrong "
+        "gradients (fla issue #640). Install Triton >= 3.7.1 (with a PyTorch built for it), or "
+        "`pip install tilelang` with a CUDA toolkit (nvcc) so fla runs that kernel in TileLang; "
+        "or run the forward only (torch.no_grad(), or inputs that do not require grad), "
+        "or use backend='torch'"
+    )
+
+
+def _tilelang_takes_the_backward() -> bool:
+    """True when fla 0.6 would send the refused kernel to its TileLang backend instead."""
+    if os.environ.get("FLA_DISABLE_BACKEND_DISPATCH") == "1":
+        return False
+    try:
+        from fla.ops.common.backends.tilelang import CommonTileLangBackend
+    except Exception:  # noqa: BLE001  (no TileLang backend in this fla: it cannot help)
+        return False
+    try:
+        return bool(CommonTileLangBackend.is_available() and CommonTileLangBackend().is_enabled())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def fla_unavailable_reason(
+    device: torch.device, *, head_dim_k: int, needs_backward: bool
+) -> str | None:
+    """Why ``backend="fla"`` cannot run this call, or None when it can.
+
+    Covers: fla-core missing or older than 0.6, Triton missing, tensors not on CUDA, fla failing
+    to import, ``K`` over fla's limit, and, only when a backward will be needed, fla's refusal
+    of the backward on Hopper with Triton >= 3.4, < 3.7.1 (:func:`fla_backward_refusal`).
+    """
+    if not HAS_TRITON:
+        return "Triton is not installed (fla's kernels are Triton kernels)"
+    if not HAS_FLA:
+        if FLA_VERSION is None:
+            return "fla-core is not installed (pip install 'fla-core>=0.6')"
+        return f"fla-core {FLA_VERSION} is too old or not importable; need fla-core >= 0.6"
+    if device.type != "cuda":
+        return f"the tensors are on {device.type}; fla's kernels run on CUDA tensors only"
+    import_error = _import_fla_error()
+    if import_error is not None:
+        return import_error
+    if head_dim_k > FLA_MAX_HEAD_DIM_K:
+        return f"fla's chunked kernels support K <= {FLA_MAX_HEAD_DIM_K}, got K = {head_dim_k}"
+    if needs_backward:
+        return fla_backward_refusal()
+    return None
+
+
+def run_fla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` on the canonical layout."""
+    fla_gdr = importlib.import_module(_FLA_MODULE)
+    return fla_gdr.chunk_gated_delta_rule(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state
+    )

@@ -1,0 +1,307 @@
+"""``gated_delta_rule``: argument checks, layouts, alpha -> log-decay, D skip, backend choice."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from hdgsa_core import (
+    FLOAT_DTYPES,
+    check_dtype,
+    check_ndim,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    resolve_backend,
+)
+
+from ._fla import fla_unavailable_reason
+from .reference import ALPHA_MIN, chunk_gated_delta_rule_torch
+
+__all__ = ["ALPHA_MIN", "gated_delta_rule", "gated_delta_rule_backends"]
+
+_OP = "gated_delta_rule"
+
+
+def _per_step(name: str, x: torch.Tensor, batch: int, seq_len: int, heads: int) -> torch.Tensor:
+    """``[B, T, HV]`` or ``[B, T, HV, 1]`` -> a ``[B, T, HV]`` view."""
+    check_ndim(name, x, (3, 4), "[B, T, HV] or [B, T, HV, 1]")
+    if x.dim() == 4:
+        check_shape(name, x, (batch, seq_len, heads, 1), "[B, T, HV, 1]")
+        return x.squeeze(-1)
+    check_shape(name, x, (batch, seq_len, heads), "[B, T, HV]")
+    return x
+
+
+def _positive(name: str, size: int, what: str) -> None:
+    if size <= 0:
+        raise ValueError(f"{name}: {what} must be positive, got {size}")
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    D: torch.Tensor | None = None,
+    num_heads: int | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""The gated delta rule (Gated DeltaNet), on fla's chunked kernels or in chunked PyTorch.
+
+    Per batch element and value head, with state ``S`` ``[K, V]`` (zeros or ``initial_state``),
+    ``g_t = log(clamp(alpha_t, min=1e-6))``::
+
+        S_t = alpha_t * S_{t-1} + k_t (beta_t * (v_t - (alpha_t * S_{t-1})^T k_t))^T
+        o_t = scale * S_t^T q_t  (+ D[h] * v_t when D is given)
+
+    Layouts (``H`` query/key heads, ``HV`` value heads, ``HV`` a multiple of ``H``):
+
+    - unpacked: ``q``, ``k`` ``[B, T, H, K]``, ``v`` ``[B, T, HV, V]``; ``o`` ``[B, T, HV, V]``.
+    - packed: ``q``, ``k`` ``[B, T, H*K]``, ``v`` ``[B, T, HV*V]`` with ``num_heads=H``; ``HV``
+      is read from ``alpha``'s third dimension; ``o`` comes back packed, ``[B, T, HV*V]``. The
+      heads are split with views (no copy).
+
+    GVA (grouped value attention, as fla): with ``HV > H``, value head ``h`` uses query/key head
+    ``h // (HV // H)``; ``alpha``, ``beta``, ``D`` and the state are per value head. ``HV == H``
+    is the plain case of SPEC 3.5.
+
+    Args:
+        q: queries ``[B, T, H, K]``, or ``[B, T, H*K]`` with ``num_heads``. float32, float16 or
+            bfloat16; any strides.
+        k: keys, the shape and dtype of ``q``. (fla does not normalise them: do it before, as
+            Gated DeltaNet layers do, for a stable recurrence.)
+        v: values ``[B, T, HV, V]`` or ``[B, T, HV*V]``, ``q``'s dtype.
+        alpha: per-step decay in (0, 1], ``[B, T, HV]`` or ``[B, T, HV, 1]``, any float dtype.
+            Clamped to at least 1e-6 before the log; values are not checked (no host sync).
+        beta: per-step write strength ``[B, T, HV]`` or ``[B, T, HV, 1]``, any float dtype.
+        D: optional skip weight ``[HV]``: adds ``D[h] * v_t`` to the output. None: no skip.
+        num_heads: ``H`` for the packed layout (required there); with unpacked inputs it may be
+            given and must equal ``q.shape[2]``.
+        scale: output scale; None means ``K ** -0.5``.
+        initial_state: ``[B, HV, K, V]`` state before step 1; None means zeros.
+        output_final_state: also return the state after the last step.
+        compute_dtype: None runs fla in the inputs' dtype (no copies); e.g. ``torch.float32``
+            casts ``q``, ``k``, ``v``, ``beta`` before fla (as the seed wrapper always did). The
+            torch backend computes in float32 whatever this says (it never goes below it).
+        backend: ``"auto"``, ``"fla"`` or ``"torch"``. ``auto`` takes fla when it can run this
+            call (fla-core >= 0.6 importable, CUDA tensors, ``K <= 256``, and, if a backward
+            will be needed, fla's backward not refused here: see the README), else torch
+            (with a warning when the tensors are on CUDA). ``HDGSA_BACKEND`` overrides ``auto``.
+
+    Returns:
+        ``o`` in ``q.dtype`` (``[B, T, HV, V]``, or ``[B, T, HV*V]`` when packed); with
+        ``output_final_state``, ``(o, S_T)``, ``S_T`` ``[B, HV, K, V]`` float32. Gradients flow
+        to ``q``, ``k``, ``v``, ``alpha``, ``beta``, ``D`` and ``initial_state``.
+
+    Raises:
+        ValueError: a wrong rank or shape (the message names the argument), ``num_heads``
+            missing or not dividing ``q``'s last dimension, ``HV`` not a multiple of ``H``,
+            tensors on different devices, an unknown backend name.
+        TypeError: an unsupported dtype, ``k``/``v`` not in ``q``'s dtype, or a bad
+            ``compute_dtype``.
+        RuntimeError: ``backend="fla"`` cannot run this call (the message says why and what to
+            install); this includes a backward fla 0.6 refuses on Hopper with Triton
+            >= 3.4, < 3.7.1.
+
+    Example:
+        >>> import torch
+        >>> from hdgsa_deltanet_fla import gated_delta_rule
+        >>> B, T, H, K = 2, 100, 4, 32
+        >>> q = torch.randn(B, T, H * K)
+        >>> k = torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1).flatten(2)
+        >>> v = torch.randn(B, T, H * K)
+        >>> alpha, beta = torch.rand(B, T, H), torch.rand(B, T, H)
+        >>> o, state = gated_delta_rule(q, k, v, alpha, beta, torch.ones(H), num_heads=H,
+        ...                             output_final_state=True, backend="torch")
+        >>> o.shape, state.shape
+        (torch.Size([2, 100, 128]), torch.Size([2, 4, 32, 32]))
+    """
+    for name, tensor in (("q", q), ("k", k), ("v", v), ("alpha", alpha), ("beta", beta)):
+        check_dtype(name, tensor)
+    if D is not None:
+        check_dtype("D", D)
+    if initial_state is not None:
+        check_dtype("initial_state", initial_state)
+    for name, tensor in (("k", k), ("v", v)):
+        if tensor.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {tensor.dtype} must match q's dtype {q.dtype}")
+    if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"compute_dtype: expected None or one of {FLOAT_DTYPES}, got {compute_dtype!r}")
+    device = check_same_device(q=q, k=k, v=v, alpha=alpha, beta=beta, D=D, initial_state=initial_state)
+
+    check_ndim("q", q, (3, 4), "[B, T, H, K] or [B, T, H*K] (with num_heads)")
+    packed = q.dim() == 3
+    batch, seq_len = q.shape[:2]
+    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int)):
+        raise TypeError(f"num_heads: expected an int or None, got {type(num_heads).__name__}")
+    if packed:
+        if num_heads is None:
+            raise ValueError(f"num_heads: required with packed q of shape {list(q.shape)} ([B, T, H*K])")
+        _positive("num_heads", num_heads, "the number of heads")
+        if q.shape[2] % num_heads:
+            raise ValueError(f"q: last dimension {q.shape[2]} is not divisible by num_heads={num_heads}")
+        heads, head_dim_k = num_heads, q.shape[2] // num_heads
+        check_shape("k", k, tuple(q.shape), "[B, T, H*K]")
+        check_ndim("v", v, 3, "[B, T, HV*V] (packed, like q)")
+        check_shape("v", v, (batch, seq_len, None), "[B, T, HV*V]")
+        check_ndim("alpha", check_tensor("alpha", alpha), (3, 4), "[B, T, HV] or [B, T, HV, 1]")
+        v_heads = alpha.shape[2]
+        _positive("alpha", v_heads, "the number of value heads (alpha.shape[2])")
+        if v.shape[2] % v_heads:
+            raise ValueError(
+                f"v: last dimension {v.shape[2]} is not divisible by the number of value heads "
+                f"HV={v_heads} (alpha.shape[2])"
+            )
+        head_dim_v = v.shape[2] // v_heads
+        q4 = q.unflatten(-1, (heads, head_dim_k))
+        k4 = k.unflatten(-1, (heads, head_dim_k))
+        v4 = v.unflatten(-1, (v_heads, head_dim_v))
+    else:
+        heads, head_dim_k = q.shape[2], q.shape[3]
+        if num_heads is not None and num_heads != heads:
+            raise ValueError(f"num_heads: {num_heads} does not match q's head dimension {heads} ([B, T, H, K])")
+        check_shape("k", k, tuple(q.shape), "[B, T, H, K]")
+        check_ndim("v", v, 4, "[B, T, HV, V] (unpacked, like q)")
+        check_shape("v", v, (batch, seq_len, None, None), "[B, T, HV, V]")
+        v_heads, head_dim_v = v.shape[2], v.shape[3]
+        q4, k4, v4 = q, k, v
+    _positive("q", heads, "the number of heads H")
+    _positive("q", head_dim_k, "the head dimension K")
+    _positive("v", v_heads, "the number of value heads HV")
+    _positive("v", head_dim_v, "the head dimension V")
+    if v_heads % heads:
+        raise ValueError(
+            f"v: the number of value heads HV={v_heads} must be a multiple of the number of "
+            f"query/key heads H={heads} (GVA)"
+        )
+    alpha3 = _per_step("alpha", alpha, batch, seq_len, v_heads)
+    beta3 = _per_step("beta", beta, batch, seq_len, v_heads)
+    if D is not None:
+        check_shape("D", D, (v_heads,), "[HV]")
+    if initial_state is not None:
+        check_shape("initial_state", initial_state, (batch, v_heads, head_dim_k, head_dim_v), "[B, HV, K, V]")
+    scale = head_dim_k**-0.5 if scale is None else float(scale)
+
+    if batch == 0 or seq_len == 0:
+        return _empty_result(v4, q.dtype, initial_state, head_dim_k, packed, output_final_state)
+
+    needs_backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, alpha, beta, D, initial_state)
+    )
+    fla_reasons: list[str | None] = []
+
+    def unavailable_reason(dev: torch.device) -> str | None:
+        reason = fla_unavailable_reason(dev, head_dim_k=head_dim_k, needs_backward=needs_backward)
+        fla_reasons.append(reason)
+        return reason
+
+    chosen = resolve_backend(backend, device, op=_OP, accelerated="fla", unavailable_reason=unavailable_reason)
+    if chosen == "fla":
+        o, final_state = _run_fla_path(
+            q4, k4, v4, alpha3, beta3, D, scale, initial_state, output_final_state, compute_dtype
+        )
+    else:
+        if backend == "auto" and device.type == "cuda" and fla_reasons and fla_reasons[-1] is not None:
+            warnings.warn(
+                f"{_OP}: backend='auto' runs the (slower) PyTorch backend because fla cannot run this "
+                f"call: {fla_reasons[-1]}",
+                stacklevel=2,
+            )
+        o, final_state = _run_torch_path(q4, k4, v4, alpha3, beta3, D, scale, initial_state, q.dtype)
+    if packed:
+        o = o.flatten(-2)
+    return (o, final_state) if output_final_state else o
+
+
+def gated_delta_rule_backends(device: torch.device, *, needs_backward: bool = True, head_dim_k: int = 64) -> list[str]:
+    """The backends ``gated_delta_rule`` can run on ``device`` here, ``"torch"`` first.
+
+    ``needs_backward=True`` leaves fla out where it would refuse the backward (self-checks and
+    tests compare gradients).
+    """
+    backends = ["torch"]
+    if fla_unavailable_reason(device, head_dim_k=head_dim_k, needs_backward=needs_backward) is None:
+        backends.append("fla")
+    return backends
+
+
+def _empty_result(
+    v4: torch.Tensor,
+    dtype: torch.dtype,
+    initial_state: torch.Tensor | None,
+    head_dim_k: int,
+    packed: bool,
+    output_final_state: bool,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """B = 0 or T = 0: no step runs. ``o`` is empty (still connected to ``v`` for autograd)
+    and the final state is the initial one."""
+    batch, _, v_heads, head_dim_v = v4.shape
+    o = (v4 * 0).to(dtype)
+    if packed:
+        o = o.flatten(-2)
+    if not output_final_state:
+        return o
+    if initial_state is not None:
+        final_state = initial_state.to(torch.float32, copy=True)
+    else:
+        final_state = torch.zeros(batch, v_heads, head_dim_k, head_dim_v, dtype=torch.float32, device=v4.device)
+    return o, final_state
+
+
+def _run_fla_path(
+    q4: torch.Tensor,
+    k4: torch.Tensor,
+    v4: torch.Tensor,
+    alpha3: torch.Tensor,
+    beta3: torch.Tensor,
+    D: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    compute_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from . import _fla, _triton
+
+    out_dtype = q4.dtype
+    q_in, k_in, v_in, beta_in = q4, k4, v4, beta3
+    if compute_dtype is not None and compute_dtype != q4.dtype:
+        q_in, k_in, v_in = q4.to(compute_dtype), k4.to(compute_dtype), v4.to(compute_dtype)
+    if compute_dtype is not None and compute_dtype != beta3.dtype:
+        beta_in = beta3.to(compute_dtype)
+    g = _triton.log_decay(alpha3)  # one pass: float32 log(clamp(alpha, 1e-6))
+    o, final_state = _fla.run_fla(q_in, k_in, v_in, g, beta_in, scale, initial_state, output_final_state)
+    if D is not None:
+        o = _triton.d_skip(o, v4, D, out_dtype)  # one pass, casts back to q's dtype too
+    elif o.dtype != out_dtype:
+        o = o.to(out_dtype)
+    if final_state is not None and final_state.dtype != torch.float32:
+        final_state = final_state.float()
+    return o, final_state
+
+
+def _run_torch_path(
+    q4: torch.Tensor,
+    k4: torch.Tensor,
+    v4: torch.Tensor,
+    alpha3: torch.Tensor,
+    beta3: torch.Tensor,
+    D: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    compute = torch.float32
+    g = alpha3.to(compute).clamp(min=ALPHA_MIN).log()
+    o, final_state = chunk_gated_delta_rule_torch(
+        q4, k4, v4, g, beta3, scale, initial_state, compute_dtype=compute
+    )
+    if D is not None:
+        o = torch.addcmul(o, D.to(compute).unsqueeze(-1), v4.to(compute))
+    return o.to(out_dtype, memory_format=torch.contiguous_format), final_state

@@ -1,0 +1,198 @@
+"""Plain PyTorch gated delta rule: the chunked ``torch`` backend and the per-step reference.
+
+Both take the canonical layout (fla's): ``q``, ``k`` ``[B, T, H, K]``, ``v`` ``[B, T, HV, V]``,
+the log-decay ``g`` and ``beta`` ``[B, T, HV]``, ``initial_state`` ``[B, HV, K, V]``, with
+``HV`` a multiple of ``H`` (GVA: value head ``h`` reads query/key head ``h // (HV // H)``).
+Per value head, with state ``S`` ``[K, V]``::
+
+    S_t = exp(g_t) * S_{t-1} + k_t (beta_t * (v_t - exp(g_t) * S_{t-1}^T k_t))^T
+    o_t = scale * S_t^T q_t
+
+:func:`chunk_gated_delta_rule_torch` is the backend (fast, differentiable through autograd);
+:func:`recurrent_gated_delta_rule_reference` is the same recurrence one step at a time, the
+slow and obviously right version the tests hold everything to (in float64).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ALPHA_MIN", "CHUNK_SIZE", "chunk_gated_delta_rule_torch", "recurrent_gated_delta_rule_reference"]
+
+CHUNK_SIZE = 64
+# alpha is clamped to at least this before the log (SPEC 3.5): g >= log(1e-6) ~ -13.8.
+ALPHA_MIN = 1e-6
+
+
+def _expand_qk_heads(x: torch.Tensor, num_v_heads: int) -> torch.Tensor:
+    """``[B, T, H, K]`` -> ``[B, T, HV, K]``, value head ``h`` taking query/key head ``h // (HV // H)``."""
+    group = num_v_heads // x.shape[2]
+    return x if group == 1 else x.repeat_interleave(group, dim=2)
+
+
+def chunk_gated_delta_rule_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    *,
+    chunk_size: int = CHUNK_SIZE,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The gated delta rule in chunked WY (UT-transform) form, in plain PyTorch.
+
+    Within a chunk of ``C`` steps (positions ``i, j``) starting from state ``S_0``, with
+    ``G_i = sum_{s <= i} g_s`` (the chunk-local cumulative log-decay):
+
+    - ``A_ij = beta_i <k_i, k_j> exp(G_i - G_j)`` for ``j < i`` (strictly lower), and
+      ``T = (I + A)^{-1}`` (a unit lower-triangular solve);
+    - ``U = T (beta * V)``, ``W = T (beta * exp(G) * K)``: the WY form of the chunk's updates;
+    - ``U' = U - W S_0`` (the new values once the carried state is accounted for);
+    - ``O = scale * ((exp(G) * Q) S_0 + (Q K^T * M) U')`` with ``M_ij = exp(G_i - G_j)`` for
+      ``j <= i``, else 0;
+    - ``S_C = exp(G_C) S_0 + (exp(G_C - G) * K)^T U'``.
+
+    Everything that does not depend on the carried state (``A``, the solve, ``U``, ``W``,
+    ``Q K^T * M``) is computed for all chunks at once as batched matrix products; only the
+    state update loops over the chunks, and the outputs are formed after the loop in one
+    batched product. Decays enter only as differences of cumulative log-decays inside a
+    chunk (``G_i - G_j`` with ``j <= i``, and ``G_C - G_i``), all ``<= 0``, masked before
+    ``exp``: nothing overflows however close to 0 the decay gets. ``T`` is padded at the end
+    to a multiple of ``chunk_size`` with ``k = v = q = beta = g = 0`` (no update, no decay).
+
+    Args:
+        q: queries ``[B, T, H, K]``.
+        k: keys ``[B, T, H, K]``.
+        v: values ``[B, T, HV, V]``, ``HV`` a multiple of ``H``.
+        g: log-decay ``[B, T, HV]`` (``log(alpha)``).
+        beta: ``[B, T, HV]``.
+        scale: multiplies the output (usually ``K ** -0.5``).
+        initial_state: ``[B, HV, K, V]`` or None (zeros).
+        chunk_size: steps per chunk (64, as fla).
+        compute_dtype: the dtype everything is computed in (inputs are cast to it).
+
+    Returns:
+        ``(o, S_T)``: ``o`` ``[B, T, HV, V]`` and the final state ``[B, HV, K, V]``, both in
+        ``compute_dtype``.
+    """
+    batch, seq_len, _, head_dim_k = q.shape
+    num_v_heads, head_dim_v = v.shape[2], v.shape[3]
+    q = _expand_qk_heads(q, num_v_heads)
+    k = _expand_qk_heads(k, num_v_heads)
+
+    chunk = max(1, min(chunk_size, seq_len))
+    num_chunks = -(-seq_len // chunk)
+    pad = num_chunks * chunk - seq_len
+
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:
+        # [B, T, HV, D] -> [B, HV, N, C, D] in the compute dtype (one copy per input).
+        x = x.to(compute_dtype).transpose(1, 2)
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        return x.reshape(batch, num_v_heads, num_chunks, chunk, x.shape[-1])
+
+    def to_chunks_per_step(x: torch.Tensor) -> torch.Tensor:
+        # [B, T, HV] -> [B, HV, N, C]
+        x = x.to(compute_dtype).transpose(1, 2)
+        if pad:
+            x = F.pad(x, (0, pad))
+        return x.reshape(batch, num_v_heads, num_chunks, chunk)
+
+    q_c = to_chunks(q)
+    k_c = to_chunks(k)
+    v_c = to_chunks(v)
+    beta_c = to_chunks_per_step(beta).unsqueeze(-1)  # [B, HV, N, C, 1]
+    g_cum = to_chunks_per_step(g).cumsum(-1)  # G_i, chunk-local, [B, HV, N, C]
+
+    # M_ij = exp(G_i - G_j) on and below the diagonal. The difference is masked to -inf
+    # above it *before* exp: there G_i - G_j > 0 can be hundreds (alpha near 0).
+    above = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
+    decay_ij = (g_cum.unsqueeze(-1) - g_cum.unsqueeze(-2)).masked_fill_(above, float("-inf")).exp_()
+
+    k_beta = k_c * beta_c
+    # Strictly lower part; solve_triangular(unitriangular=True) reads only that and takes
+    # the diagonal as ones, so this solves (I + A) X = rhs for U and W at once.
+    a_strict = (k_beta @ k_c.transpose(-1, -2)).mul_(decay_ij)
+    g_exp = g_cum.exp().unsqueeze(-1)
+    rhs = torch.cat([v_c * beta_c, k_beta * g_exp], dim=-1)
+    u_w = torch.linalg.solve_triangular(a_strict, rhs, upper=False, unitriangular=True)
+
+    # Flatten (B, HV) and the chunks for the 3-D batched products below.
+    bh = batch * num_v_heads
+    u_w = u_w.reshape(bh, num_chunks, chunk, head_dim_v + head_dim_k)
+    u_c, w_c = u_w[..., :head_dim_v], u_w[..., head_dim_v:]
+    scores = (q_c @ k_c.transpose(-1, -2)).mul_(decay_ij)  # Q K^T * M (diagonal included)
+    q_decayed = q_c * g_exp
+    g_last = g_cum[..., -1:]
+    k_to_end = (k_c * torch.exp(g_last - g_cum).unsqueeze(-1)).reshape(bh, num_chunks, chunk, head_dim_k)
+    chunk_decay = g_last.exp().reshape(bh, num_chunks, 1, 1)
+
+    if initial_state is None:
+        state = q_c.new_zeros(bh, head_dim_k, head_dim_v)
+    else:
+        state = initial_state.to(compute_dtype).reshape(bh, head_dim_k, head_dim_v)
+    states_in, new_values = [], []
+    for n in range(num_chunks):
+        states_in.append(state)
+        u_new = torch.baddbmm(u_c[:, n], w_c[:, n], state, alpha=-1.0)  # U - W S
+        new_values.append(u_new)
+        state = torch.baddbmm(state * chunk_decay[:, n], k_to_end[:, n].transpose(-1, -2), u_new)
+
+    # O = scale * ((exp(G) Q) S_in + scores U'), all chunks in two batched products.
+    states_in = torch.stack(states_in, dim=1).reshape(bh * num_chunks, head_dim_k, head_dim_v)
+    new_values = torch.stack(new_values, dim=1).reshape(bh * num_chunks, chunk, head_dim_v)
+    o = torch.bmm(scores.reshape(bh * num_chunks, chunk, chunk), new_values)
+    o = torch.baddbmm(o, q_decayed.reshape(bh * num_chunks, chunk, head_dim_k), states_in, beta=scale, alpha=scale)
+    o = o.reshape(batch, num_v_heads, num_chunks * chunk, head_dim_v)[:, :, :seq_len]
+    state = state.reshape(batch, num_v_heads, head_dim_k, head_dim_v)
+    return o.transpose(1, 2), state
+
+
+def recurrent_gated_delta_rule_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    *,
+    compute_dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The gated delta rule one step at a time (a Python loop over ``T``): the test reference.
+
+    Same arguments and layout as :func:`chunk_gated_delta_rule_torch`; per step, per value head::
+
+        S = exp(g_t) * S
+        S = S + k_t (beta_t * (v_t - S^T k_t))^T
+        o_t = scale * S^T q_t
+
+    Slow (``T`` iterations); use it only to check the fast paths, in float64.
+
+    Returns:
+        ``(o, S_T)`` in ``compute_dtype``: ``[B, T, HV, V]`` and ``[B, HV, K, V]``.
+    """
+    batch, seq_len = q.shape[:2]
+    num_v_heads, head_dim_v = v.shape[2], v.shape[3]
+    head_dim_k = q.shape[3]
+    q = _expand_qk_heads(q, num_v_heads).to(compute_dtype)
+    k = _expand_qk_heads(k, num_v_heads).to(compute_dtype)
+    v, g, beta = v.to(compute_dtype), g.to(compute_dtype), beta.to(compute_dtype)
+    if initial_state is None:
+        state = q.new_zeros(batch, num_v_heads, head_dim_k, head_dim_v)
+    else:
+        state = initial_state.to(compute_dtype)
+    outputs = []
+    for t in range(seq_len):
+        k_t = k[:, t]  # [B, HV, K]
+        state = state * g[:, t].exp()[..., None, None]
+        prediction = torch.einsum("bhkv,bhk->bhv", state, k_t)
+        update = beta[:, t, :, None] * (v[:, t] - prediction)
+        state = state + k_t[..., :, None] * update[..., None, :]
+        outputs.append(scale * torch.einsum("bhkv,bhk->bhv", state, q[:, t]))
+    o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(batch, 0, num_v_heads, head_dim_v)
+    return o, state
