@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from hdgsa_core import HAS_CUDA, runnable_backends
 from hdgsa_core.testing import assert_matches_reference, grads_of, make_tensor, strided_rows
-
 from hdgsa_indexer import gated_indexer
 from hdgsa_indexer.api import TRITON_IMPLEMENTED
 
@@ -71,7 +71,7 @@ def test_forward_and_gradients(device, backend, dtype, B, Tq, Tkv, H, d, causal,
     grad_out = make_tensor(B, Tq, Tkv, device=device, seed=9)
     grads = grads_of(out, inputs, grad_out)
     grads64 = grads_of(expected, inputs64, grad_out.double())
-    for name, grad, grad64, tensor in zip(("dq", "dk", "dw", "dbias"), grads, grads64, inputs):
+    for name, grad, grad64, tensor in zip(("dq", "dk", "dw", "dbias"), grads, grads64, inputs, strict=True):
         assert grad.dtype == tensor.dtype
         assert torch.isfinite(grad).all(), name
         assert_matches_reference(name, grad, grad64)
@@ -103,7 +103,9 @@ def test_non_contiguous_inputs(device, backend):
     k_view = strided_rows(k)
     w_view = w.transpose(1, 2).contiguous().transpose(1, 2)
     bias_view = torch.stack([bias, torch.full_like(bias, float("nan"))], dim=-1)[:, 0]
-    assert not (q_view.is_contiguous() or k_view.is_contiguous() or w_view.is_contiguous())
+    assert not q_view.is_contiguous()
+    assert not k_view.is_contiguous()
+    assert not w_view.is_contiguous()
     assert not bias_view.is_contiguous()
     views = [t.requires_grad_() for t in (q_view, k_view, w_view, bias_view)]
     out = gated_indexer(*views, 0.3, backend=backend)
@@ -114,7 +116,10 @@ def test_non_contiguous_inputs(device, backend):
     assert_matches_reference("scores", out, expected)
     grad_out = make_tensor(B, Tq, Tkv, device=device, seed=4)
     for name, grad, grad64 in zip(
-        ("dq", "dk", "dw", "dbias"), grads_of(out, views, grad_out), grads_of(expected, inputs64, grad_out.double())
+        ("dq", "dk", "dw", "dbias"),
+        grads_of(out, views, grad_out),
+        grads_of(expected, inputs64, grad_out.double()),
+        strict=True,
     ):
         assert_matches_reference(name, grad, grad64)
 
@@ -151,7 +156,7 @@ def test_deterministic_and_pure(device, backend):
     first = gated_indexer(*inputs, 0.2, backend=backend)
     second = gated_indexer(*inputs, 0.2, backend=backend)
     assert torch.equal(first, second)
-    for original, tensor in zip(before, inputs):
+    for original, tensor in zip(before, inputs, strict=True):
         assert torch.equal(original, tensor)
 
 
@@ -177,13 +182,17 @@ def test_backend_choice(monkeypatch):
 def test_torch_compile_fullgraph():
     inputs = make_inputs(1, 9, 9, 2, 8, torch.float32, "cpu", requires_grad=True)
     compiled = torch.compile(
-        lambda q, k, w, b: gated_indexer(q, k, w, b, 0.5, True, q_offset=1), backend="aot_eager", fullgraph=True
+        lambda q, k, w, b: gated_indexer(q, k, w, b, 0.5, True, q_offset=1),
+        backend="aot_eager",
+        fullgraph=True,
     )
     out = compiled(*inputs)
     expected = gated_indexer(*inputs, 0.5, True, q_offset=1)
     torch.testing.assert_close(out, expected)
     grad_out = torch.randn_like(out)
-    for grad, grad_expected in zip(grads_of(out, inputs, grad_out), grads_of(expected, inputs, grad_out)):
+    for grad, grad_expected in zip(
+        grads_of(out, inputs, grad_out), grads_of(expected, inputs, grad_out), strict=True
+    ):
         torch.testing.assert_close(grad, grad_expected)
 
 
@@ -194,13 +203,25 @@ def _good():
 @pytest.mark.parametrize(
     ("change", "error", "pattern"),
     [
-        (lambda q, k, w, b: (q[0], k, w, b), ValueError, r"q: expected shape \[B, Tq, H, d\], got shape \[5, 3, 4\]"),
+        (
+            lambda q, k, w, b: (q[0], k, w, b),
+            ValueError,
+            r"q: expected shape \[B, Tq, H, d\], got shape \[5, 3, 4\]",
+        ),
         (lambda q, k, w, b: (q, k[0], w, b), ValueError, r"k: expected shape \[B, Tkv, d\]"),
         (lambda q, k, w, b: (q, k, w[..., None], b), ValueError, r"w: expected shape \[B, Tq, H\]"),
         (lambda q, k, w, b: (q, k, w, b[None]), ValueError, r"bias: expected shape \[H\]"),
-        (lambda q, k, w, b: (q, k[:1], w, b), ValueError, r"k: expected shape .*\[2, \*, 4\], got shape \[1, 7, 4\]"),
+        (
+            lambda q, k, w, b: (q, k[:1], w, b),
+            ValueError,
+            r"k: expected shape .*\[2, \*, 4\], got shape \[1, 7, 4\]",
+        ),
         (lambda q, k, w, b: (q, k[..., :3], w, b), ValueError, r"k: expected shape .*got shape \[2, 7, 3\]"),
-        (lambda q, k, w, b: (q, k, w[:, :4], b), ValueError, r"w: expected shape .*\[2, 5, 3\], got shape \[2, 4, 3\]"),
+        (
+            lambda q, k, w, b: (q, k, w[:, :4], b),
+            ValueError,
+            r"w: expected shape .*\[2, 5, 3\], got shape \[2, 4, 3\]",
+        ),
         (lambda q, k, w, b: (q, k, w[..., :2], b), ValueError, r"w: expected shape"),
         (lambda q, k, w, b: (q, k, w, b[:2]), ValueError, r"bias: expected shape .*\[3\], got shape \[2\]"),
         (lambda q, k, w, b: (q.double(), k, w, b), TypeError, r"q: dtype float64"),
@@ -211,8 +232,21 @@ def _good():
         (lambda q, k, w, b: (q.numpy(), k, w, b), TypeError, r"q: expected a torch.Tensor"),
     ],
     ids=[
-        "q-rank", "k-rank", "w-rank", "bias-rank", "k-batch", "k-dim", "w-time", "w-heads", "bias-heads",
-        "q-float64", "k-int", "w-int", "bias-float64", "device", "q-not-tensor",
+        "q-rank",
+        "k-rank",
+        "w-rank",
+        "bias-rank",
+        "k-batch",
+        "k-dim",
+        "w-time",
+        "w-heads",
+        "bias-heads",
+        "q-float64",
+        "k-int",
+        "w-int",
+        "bias-float64",
+        "device",
+        "q-not-tensor",
     ],
 )
 def test_bad_inputs(change, error, pattern):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 
 import torch
+
 from hdgsa_core import (
     check_dtype,
     check_ndim,
@@ -142,7 +143,7 @@ def indexer_topk(
     ``torch.topk`` leaves unspecified). The queries are processed in chunks: the
     ``[B, Tq, Tkv]`` matrix is never built; extra memory is the outputs plus a workspace of
     about 256 MiB (``reference.DEFAULT_WORKSPACE_BYTES``; at least one query row,
-    ``Tkv * (4 * H + 24)`` bytes).
+    ``Tkv * (4 * H + 32)`` bytes).
 
     Args:
         q: queries ``[B, Tq, H, d]``, any strides.

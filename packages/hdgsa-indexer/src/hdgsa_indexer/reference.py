@@ -21,20 +21,21 @@ import torch
 
 __all__ = [
     "DEFAULT_WORKSPACE_BYTES",
+    "chunk_sizes",
     "gated_indexer_reference",
     "indexer_topk_reference",
-    "chunk_sizes",
     "valid_key_counts",
 ]
 
 # Workspace that one query chunk of indexer_topk may use. 256 MiB keeps the chunks large enough
-# for the matmul and torch.topk to run at speed on a GPU (1,024 queries per chunk at Tkv = 8,192,
+# for the matmul and torch.topk to run at speed on a GPU (about 680 queries per chunk at Tkv = 8,192,
 # H = 4) while staying small next to the [B, Tq, Tkv] matrix it replaces (1 GiB at T = 16,384).
 DEFAULT_WORKSPACE_BYTES = 256 * 2**20
 
 # Workspace bytes per (batch, query, key) triple in one chunk, besides 4 per head for the head
-# logits: the float32 score row (4), its int64 sort key (8) and torch.topk's scratch (about 12).
-_BYTES_PER_KEY = 24
+# logits: the float32 score row (4), its int64 sort key and the temporaries that build it (16),
+# torch.topk's scratch (about 12). An estimate: the budget bounds the chunk, not each byte.
+_BYTES_PER_KEY = 32
 _BYTES_PER_HEAD_KEY = 4
 
 _INT32_LOW_MASK = 0xFFFFFFFF
@@ -83,7 +84,11 @@ def _chunk_scores(
     # One matmul for all heads: [B, C*H, d] @ [B, d, S]. reshape copies only if q's layout needs it.
     q_flat = q_rows.to(compute_dtype).reshape(batch, rows * heads, dim)
     logits = torch.matmul(q_flat, k_compute.transpose(1, 2)).view(batch, rows, heads, num_keys)
-    key_gates = torch.sigmoid(logits * scale + bias_compute[:, None])
+    if torch.is_grad_enabled():
+        key_gates = torch.sigmoid(logits * scale + bias_compute[:, None])
+    else:
+        # The top-k path: one [B, C, H, S] buffer instead of three (same arithmetic).
+        key_gates = logits.mul_(scale).add_(bias_compute[:, None]).sigmoid_()
     head_gates = torch.sigmoid(w_rows.to(compute_dtype))
     # Sum over heads as a batched [1, H] @ [H, S] product.
     return torch.matmul(head_gates.unsqueeze(-2), key_gates).squeeze(-2)
@@ -124,11 +129,11 @@ def chunk_sizes(
 ) -> tuple[int, int]:
     """``(batches, queries)`` per chunk so one chunk's workspace fits ``workspace_bytes``.
 
-    One query of one batch element needs about ``Tkv * (4 * H + 24)`` bytes of workspace: the
+    One query of one batch element needs about ``Tkv * (4 * H + 32)`` bytes of workspace: the
     head logits, the score row, its sort key and ``torch.topk``'s scratch. A chunk takes every
     batch element and as many queries as fit; if one query over all batch elements does not
     fit, it takes one query of as many batch elements as fit. Never less than one query of one
-    batch element, so the workspace is at most ``max(workspace_bytes, Tkv * (4 * H + 24))``.
+    batch element, so the workspace is at most ``max(workspace_bytes, Tkv * (4 * H + 32))``.
     """
     per_row = max(1, num_keys * (_BYTES_PER_HEAD_KEY * heads + _BYTES_PER_KEY))
     rows = max(1, workspace_bytes // per_row)
@@ -141,9 +146,10 @@ def _float_sort_key(values: torch.Tensor) -> torch.Tensor:
     """int64 whose order is the order of the float32 ``values`` (-inf lowest, +inf highest)."""
     # -0.0 + 0.0 = +0.0, so the two zeros get one key and tie like the floats do.
     bits = (values.to(torch.float32) + 0.0).view(torch.int32)
-    # Negative floats: larger magnitude means smaller value, so flip the magnitude bits.
-    ordered = torch.where(bits < 0, bits ^ _INT32_MAGNITUDE_BITS, bits)
-    return ordered.to(torch.int64)
+    # Negative floats: larger magnitude means smaller value, so flip their magnitude bits
+    # (bits >> 31 is all ones for negatives, zero otherwise).
+    bits ^= (bits >> 31) & _INT32_MAGNITUDE_BITS
+    return bits.to(torch.int64)
 
 
 def _select_topk(
@@ -159,10 +165,12 @@ def _select_topk(
     """
     batch, rows, num_keys = scores.shape
     keys = torch.arange(num_keys, device=scores.device, dtype=torch.int64)
-    sort_key = (_float_sort_key(scores) << 32) | (_INT32_LOW_MASK - keys)
+    sort_key = _float_sort_key(scores)
+    sort_key <<= 32
+    sort_key |= _INT32_LOW_MASK - keys
     if sink_size > 0:
-        sink = keys < sink_size
-        sort_key = torch.where(sink, _INT64_MAX - keys, sort_key)
+        # Sinks are the leading keys: above every score, in key order.
+        sort_key[..., :sink_size] = _INT64_MAX - keys[:sink_size]
     taken = min(topk, num_keys)
     best = torch.topk(sort_key, taken, dim=-1, largest=True, sorted=True).values
     indices = _INT32_LOW_MASK - (best & _INT32_LOW_MASK)
@@ -179,9 +187,7 @@ def _select_topk(
     return indices, selected
 
 
-def _row_stats(
-    scores: torch.Tensor, counts: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_stats(scores: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and population variance of the valid scores of each row (two passes); 0 and 0 for
     a row with no valid key."""
     num_keys = scores.shape[-1]
@@ -228,21 +234,17 @@ def indexer_topk_reference(
     batch, num_queries, heads, _ = q.shape
     num_keys = k.shape[1]
     device = q.device
-    indices = torch.empty(batch, num_queries, topk, dtype=torch.int32, device=device)
-    scores = torch.empty(batch, num_queries, topk, dtype=torch.float32, device=device)
+    # Outputs start as "no valid key" (index -1, score -inf, stats 0): rows or chunks that see
+    # no key are then already right. torch.full rather than torch.empty also keeps the tests'
+    # NaN-poisoned torch.empty out of torch.compile's traces.
+    indices = torch.full((batch, num_queries, topk), -1, dtype=torch.int32, device=device)
+    scores = torch.full((batch, num_queries, topk), float("-inf"), dtype=torch.float32, device=device)
     outputs: tuple[torch.Tensor, ...] = (indices, scores)
     if return_stats:
-        mean = torch.empty(batch, num_queries, dtype=torch.float32, device=device)
-        var = torch.empty(batch, num_queries, dtype=torch.float32, device=device)
+        mean = torch.zeros(batch, num_queries, dtype=torch.float32, device=device)
+        var = torch.zeros(batch, num_queries, dtype=torch.float32, device=device)
         outputs = (indices, scores, mean, var)
-    if batch == 0 or num_queries == 0:
-        return outputs
-    if num_keys == 0:
-        indices.fill_(-1)
-        scores.fill_(float("-inf"))
-        if return_stats:
-            mean.zero_()
-            var.zero_()
+    if batch == 0 or num_queries == 0 or num_keys == 0:
         return outputs
 
     compute_dtype = _compute_dtype(q, k, w, bias)
@@ -262,11 +264,6 @@ def indexer_topk_reference(
             # Keys after the chunk's last valid key are -inf for all its rows: skip them.
             visible = min(num_keys, max(0, stop + q_offset)) if causal else num_keys
             if visible == 0:
-                indices[b, t] = -1
-                scores[b, t] = float("-inf")
-                if return_stats:
-                    mean[b, t] = 0.0
-                    var[b, t] = 0.0
                 continue
             chunk_scores = _chunk_scores(
                 q[b, t], k_compute[:, :visible], w[b, t], bias_compute, scale, compute_dtype

@@ -1,0 +1,378 @@
+"""indexer_topk: selection against torch.topk / a stable sort of gated_indexer's scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hdgsa_core import HAS_CUDA, runnable_backends
+from hdgsa_core.testing import make_tensor, strided_rows
+from hdgsa_indexer import gated_indexer, indexer_topk
+from hdgsa_indexer.api import TRITON_IMPLEMENTED
+from hdgsa_indexer.reference import (
+    DEFAULT_WORKSPACE_BYTES,
+    chunk_sizes,
+    gated_indexer_reference,
+    indexer_topk_reference,
+)
+
+DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if HAS_CUDA else [])
+DEVICE_BACKENDS = [
+    pytest.param(device, backend, id=f"{device.type}-{backend}")
+    for device in DEVICES
+    for backend in runnable_backends(device, implemented=TRITON_IMPLEMENTED)
+]
+
+
+def make_inputs(B, Tq, Tkv, H, d, dtype=torch.float32, device="cpu", seed=0):
+    q = make_tensor(B, Tq, H, d, dtype=dtype, device=device, seed=seed)
+    k = make_tensor(B, Tkv, d, dtype=dtype, device=device, seed=seed + 1)
+    w = make_tensor(B, Tq, H, dtype=dtype, device=device, seed=seed + 2)
+    bias = make_tensor(H, dtype=dtype, device=device, seed=seed + 3, scale=0.5)
+    return q, k, w, bias
+
+
+def valid_counts(Tq, Tkv, causal, q_offset):
+    return [min(max(t + q_offset + 1, 0), Tkv) if causal else Tkv for t in range(Tq)]
+
+
+def oracle(scores, topk, sink_size, causal, q_offset):
+    """Stable-sort selection per row (Python loops; small shapes only): sinks first in key
+    order, then descending score with ties to the lower index, then -1 / -inf."""
+    B, Tq, Tkv = scores.shape
+    indices = torch.full((B, Tq, topk), -1, dtype=torch.int64)
+    values = torch.full((B, Tq, topk), float("-inf"), dtype=torch.float64)
+    scores = scores.detach().double().cpu()
+    for b in range(B):
+        for t, count in enumerate(valid_counts(Tq, Tkv, causal, q_offset)):
+            sinks = list(range(min(sink_size, count)))
+            rest = sorted(range(len(sinks), count), key=lambda s, row=scores[b, t]: (-row[s].item(), s))
+            chosen = (sinks + rest)[:topk]
+            indices[b, t, : len(chosen)] = torch.tensor(chosen, dtype=torch.int64)
+            values[b, t, : len(chosen)] = scores[b, t, chosen]
+    return indices, values
+
+
+def assert_topk_of(indices, values, reference, topk, sink_size, causal, q_offset, atol=1e-5):
+    """``(indices, values)`` is a valid top-k of ``reference`` (float32 scores from another
+    computation, so near-ties may order differently): right padding, sinks first, each value
+    the reference score of its index, and the values torch.topk gives."""
+    B, Tq, Tkv = reference.shape
+    assert indices.dtype == torch.int32
+    assert values.dtype == torch.float32
+    assert indices.shape == values.shape == (B, Tq, topk)
+    indices, values, reference = indices.cpu().long(), values.cpu(), reference.cpu().float()
+    for b in range(B):
+        for t, count in enumerate(valid_counts(Tq, Tkv, causal, q_offset)):
+            where = f"row b={b} t={t} (valid keys {count})"
+            n = min(topk, count)
+            sinks = min(sink_size, count)
+            assert (indices[b, t, n:] == -1).all(), where
+            assert torch.isneginf(values[b, t, n:]).all(), where
+            chosen = indices[b, t, :n]
+            assert chosen[:sinks].tolist() == list(range(sinks)), where
+            assert len(set(chosen.tolist())) == n, where
+            assert ((chosen >= 0) & (chosen < count)).all(), where
+            torch.testing.assert_close(values[b, t, :n], reference[b, t, chosen], rtol=0, atol=atol)
+            rest_values = values[b, t, sinks:n]
+            # Exactly non-increasing, and ties ordered by key index.
+            assert (rest_values[:-1] >= rest_values[1:]).all(), where
+            rest = chosen[sinks:]
+            tied = rest_values[:-1] == rest_values[1:]
+            assert (rest[:-1][tied] < rest[1:][tied]).all(), where
+            expected = torch.topk(reference[b, t, sinks:count], n - sinks).values
+            torch.testing.assert_close(rest_values, expected, rtol=0, atol=atol)
+
+
+# (B, Tq, Tkv, H, d, causal, q_offset, topk, sink_size)
+CASES = [
+    pytest.param(1, 1, 1, 1, 1, True, 0, 1, 0, id="T1"),
+    pytest.param(2, 23, 23, 3, 10, True, 0, 5, 0, id="causal-k5"),
+    pytest.param(2, 23, 23, 3, 10, False, 0, 5, 0, id="noncausal-k5"),
+    pytest.param(1, 19, 19, 4, 12, True, 0, 8, 2, id="causal-sink2"),
+    pytest.param(1, 19, 19, 4, 12, False, 0, 8, 8, id="noncausal-sink-eq-topk"),
+    pytest.param(2, 4, 29, 2, 16, True, 25, 7, 1, id="decode-Tq4-offset25"),
+    pytest.param(1, 1, 37, 4, 8, True, 36, 6, 0, id="decode-Tq1"),
+    pytest.param(1, 13, 13, 2, 6, True, 0, 13, 0, id="topk-eq-T"),
+    pytest.param(2, 9, 6, 3, 5, False, 0, 11, 3, id="topk-gt-Tkv"),
+    pytest.param(1, 11, 11, 2, 7, True, 0, 20, 4, id="topk-gt-T-causal-sinks"),
+    pytest.param(1, 8, 5, 2, 4, True, -3, 3, 1, id="negative-offset"),
+]
+CASE_ARGS = ("B", "Tq", "Tkv", "H", "d", "causal", "q_offset", "topk", "sink_size")
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(CASE_ARGS, CASES)
+def test_matches_topk_of_gated_indexer(
+    device, backend, dtype, B, Tq, Tkv, H, d, causal, q_offset, topk, sink_size
+):
+    inputs = make_inputs(B, Tq, Tkv, H, d, dtype, device)
+    scale = d**-0.5
+    indices, values = indexer_topk(
+        *inputs, topk, scale, causal, q_offset=q_offset, sink_size=sink_size, backend=backend
+    )
+    reference = gated_indexer(*inputs, scale, causal, q_offset=q_offset, backend=backend)
+    assert_topk_of(indices, values, reference, topk, sink_size, causal, q_offset)
+    if sink_size == 0 and topk <= Tkv and not causal:
+        # Every row has >= topk valid keys: compare with torch.topk directly.
+        expected = torch.topk(reference, topk, dim=-1)
+        torch.testing.assert_close(values, expected.values, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+@pytest.mark.parametrize(CASE_ARGS, CASES)
+def test_stats_against_float64(device, backend, B, Tq, Tkv, H, d, causal, q_offset, topk, sink_size):
+    inputs = make_inputs(B, Tq, Tkv, H, d, torch.float32, device, seed=3)
+    scale = d**-0.5
+    indices, values, mean, var = indexer_topk(
+        *inputs,
+        topk,
+        scale,
+        causal,
+        q_offset=q_offset,
+        sink_size=sink_size,
+        return_stats=True,
+        backend=backend,
+    )
+    assert mean.dtype == var.dtype == torch.float32
+    assert mean.shape == var.shape == (B, Tq)
+    scores64 = gated_indexer_reference(*(t.double() for t in inputs), scale, causal, q_offset).cpu()
+    expected_mean = torch.zeros(B, Tq, dtype=torch.float64)
+    expected_var = torch.zeros(B, Tq, dtype=torch.float64)
+    for t, count in enumerate(valid_counts(Tq, Tkv, causal, q_offset)):
+        if count:
+            row = scores64[:, t, :count]
+            expected_mean[:, t] = row.mean(-1)
+            expected_var[:, t] = row.var(-1, correction=0)
+    torch.testing.assert_close(mean.cpu().double(), expected_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.cpu().double(), expected_var, rtol=1e-4, atol=1e-7)
+    # Same selection as without stats.
+    plain = indexer_topk(
+        *inputs, topk, scale, causal, q_offset=q_offset, sink_size=sink_size, backend=backend
+    )
+    assert torch.equal(plain[0], indices)
+    assert torch.equal(plain[1], values)
+
+
+def tied_inputs(B, Tq, Tkv, H, d, device, seed=0):
+    """Scores that are exact multiples of 1/4 with many ties: q, k in {0, 1} and scale 30 make
+    every head logit 0 or >= 30 (sigmoid exactly 0.5 or 1 in float32); gates w in {0, 30}."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2, (B, Tq, H, d), generator=generator).float().to(device)
+    k = torch.randint(0, 2, (B, Tkv, d), generator=generator).float().to(device)
+    w = 30.0 * torch.randint(0, 2, (B, Tq, H), generator=generator).float().to(device)
+    bias = torch.zeros(H, device=device)
+    return q, k, w, bias
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+@pytest.mark.parametrize(
+    ("causal", "q_offset", "topk", "sink_size"),
+    [(True, 0, 6, 0), (False, 0, 6, 0), (True, 0, 9, 2), (True, 20, 12, 1), (False, 0, 40, 3)],
+    ids=["causal", "noncausal", "causal-sink2", "decode-sink1", "topk-gt-Tkv"],
+)
+def test_ties_go_to_the_lower_index(device, backend, causal, q_offset, topk, sink_size):
+    B, Tq, Tkv, H, d = 2, 17, 37 if q_offset else 17, 3, 2
+    inputs = tied_inputs(B, Tq, Tkv, H, d, device)
+    reference = gated_indexer(*inputs, 30.0, causal, q_offset=q_offset, backend=backend)
+    assert reference[torch.isfinite(reference)].unique().numel() <= 10  # quarters in [0.75, 3]: many ties
+    expected_indices, expected_values = oracle(reference, topk, sink_size, causal, q_offset)
+    for query_chunk in (None, 1, 4):
+        indices, values = indexer_topk_reference(
+            *inputs, topk, 30.0, causal, q_offset, sink_size, query_chunk=query_chunk
+        )
+        assert torch.equal(indices.cpu().long(), expected_indices), query_chunk
+        assert torch.equal(values.cpu().double(), expected_values), query_chunk
+    indices, values = indexer_topk(
+        *inputs, topk, 30.0, causal, q_offset=q_offset, sink_size=sink_size, backend=backend
+    )
+    assert torch.equal(indices.cpu().long(), expected_indices)
+    assert torch.equal(values.cpu().double(), expected_values)
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_all_equal_scores_select_the_first_keys(device, backend):
+    # q = 0 and bias = 0: every head logit is 0, sigmoid exactly 0.5, one score per row.
+    q, bias = torch.zeros(1, 5, 2, 4, device=device), torch.zeros(2, device=device)
+    k, w = make_inputs(1, 5, 9, 2, 4, device=device)[1:3]
+    indices, values = indexer_topk(q, k, w, bias, 4, causal=False, backend=backend)
+    assert indices.tolist() == [[[0, 1, 2, 3]] * 5]
+    assert (values == values[..., :1]).all()
+
+
+@pytest.mark.parametrize(
+    ("query_chunk", "workspace_bytes"),
+    [(1, None), (3, None), (7, None), (None, 1), (None, 4000)],
+    ids=["chunk1", "chunk3", "chunk7", "one-row-workspace", "small-workspace"],
+)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_chunking_does_not_change_the_selection(query_chunk, workspace_bytes, causal):
+    B, Tq, Tkv, H, d = 3, 16, 21, 2, 8
+    inputs = make_inputs(B, Tq, Tkv, H, d, seed=7)
+    options = dict(topk=6, scale=0.4, causal=causal, q_offset=5, sink_size=1, return_stats=True)
+    chunked = indexer_topk_reference(
+        *inputs,
+        **options,
+        workspace_bytes=workspace_bytes or DEFAULT_WORKSPACE_BYTES,
+        query_chunk=query_chunk,
+    )
+    whole = indexer_topk_reference(*inputs, **options, query_chunk=Tq)
+    reference = gated_indexer(*inputs, 0.4, causal, q_offset=5)
+    assert_topk_of(chunked[0], chunked[1], reference, 6, 1, causal, 5)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(chunked[2], whole[2], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chunked[3], whole[3], rtol=1e-5, atol=1e-7)
+
+
+def test_chunk_sizes_respect_the_workspace():
+    per_row = 1000 * (4 * 4 + 32)
+    assert chunk_sizes(2, 1000, 4, workspace_bytes=per_row * 10) == (2, 5)
+    assert chunk_sizes(8, 1000, 4, workspace_bytes=per_row * 3) == (3, 1)
+    assert chunk_sizes(8, 1000, 4, workspace_bytes=1) == (1, 1)
+    batch_chunk, query_chunk = chunk_sizes(1, 8192, 4)
+    assert batch_chunk * query_chunk * 8192 * (4 * 4 + 32) <= DEFAULT_WORKSPACE_BYTES
+    assert query_chunk >= 512  # large enough to keep a GPU busy
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_queries_without_valid_keys(device, backend):
+    # q_offset=-3: queries 0..2 see no key; Tkv=0: no query does.
+    inputs = make_inputs(1, 6, 4, 2, 3, device=device)
+    indices, values, mean, var = indexer_topk(
+        *inputs, 3, q_offset=-3, sink_size=1, return_stats=True, backend=backend
+    )
+    assert (indices[0, :3] == -1).all()
+    assert torch.isneginf(values[0, :3]).all()
+    assert (mean[0, :3] == 0).all()
+    assert (var[0, :3] == 0).all()
+    assert indices[0, 3].tolist() == [0, -1, -1]
+    assert var[0, 3] == 0  # one valid key
+    empty_keys = make_inputs(2, 3, 0, 2, 3, device=device)
+    indices, values, mean, var = indexer_topk(*empty_keys, 2, return_stats=True, backend=backend)
+    assert indices.shape == (2, 3, 2)
+    assert (indices == -1).all()
+    assert torch.isneginf(values).all()
+    assert (mean == 0).all()
+    assert (var == 0).all()
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+@pytest.mark.parametrize(("B", "Tq"), [(0, 3), (2, 0)], ids=["B0", "Tq0"])
+def test_empty_batch_or_queries(device, backend, B, Tq):
+    outputs = indexer_topk(*make_inputs(B, Tq, 5, 2, 3, device=device), 4, return_stats=True, backend=backend)
+    assert [tuple(t.shape) for t in outputs] == [(B, Tq, 4), (B, Tq, 4), (B, Tq), (B, Tq)]
+    assert [t.dtype for t in outputs] == [torch.int32, torch.float32, torch.float32, torch.float32]
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_non_contiguous_inputs(device, backend):
+    q, k, w, bias = make_inputs(2, 14, 14, 3, 9, device=device)
+    views = (
+        q.transpose(1, 2).contiguous().transpose(1, 2),
+        strided_rows(k),
+        w.transpose(1, 2).contiguous().transpose(1, 2),
+        torch.stack([bias, bias], dim=-1)[:, 1],
+    )
+    assert not any(t.is_contiguous() for t in views)
+    got = indexer_topk(*views, 5, 0.3, sink_size=1, return_stats=True, backend=backend)
+    expected = indexer_topk(q, k, w, bias, 5, 0.3, sink_size=1, return_stats=True, backend=backend)
+    assert torch.equal(got[0], expected[0])
+    for actual, wanted in zip(got[1:], expected[1:], strict=True):
+        torch.testing.assert_close(actual, wanted, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_deterministic_pure_and_not_differentiable(device, backend):
+    inputs = [t.requires_grad_() for t in make_inputs(2, 21, 21, 4, 16, torch.bfloat16, device)]
+    before = [t.detach().clone() for t in inputs]
+    first = indexer_topk(*inputs, 7, 0.25, sink_size=2, return_stats=True, backend=backend)
+    second = indexer_topk(*inputs, 7, 0.25, sink_size=2, return_stats=True, backend=backend)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+        assert not a.requires_grad
+    for original, tensor in zip(before, inputs, strict=True):
+        assert torch.equal(original, tensor)
+
+
+def test_torch_compile_fullgraph():
+    inputs = make_inputs(1, 12, 12, 2, 8)
+    compiled = torch.compile(
+        lambda q, k, w, b: indexer_topk(q, k, w, b, 4, 0.5, sink_size=1, return_stats=True),
+        backend="aot_eager",
+        fullgraph=True,
+    )
+    got = compiled(*inputs)
+    expected = indexer_topk(*inputs, 4, 0.5, sink_size=1, return_stats=True)
+    for actual, wanted in zip(got, expected, strict=True):
+        torch.testing.assert_close(actual, wanted)
+
+
+def test_backend_choice(monkeypatch):
+    inputs = make_inputs(1, 4, 4, 2, 8)
+    expected = indexer_topk(*inputs, 2, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(indexer_topk(*inputs, 2), expected, strict=True))
+    with pytest.raises(ValueError, match="backend"):
+        indexer_topk(*inputs, 2, backend="fla")
+    if not TRITON_IMPLEMENTED:
+        with pytest.raises(RuntimeError, match="not implemented yet"):
+            indexer_topk(*inputs, 2, backend="triton")
+    monkeypatch.setenv("HDGSA_BACKEND", "torch")
+    assert all(torch.equal(a, b) for a, b in zip(indexer_topk(*inputs, 2), expected, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"topk": 0}, ValueError, r"topk must be >= 1, got 0"),
+        ({"topk": -2}, ValueError, r"topk must be >= 1"),
+        ({"topk": 2.0}, TypeError, r"topk must be an int"),
+        ({"topk": True}, TypeError, r"topk must be an int"),
+        ({"topk": 3, "sink_size": -1}, ValueError, r"sink_size must be in \[0, topk=3\], got -1"),
+        ({"topk": 3, "sink_size": 4}, ValueError, r"sink_size must be in \[0, topk=3\], got 4"),
+        ({"topk": 3, "sink_size": 1.0}, TypeError, r"sink_size must be an int"),
+        ({"topk": 3, "return_stats": 1}, TypeError, r"return_stats must be a bool"),
+        ({"topk": 3, "q_offset": None}, TypeError, r"q_offset must be an int"),
+        ({"topk": 3, "scale": None}, TypeError, r"scale must be a real number"),
+    ],
+    ids=[
+        "topk0", "topk-negative", "topk-float", "topk-bool", "sink-negative", "sink-gt-topk",
+        "sink-float", "stats-int", "offset-none", "scale-none",
+    ],
+)  # fmt: skip
+def test_bad_options(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        indexer_topk(*make_inputs(1, 3, 3, 2, 4), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "pattern"),
+    [
+        (lambda q, k, w, b: (q[:, :, 0], k, w, b), ValueError, r"q: expected shape \[B, Tq, H, d\]"),
+        (lambda q, k, w, b: (q, k[..., :2], w, b), ValueError, r"k: expected shape .*got shape \[2, 6, 2\]"),
+        (lambda q, k, w, b: (q, k, w[:, :, :1], b), ValueError, r"w: expected shape .*got shape \[2, 5, 1\]"),
+        (lambda q, k, w, b: (q, k, w, b[:1]), ValueError, r"bias: expected shape .*got shape \[1\]"),
+        (lambda q, k, w, b: (q.to(torch.int64), k, w, b), TypeError, r"q: dtype int64"),
+        (lambda q, k, w, b: (q, k, w, b.to("meta")), ValueError, r"one device"),
+    ],
+    ids=["q-rank", "k-dim", "w-heads", "bias-heads", "q-int", "device"],
+)
+def test_bad_inputs(change, error, pattern):
+    inputs = change(*make_inputs(2, 5, 6, 3, 4))
+    with pytest.raises(error, match=pattern):
+        indexer_topk(*inputs, 2)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="measures CUDA memory")
+def test_never_builds_the_score_matrix_on_cuda():
+    B, T, H, d, topk = 1, 4096, 2, 16, 64
+    q, k, w, bias = make_inputs(B, T, T, H, d, device="cuda")
+    matrix_bytes = B * T * T * 4
+    workspace = matrix_bytes // 8
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    indexer_topk_reference(q, k, w, bias, topk, workspace_bytes=workspace, return_stats=True)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - start
+    assert extra < matrix_bytes // 2, (extra, matrix_bytes)
