@@ -22,12 +22,14 @@ Neither function checks its arguments; :func:`hdgsa_sparse_attn.sparse_attention
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "WORKSPACE_BYTES",
+    "attend_chunk",
     "normalize_indices",
     "query_chunk_size",
     "sparse_attention_dense",
@@ -84,7 +86,7 @@ def query_chunk_size(
     return max(1, workspace_bytes // per_query)
 
 
-def _attend_chunk(
+def attend_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -146,6 +148,7 @@ def sparse_attention_torch(
     scale: float | None = None,
     *,
     chunk_size: int | None = None,
+    chunk_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention by a chunked gather (the formula in the module docstring).
 
@@ -158,6 +161,8 @@ def sparse_attention_torch(
         mask: bool like ``indices`` (True = attend), or None.
         scale: score scale; None means ``D ** -0.5``.
         chunk_size: queries per chunk; None sizes chunks from :data:`WORKSPACE_BYTES`.
+        chunk_fn: computes one chunk; None is :func:`attend_chunk` (the benchmark passes a
+            ``torch.compile``-d copy of it).
 
     Returns:
         ``(out, lse)``: ``[B, T, Hq, Dv]`` in ``q.dtype`` and ``[B, Hq, T]`` float32 (float64
@@ -174,6 +179,7 @@ def sparse_attention_torch(
         # Every slot is masked; one zero row keeps the gather in range and the grads connected.
         k_c = torch.cat([k_c, k_c.new_zeros(batch, 1, num_kv_heads, k.shape[3])], 1)
         v_c = torch.cat([v_c, v_c.new_zeros(batch, 1, num_kv_heads, v.shape[3])], 1)
+    chunk_fn = attend_chunk if chunk_fn is None else chunk_fn
     if chunk_size is None:
         chunk_size = query_chunk_size(
             batch, num_q_heads, num_kv_heads, indices.shape[1], indices.shape[-1], head_dim, v.shape[3]
@@ -193,9 +199,9 @@ def sparse_attention_torch(
             num_keys,
         )
         if recompute:
-            out, lse = checkpoint(_attend_chunk, *args, use_reentrant=False)
+            out, lse = checkpoint(chunk_fn, *args, use_reentrant=False)
         else:
-            out, lse = _attend_chunk(*args)
+            out, lse = chunk_fn(*args)
         outs.append(out.to(q.dtype))
         lses.append(lse)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
