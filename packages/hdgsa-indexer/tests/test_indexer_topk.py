@@ -156,12 +156,12 @@ def test_stats_against_float64(device, backend, B, Tq, Tkv, H, d, causal, q_offs
 
 
 def tied_inputs(B, Tq, Tkv, H, d, device, seed=0):
-    """Scores that are exact multiples of 1/4 with many ties: q, k in {0, 1} and scale 30 make
-    every head logit 0 or >= 30 (sigmoid exactly 0.5 or 1 in float32); gates w in {0, 30}."""
+    """Scores that are exact multiples of 1/4 with many ties: q, k in {0, 1} and scale 100 make
+    every head logit 0 or >= 100 (sigmoid exactly 0.5 or 1, even in float64); gates w in {0, 100}."""
     generator = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 2, (B, Tq, H, d), generator=generator).float().to(device)
     k = torch.randint(0, 2, (B, Tkv, d), generator=generator).float().to(device)
-    w = 30.0 * torch.randint(0, 2, (B, Tq, H), generator=generator).float().to(device)
+    w = 100.0 * torch.randint(0, 2, (B, Tq, H), generator=generator).float().to(device)
     bias = torch.zeros(H, device=device)
     return q, k, w, bias
 
@@ -175,17 +175,19 @@ def tied_inputs(B, Tq, Tkv, H, d, device, seed=0):
 def test_ties_go_to_the_lower_index(device, backend, causal, q_offset, topk, sink_size):
     B, Tq, Tkv, H, d = 2, 17, 37 if q_offset else 17, 3, 2
     inputs = tied_inputs(B, Tq, Tkv, H, d, device)
-    reference = gated_indexer(*inputs, 30.0, causal, q_offset=q_offset, backend=backend)
+    reference = gated_indexer(*inputs, 100.0, causal, q_offset=q_offset, backend=backend)
     assert reference[torch.isfinite(reference)].unique().numel() <= 10  # quarters in [0.75, 3]: many ties
     expected_indices, expected_values = oracle(reference, topk, sink_size, causal, q_offset)
+    reference64 = gated_indexer_reference(*(t.double() for t in inputs), 100.0, causal, q_offset)
+    assert torch.equal(reference64, reference.double())  # the ties are exact, not rounding
     for query_chunk in (None, 1, 4):
         indices, values = indexer_topk_reference(
-            *inputs, topk, 30.0, causal, q_offset, sink_size, query_chunk=query_chunk
+            *inputs, topk, 100.0, causal, q_offset, sink_size, query_chunk=query_chunk
         )
         assert torch.equal(indices.cpu().long(), expected_indices), query_chunk
         assert torch.equal(values.cpu().double(), expected_values), query_chunk
     indices, values = indexer_topk(
-        *inputs, topk, 30.0, causal, q_offset=q_offset, sink_size=sink_size, backend=backend
+        *inputs, topk, 100.0, causal, q_offset=q_offset, sink_size=sink_size, backend=backend
     )
     assert torch.equal(indices.cpu().long(), expected_indices)
     assert torch.equal(values.cpu().double(), expected_values)
