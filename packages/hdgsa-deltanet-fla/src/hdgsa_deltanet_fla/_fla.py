@@ -10,6 +10,7 @@ import importlib
 import os
 
 import torch
+
 from hdgsa_core import FLA_VERSION, HAS_FLA, HAS_TRITON, TRITON_VERSION
 
 __all__ = [
@@ -30,7 +31,7 @@ def _import_fla_error() -> str | None:
     once is a ``sys.modules`` lookup; a broken install is retried (and fails) each call."""
     try:
         importlib.import_module(_FLA_MODULE)
-    except Exception as error:  # noqa: BLE001  (any import failure means fla cannot run)
+    except Exception as error:
         return f"`import {_FLA_MODULE}` failed: {type(error).__name__}: {error}"
     return None
 
@@ -69,17 +70,15 @@ def _tilelang_takes_the_backward() -> bool:
         return False
     try:
         from fla.ops.common.backends.tilelang import CommonTileLangBackend
-    except Exception:  # noqa: BLE001  (no TileLang backend in this fla: it cannot help)
+    except Exception:
         return False
     try:
         return bool(CommonTileLangBackend.is_available() and CommonTileLangBackend().is_enabled())
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 
-def fla_unavailable_reason(
-    device: torch.device, *, head_dim_k: int, needs_backward: bool
-) -> str | None:
+def fla_unavailable_reason(device: torch.device, *, head_dim_k: int, needs_backward: bool) -> str | None:
     """Why ``backend="fla"`` cannot run this call, or None when it can.
 
     Covers: fla-core missing or older than 0.6, Triton missing, tensors not on CUDA, fla failing

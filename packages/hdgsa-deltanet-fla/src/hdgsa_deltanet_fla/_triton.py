@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from hdgsa_core.triton_utils import next_power_of_2
 
 from .reference import ALPHA_MIN
@@ -69,8 +70,16 @@ def log_decay_fwd(alpha: torch.Tensor) -> torch.Tensor:
     if numel:
         grid = (triton.cdiv(numel, _DECAY_BLOCK),)
         _log_decay_fwd_kernel[grid](
-            alpha=alpha, g=g, stride_b=alpha.stride(0), stride_t=alpha.stride(1), stride_h=alpha.stride(2),
-            T=seq_len, HV=heads, N=numel, ALPHA_FLOOR=ALPHA_MIN, BLOCK=_DECAY_BLOCK,
+            alpha=alpha,
+            g=g,
+            stride_b=alpha.stride(0),
+            stride_t=alpha.stride(1),
+            stride_h=alpha.stride(2),
+            T=seq_len,
+            HV=heads,
+            N=numel,
+            ALPHA_FLOOR=ALPHA_MIN,
+            BLOCK=_DECAY_BLOCK,
         )
     return g
 
@@ -84,8 +93,17 @@ def log_decay_bwd(alpha: torch.Tensor, dg: torch.Tensor) -> torch.Tensor:
     if numel:
         grid = (triton.cdiv(numel, _DECAY_BLOCK),)
         _log_decay_bwd_kernel[grid](
-            alpha=alpha, dg=dg, dalpha=dalpha, stride_b=alpha.stride(0), stride_t=alpha.stride(1),
-            stride_h=alpha.stride(2), T=seq_len, HV=heads, N=numel, ALPHA_FLOOR=ALPHA_MIN, BLOCK=_DECAY_BLOCK,
+            alpha=alpha,
+            dg=dg,
+            dalpha=dalpha,
+            stride_b=alpha.stride(0),
+            stride_t=alpha.stride(1),
+            stride_h=alpha.stride(2),
+            T=seq_len,
+            HV=heads,
+            N=numel,
+            ALPHA_FLOOR=ALPHA_MIN,
+            BLOCK=_DECAY_BLOCK,
         )
     return dalpha
 
@@ -111,11 +129,22 @@ def log_decay(alpha: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _d_skip_fwd_kernel(
-    o, v, D, y,
-    stride_o_b, stride_o_t, stride_o_h,
-    stride_v_b, stride_v_t, stride_v_h,
-    T, BT, HV, V,
-    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+    o,
+    v,
+    D,
+    y,
+    stride_o_b,
+    stride_o_t,
+    stride_o_h,
+    stride_v_b,
+    stride_v_t,
+    stride_v_h,
+    T,
+    BT,
+    HV,
+    V,
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     i_row_block, i_h = tl.program_id(0), tl.program_id(1)
     o_bt = i_row_block.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -133,11 +162,23 @@ def _d_skip_fwd_kernel(
 
 @triton.jit
 def _d_skip_bwd_kernel(
-    dy, v, D, dv, dD_partial,
-    stride_dy_b, stride_dy_t, stride_dy_h,
-    stride_v_b, stride_v_t, stride_v_h,
-    T, BT, HV, V,
-    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+    dy,
+    v,
+    D,
+    dv,
+    dD_partial,
+    stride_dy_b,
+    stride_dy_t,
+    stride_dy_h,
+    stride_v_b,
+    stride_v_t,
+    stride_v_h,
+    T,
+    BT,
+    HV,
+    V,
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     i_row_block, i_h = tl.program_id(0), tl.program_id(1)
     o_bt = i_row_block.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -168,11 +209,22 @@ def d_skip_fwd(o: torch.Tensor, v: torch.Tensor, D: torch.Tensor, out_dtype: tor
     if y.numel():
         grid = (triton.cdiv(rows, _SKIP_BLOCK_T), heads)
         _d_skip_fwd_kernel[grid](
-            o=o, v=v, D=D, y=y,
-            stride_o_b=o.stride(0), stride_o_t=o.stride(1), stride_o_h=o.stride(2),
-            stride_v_b=v.stride(0), stride_v_t=v.stride(1), stride_v_h=v.stride(2),
-            T=seq_len, BT=rows, HV=heads, V=head_dim_v,
-            BLOCK_T=_SKIP_BLOCK_T, BLOCK_V=next_power_of_2(head_dim_v),
+            o=o,
+            v=v,
+            D=D,
+            y=y,
+            stride_o_b=o.stride(0),
+            stride_o_t=o.stride(1),
+            stride_o_h=o.stride(2),
+            stride_v_b=v.stride(0),
+            stride_v_t=v.stride(1),
+            stride_v_h=v.stride(2),
+            T=seq_len,
+            BT=rows,
+            HV=heads,
+            V=head_dim_v,
+            BLOCK_T=_SKIP_BLOCK_T,
+            BLOCK_V=next_power_of_2(head_dim_v),
         )
     return y
 
@@ -187,11 +239,23 @@ def d_skip_bwd(dy: torch.Tensor, v: torch.Tensor, D: torch.Tensor) -> tuple[torc
     dD_partial = torch.empty(num_row_blocks, heads, dtype=torch.float32, device=v.device)
     if dv.numel():
         _d_skip_bwd_kernel[(num_row_blocks, heads)](
-            dy=dy, v=v, D=D, dv=dv, dD_partial=dD_partial,
-            stride_dy_b=dy.stride(0), stride_dy_t=dy.stride(1), stride_dy_h=dy.stride(2),
-            stride_v_b=v.stride(0), stride_v_t=v.stride(1), stride_v_h=v.stride(2),
-            T=seq_len, BT=rows, HV=heads, V=head_dim_v,
-            BLOCK_T=_SKIP_BLOCK_T, BLOCK_V=next_power_of_2(head_dim_v),
+            dy=dy,
+            v=v,
+            D=D,
+            dv=dv,
+            dD_partial=dD_partial,
+            stride_dy_b=dy.stride(0),
+            stride_dy_t=dy.stride(1),
+            stride_dy_h=dy.stride(2),
+            stride_v_b=v.stride(0),
+            stride_v_t=v.stride(1),
+            stride_v_h=v.stride(2),
+            T=seq_len,
+            BT=rows,
+            HV=heads,
+            V=head_dim_v,
+            BLOCK_T=_SKIP_BLOCK_T,
+            BLOCK_V=next_power_of_2(head_dim_v),
         )
     dD = dD_partial.sum(0) if dv.numel() else torch.zeros(heads, dtype=torch.float32, device=v.device)
     return dv, dD.to(D.dtype)
@@ -201,7 +265,9 @@ class DSkipFunction(torch.autograd.Function):
     """``y = o + D[h] * v`` (float32 math, ``out_dtype`` result) with its gradients."""
 
     @staticmethod
-    def forward(ctx, o: torch.Tensor, v: torch.Tensor, D: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def forward(
+        ctx, o: torch.Tensor, v: torch.Tensor, D: torch.Tensor, out_dtype: torch.dtype
+    ) -> torch.Tensor:
         ctx.o_dtype = o.dtype
         ctx.save_for_backward(v, D)
         return d_skip_fwd(o, v, D, out_dtype)

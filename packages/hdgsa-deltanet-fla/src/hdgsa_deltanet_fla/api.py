@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+
 from hdgsa_core import (
     FLOAT_DTYPES,
     check_dtype,
@@ -166,7 +167,9 @@ def gated_delta_rule(
     else:
         heads, head_dim_k = q.shape[2], q.shape[3]
         if num_heads is not None and num_heads != heads:
-            raise ValueError(f"num_heads: {num_heads} does not match q's head dimension {heads} ([B, T, H, K])")
+            raise ValueError(
+                f"num_heads: {num_heads} does not match q's head dimension {heads} ([B, T, H, K])"
+            )
         check_shape("k", k, tuple(q.shape), "[B, T, H, K]")
         check_ndim("v", v, 4, "[B, T, HV, V] (unpacked, like q)")
         check_shape("v", v, (batch, seq_len, None, None), "[B, T, HV, V]")
@@ -202,7 +205,9 @@ def gated_delta_rule(
         fla_reasons.append(reason)
         return reason
 
-    chosen = resolve_backend(backend, device, op=_OP, accelerated="fla", unavailable_reason=unavailable_reason)
+    chosen = resolve_backend(
+        backend, device, op=_OP, accelerated="fla", unavailable_reason=unavailable_reason
+    )
     if chosen == "fla":
         o, final_state = _run_fla_path(
             q4, k4, v4, alpha3, beta3, D, scale, initial_state, output_final_state, compute_dtype
@@ -220,7 +225,9 @@ def gated_delta_rule(
     return (o, final_state) if output_final_state else o
 
 
-def gated_delta_rule_backends(device: torch.device, *, needs_backward: bool = True, head_dim_k: int = 64) -> list[str]:
+def gated_delta_rule_backends(
+    device: torch.device, *, needs_backward: bool = True, head_dim_k: int = 64
+) -> list[str]:
     """The backends ``gated_delta_rule`` can run on ``device`` here, ``"torch"`` first.
 
     ``needs_backward=True`` leaves fla out where it would refuse the backward (self-checks and
@@ -251,7 +258,9 @@ def _empty_result(
     if initial_state is not None:
         final_state = initial_state.to(torch.float32, copy=True)
     else:
-        final_state = torch.zeros(batch, v_heads, head_dim_k, head_dim_v, dtype=torch.float32, device=v4.device)
+        final_state = torch.zeros(
+            batch, v_heads, head_dim_k, head_dim_v, dtype=torch.float32, device=v4.device
+        )
     return o, final_state
 
 
@@ -304,4 +313,8 @@ def _run_torch_path(
     )
     if D is not None:
         o = torch.addcmul(o, D.to(compute).unsqueeze(-1), v4.to(compute))
+    # One copy into a contiguous [B, T, HV, V] in the output dtype (``to`` alone skips the
+    # copy, and keeps the chunked layout's strides, when the dtype already matches).
+    if o.dtype == out_dtype:
+        return o.contiguous(), final_state
     return o.to(out_dtype, memory_format=torch.contiguous_format), final_state

@@ -106,12 +106,18 @@ def chunk_gated_delta_rule_torch(
     k_c = to_chunks(k)
     v_c = to_chunks(v)
     beta_c = to_chunks_per_step(beta).unsqueeze(-1)  # [B, HV, N, C, 1]
-    g_cum = to_chunks_per_step(g).cumsum(-1)  # G_i, chunk-local, [B, HV, N, C]
+    g_c = to_chunks_per_step(g)
+    g_cum = g_c.cumsum(-1)  # G_i, chunk-local, [B, HV, N, C]
 
-    # M_ij = exp(G_i - G_j) on and below the diagonal. The difference is masked to -inf
-    # above it *before* exp: there G_i - G_j > 0 can be hundreds (alpha near 0).
-    above = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
-    decay_ij = (g_cum.unsqueeze(-1) - g_cum.unsqueeze(-2)).masked_fill_(above, float("-inf")).exp_()
+    # M_ij = exp(G_i - G_j) below the diagonal, exactly 1 on it, 0 above. The difference is
+    # replaced *before* exp: above the diagonal G_i - G_j > 0 can be hundreds (alpha near 0),
+    # and on it G_i - G_i = 0 is a constant (as a difference its gradient would be two O(1)
+    # terms cancelling, which swamps the tiny true gradient of a tiny alpha in float32).
+    strictly_lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril(-1)
+    outside = torch.full((chunk, chunk), float("-inf"), dtype=compute_dtype, device=q.device).fill_diagonal_(
+        0.0
+    )
+    decay_ij = torch.where(strictly_lower, g_cum.unsqueeze(-1) - g_cum.unsqueeze(-2), outside).exp_()
 
     k_beta = k_c * beta_c
     # Strictly lower part; solve_triangular(unitriangular=True) reads only that and takes
@@ -127,9 +133,11 @@ def chunk_gated_delta_rule_torch(
     u_c, w_c = u_w[..., :head_dim_v], u_w[..., head_dim_v:]
     scores = (q_c @ k_c.transpose(-1, -2)).mul_(decay_ij)  # Q K^T * M (diagonal included)
     q_decayed = q_c * g_exp
-    g_last = g_cum[..., -1:]
-    k_to_end = (k_c * torch.exp(g_last - g_cum).unsqueeze(-1)).reshape(bh, num_chunks, chunk, head_dim_k)
-    chunk_decay = g_last.exp().reshape(bh, num_chunks, 1, 1)
+    # exp(G_C - G_i) = exp(sum_{s > i} g_s): a shifted reverse cumsum, not a difference (the
+    # last row's decay is exactly 1, with no gradient).
+    g_after = F.pad(g_c.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))
+    k_to_end = (k_c * g_after.exp().unsqueeze(-1)).reshape(bh, num_chunks, chunk, head_dim_k)
+    chunk_decay = g_cum[..., -1:].exp().reshape(bh, num_chunks, 1, 1)
 
     if initial_state is None:
         state = q_c.new_zeros(bh, head_dim_k, head_dim_v)
@@ -146,7 +154,9 @@ def chunk_gated_delta_rule_torch(
     states_in = torch.stack(states_in, dim=1).reshape(bh * num_chunks, head_dim_k, head_dim_v)
     new_values = torch.stack(new_values, dim=1).reshape(bh * num_chunks, chunk, head_dim_v)
     o = torch.bmm(scores.reshape(bh * num_chunks, chunk, chunk), new_values)
-    o = torch.baddbmm(o, q_decayed.reshape(bh * num_chunks, chunk, head_dim_k), states_in, beta=scale, alpha=scale)
+    o = torch.baddbmm(
+        o, q_decayed.reshape(bh * num_chunks, chunk, head_dim_k), states_in, beta=scale, alpha=scale
+    )
     o = o.reshape(batch, num_v_heads, num_chunks * chunk, head_dim_v)[:, :, :seq_len]
     state = state.reshape(batch, num_v_heads, head_dim_k, head_dim_v)
     return o.transpose(1, 2), state

@@ -1,0 +1,518 @@
+"""gated_delta_rule against the float64 per-step reference: outputs, final state and every gradient
+(q, k, v, alpha, beta, D, initial_state), both layouts, GVA, alpha edge cases, odd T, bad inputs;
+and the fla backend against the torch backend where fla can run (CUDA)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hdgsa_deltanet_fla.api as api
+from hdgsa_core.testing import DEFAULT_TOLERANCE, assert_close, make_tensor, strided_rows
+from hdgsa_deltanet_fla import _fla, gated_delta_rule, gated_delta_rule_backends
+from hdgsa_deltanet_fla.reference import (
+    ALPHA_MIN,
+    chunk_gated_delta_rule_torch,
+    recurrent_gated_delta_rule_reference,
+)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+NAMES = ("q", "k", "v", "alpha", "beta", "D", "initial_state")
+
+
+@dataclass
+class Inputs:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    D: torch.Tensor | None
+    initial_state: torch.Tensor | None
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.q, self.k, self.v, self.alpha, self.beta, self.D, self.initial_state]
+
+
+def make_inputs(
+    batch: int,
+    seq_len: int,
+    heads: int,
+    head_dim_k: int,
+    head_dim_v: int,
+    *,
+    v_heads: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    alpha_mode: str = "random",
+    with_D: bool = True,
+    with_state: bool = True,
+    seed: int = 0,
+) -> Inputs:
+    """Seeded inputs in the unpacked layout: l2-normalised keys (a stable recurrence, as in
+    Gated DeltaNet layers), alpha in (0, 1], beta in (0, 1)."""
+    v_heads = heads if v_heads is None else v_heads
+    q = make_tensor(batch, seq_len, heads, head_dim_k, seed=seed, dtype=torch.float64)
+    k = F.normalize(
+        make_tensor(batch, seq_len, heads, head_dim_k, seed=seed + 1, dtype=torch.float64), dim=-1
+    )
+    v = make_tensor(batch, seq_len, v_heads, head_dim_v, seed=seed + 2, dtype=torch.float64)
+    logits = make_tensor(batch, seq_len, v_heads, seed=seed + 3, dtype=torch.float64)
+    if alpha_mode == "random":
+        alpha = torch.sigmoid(2.0 + logits)  # mostly 0.7 - 0.99
+    elif alpha_mode == "one":
+        alpha = torch.ones_like(logits)
+    elif alpha_mode == "tiny":
+        # Around and below the 1e-6 clamp: the clamped ones get no gradient.
+        alpha = torch.where(logits > 0, torch.full_like(logits, 1e-9), 1e-5 * torch.sigmoid(logits) + 2e-6)
+    elif alpha_mode == "mixed":
+        alpha = torch.sigmoid(3.0 * logits)
+        alpha[..., ::3] = 1.0
+        alpha[:, ::5] = 1e-7
+    else:
+        raise AssertionError(alpha_mode)
+    beta = torch.sigmoid(make_tensor(batch, seq_len, v_heads, seed=seed + 4, dtype=torch.float64))
+    D = make_tensor(v_heads, seed=seed + 5, dtype=torch.float64) if with_D else None
+    state = make_tensor(batch, v_heads, head_dim_k, head_dim_v, seed=seed + 6, scale=0.5, dtype=torch.float64)
+    state = state if with_state else None
+    convert = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+    return Inputs(
+        convert(q), convert(k), convert(v), convert(alpha), convert(beta), convert(D), convert(state)
+    )
+
+
+def reference64(inputs: Inputs, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Float64 per-step reference of the whole op (alpha -> clamp -> log, D skip) on the same
+    (possibly low-precision) input values; returns (o, S_T, leaf tensors)."""
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in inputs.tensors()]
+    q, k, v, alpha, beta, D, state = leaves
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    g = alpha.clamp(min=ALPHA_MIN).log()
+    o, final_state = recurrent_gated_delta_rule_reference(q, k, v, g, beta, scale, state)
+    if D is not None:
+        o = o + D[:, None] * v
+    return o, final_state, leaves
+
+
+def check_op(
+    inputs: Inputs,
+    *,
+    backend: str,
+    layout: str = "unpacked",
+    tol: float | None = None,
+    grad_tol: float | None = None,
+    scale: float | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> None:
+    """Run the op (values, final state, all gradients) and compare with the float64 reference."""
+    dtype = inputs.q.dtype
+    tol = DEFAULT_TOLERANCE[dtype] if tol is None else tol
+    grad_tol = tol if grad_tol is None else grad_tol
+    leaves = [None if t is None else t.detach().requires_grad_() for t in inputs.tensors()]
+    q, k, v, alpha, beta, D, state = leaves
+    heads, v_heads = q.shape[2], v.shape[2]
+    if layout == "packed":
+        o, final_state = gated_delta_rule(
+            q.flatten(2), k.flatten(2), v.flatten(2), alpha, beta, D, heads,
+            scale=scale, initial_state=state, output_final_state=True,
+            compute_dtype=compute_dtype, backend=backend,
+        )  # fmt: skip
+        assert o.shape == (*v.shape[:2], v_heads * v.shape[3])
+        o = o.unflatten(-1, (v_heads, v.shape[3]))
+    else:
+        o, final_state = gated_delta_rule(
+            q, k, v, alpha, beta, D,
+            scale=scale, initial_state=state, output_final_state=True,
+            compute_dtype=compute_dtype, backend=backend,
+        )  # fmt: skip
+    assert o.dtype == dtype
+    assert final_state.dtype == torch.float32
+    assert o.shape == v.shape
+    assert final_state.shape == (q.shape[0], v_heads, q.shape[3], v.shape[3])
+
+    o64, final64, leaves64 = reference64(inputs, scale)
+    assert_close("o", o, o64, tol)
+    assert_close("S_T", final_state, final64, tol)
+
+    grad_o = make_tensor(*o.shape, seed=11, dtype=dtype, device=o.device)
+    grad_state = make_tensor(*final_state.shape, seed=12, device=o.device)
+    present = [i for i, t in enumerate(leaves) if t is not None]
+    grads = torch.autograd.grad(
+        (o.float() * grad_o.float()).sum() + (final_state * grad_state).sum(), [leaves[i] for i in present]
+    )
+    grads64 = torch.autograd.grad(
+        (o64 * grad_o.double()).sum() + (final64 * grad_state.double()).sum(), [leaves64[i] for i in present]
+    )
+    for i, grad, grad64 in zip(present, grads, grads64, strict=True):
+        assert grad.dtype == leaves[i].dtype, NAMES[i]
+        assert grad.shape == leaves[i].shape, NAMES[i]
+        assert_close(f"d{NAMES[i]}", grad, grad64, grad_tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch backend (CPU, and CUDA when present) against float64.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seq_len", [1, 63, 64, 65, 130])
+def test_torch_backend_odd_lengths(device, seq_len):
+    check_op(make_inputs(2, seq_len, 2, 16, 12, device=device, seed=seq_len), backend="torch")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["unpacked", "packed"])
+@pytest.mark.parametrize("with_D", [True, False], ids=["D", "noD"])
+@pytest.mark.parametrize("with_state", [True, False], ids=["h0", "noh0"])
+def test_torch_backend_layouts(device, layout, with_D, with_state):
+    inputs = make_inputs(1, 70, 3, 8, 10, device=device, with_D=with_D, with_state=with_state, seed=3)
+    check_op(inputs, backend="torch", layout=layout)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["unpacked", "packed"])
+def test_torch_backend_gva(device, layout):
+    # 2 query/key heads, 6 value heads: value head h reads q/k head h // 3.
+    check_op(make_inputs(2, 67, 2, 8, 5, v_heads=6, device=device, seed=5), backend="torch", layout=layout)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("alpha_mode", ["one", "tiny", "mixed"])
+def test_torch_backend_alpha_edges(device, alpha_mode):
+    inputs = make_inputs(2, 130, 2, 16, 8, device=device, alpha_mode=alpha_mode, seed=7)
+    check_op(inputs, backend="torch")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_backend_low_precision(device, dtype):
+    check_op(make_inputs(1, 65, 2, 16, 16, dtype=dtype, device=device, seed=9), backend="torch")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_backend_scale_and_strided_inputs(device):
+    inputs = make_inputs(2, 33, 2, 12, 6, device=device, seed=13)
+    # Rows of q/k/v that are not packed, alpha/beta sliced out of wider projections.
+    inputs.q, inputs.k, inputs.v = (strided_rows(t, pad=3) for t in (inputs.q, inputs.k, inputs.v))
+    wide = torch.cat([inputs.alpha, inputs.beta, inputs.alpha], dim=-1)
+    inputs.alpha, inputs.beta = wide[..., :2], wide[..., 2:4]
+    assert not inputs.alpha.is_contiguous()
+    check_op(inputs, backend="torch", scale=0.3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_alpha_and_beta_with_trailing_one(device):
+    inputs = make_inputs(1, 20, 2, 8, 8, device=device, seed=17)
+    expected = gated_delta_rule(*inputs.tensors()[:6], initial_state=inputs.initial_state, backend="torch")
+    actual = gated_delta_rule(
+        inputs.q, inputs.k, inputs.v, inputs.alpha[..., None], inputs.beta[..., None], inputs.D,
+        initial_state=inputs.initial_state, backend="torch",
+    )  # fmt: skip
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_chunked_form_matches_per_step_in_float64():
+    """The chunked algorithm itself, in float64: equal to the per-step loop to rounding."""
+    inputs = make_inputs(2, 150, 2, 8, 6, v_heads=4, dtype=torch.float64, alpha_mode="mixed", seed=21)
+    q, k, v, alpha, beta, _, state = (None if t is None else t.requires_grad_() for t in inputs.tensors())
+    g = lambda: alpha.clamp(min=ALPHA_MIN).log()
+    o, s = chunk_gated_delta_rule_torch(q, k, v, g(), beta, 0.4, state, compute_dtype=torch.float64)
+    o_ref, s_ref = recurrent_gated_delta_rule_reference(q, k, v, g(), beta, 0.4, state)
+    assert_close("o", o, o_ref, 1e-12)
+    assert_close("S_T", s, s_ref, 1e-12)
+    leaves = [q, k, v, alpha, beta, state]
+    grads = torch.autograd.grad(o.sum() + s.square().sum(), leaves)
+    grads_ref = torch.autograd.grad(o_ref.sum() + s_ref.square().sum(), leaves)
+    for name, grad, grad_ref in zip(("q", "k", "v", "alpha", "beta", "S0"), grads, grads_ref, strict=True):
+        assert_close(f"d{name}", grad, grad_ref, 1e-11)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_overflow_when_alpha_underflows(device):
+    """alpha at the clamp for a whole chunk: cumulative log-decay near -880, never exp(+880)."""
+    inputs = make_inputs(1, 128, 1, 8, 8, device=device, seed=23)
+    inputs.alpha = torch.full_like(inputs.alpha, 1e-30)
+    check_op(inputs, backend="torch")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_pure_and_empty(device):
+    inputs = make_inputs(2, 40, 2, 8, 8, device=device, seed=29)
+    before = [t.clone() for t in inputs.tensors()]
+    first = gated_delta_rule(*inputs.tensors()[:6], initial_state=inputs.initial_state, backend="torch")
+    second = gated_delta_rule(*inputs.tensors()[:6], initial_state=inputs.initial_state, backend="torch")
+    assert torch.equal(first, second)
+    for t, saved in zip(inputs.tensors(), before, strict=True):
+        assert torch.equal(t, saved)  # inputs untouched
+    assert first.is_contiguous()
+
+    empty = make_inputs(2, 0, 2, 8, 4, device=device)
+    o, state = gated_delta_rule(
+        *empty.tensors()[:6], initial_state=empty.initial_state, output_final_state=True
+    )
+    assert o.shape == (2, 0, 2, 4)
+    assert torch.equal(state, empty.initial_state)
+    o = gated_delta_rule(*(t.flatten(2) for t in empty.tensors()[:3]), empty.alpha, empty.beta, num_heads=2)
+    assert o.shape == (2, 0, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs (SPEC section 2).
+# ---------------------------------------------------------------------------------------------
+
+
+def _good() -> dict:
+    inputs = make_inputs(2, 5, 2, 4, 3, seed=31)
+    return dict(
+        q=inputs.q, k=inputs.k, v=inputs.v, alpha=inputs.alpha, beta=inputs.beta, D=inputs.D,
+        initial_state=inputs.initial_state,
+    )  # fmt: skip
+
+
+def _call(**overrides):
+    args = _good()
+    args.update(overrides)
+    num_heads = args.pop("num_heads", None)
+    backend = args.pop("backend", "torch")
+    extra = {key: args.pop(key) for key in ("compute_dtype",) if key in args}
+    return gated_delta_rule(
+        args["q"], args["k"], args["v"], args["alpha"], args["beta"], args["D"], num_heads,
+        initial_state=args["initial_state"], backend=backend, **extra,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (dict(q=torch.randn(2, 5)), "q: expected shape"),
+        (dict(q=torch.randn(2, 5, 2, 4, 1)), "q: expected shape"),
+        (dict(k=torch.randn(2, 5, 2, 5)), "k: expected shape"),
+        (dict(v=torch.randn(2, 6, 2, 3)), "v: expected shape"),
+        (dict(v=torch.randn(2, 5, 6)), "v: expected shape"),
+        (dict(v=torch.randn(2, 5, 3, 3)), "multiple of the number of query/key heads"),
+        (dict(alpha=torch.rand(2, 5, 3)), "alpha: expected shape"),
+        (dict(alpha=torch.rand(2, 5, 2, 2)), "alpha: expected shape"),
+        (dict(alpha=torch.rand(2, 5)), "alpha: expected shape"),
+        (dict(beta=torch.rand(5, 2)), "beta: expected shape"),
+        (dict(beta=torch.rand(2, 4, 2)), "beta: expected shape"),
+        (dict(D=torch.randn(3)), "D: expected shape"),
+        (dict(D=torch.randn(2, 1)), "D: expected shape"),
+        (dict(initial_state=torch.randn(2, 2, 3, 4)), "initial_state: expected shape"),
+        (dict(num_heads=3), "num_heads: 3 does not match"),
+        (dict(q=torch.randn(2, 5, 8), k=torch.randn(2, 5, 8), v=torch.randn(2, 5, 6)), "num_heads: required"),
+        (
+            dict(q=torch.randn(2, 5, 8), k=torch.randn(2, 5, 8), v=torch.randn(2, 5, 6), num_heads=3),
+            "not divisible by num_heads",
+        ),
+        (
+            dict(q=torch.randn(2, 5, 8), k=torch.randn(2, 5, 8), v=torch.randn(2, 5, 7), num_heads=2),
+            "v: last dimension 7 is not divisible",
+        ),
+        (
+            dict(q=torch.randn(2, 5, 8), k=torch.randn(2, 5, 8), v=torch.randn(2, 5, 2, 3), num_heads=2),
+            "v: expected",
+        ),
+        (dict(backend="triton_please"), "backend must be one of"),
+    ],
+    ids=lambda value: None if isinstance(value, str) else "-".join(f"{k}" for k in value),
+)
+def test_bad_shapes_raise_value_error(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _call(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (dict(q=torch.randn(2, 5, 2, 4, dtype=torch.float64)), "q: dtype float64"),
+        (dict(alpha=torch.ones(2, 5, 2, dtype=torch.int32)), "alpha: dtype int32"),
+        (dict(k=torch.randn(2, 5, 2, 4).half()), "k: dtype torch.float16 must match"),
+        (dict(D=torch.ones(2, dtype=torch.int64)), "D: dtype int64"),
+        (dict(compute_dtype=torch.float64), "compute_dtype"),
+        (dict(num_heads=2.0), "num_heads: expected an int"),
+        (dict(q=[1.0]), "q: expected a torch.Tensor"),
+    ],
+)
+def test_bad_types_raise_type_error(overrides, match):
+    with pytest.raises(TypeError, match=match):
+        _call(**overrides)
+
+
+def test_tensors_on_different_devices_raise():
+    with pytest.raises(ValueError, match="one device"):
+        _call(D=torch.ones(2, device="meta"))
+
+
+def test_fla_backend_refused_on_cpu_says_why():
+    with pytest.raises(RuntimeError, match=r"backend='fla' cannot run here: .*(CUDA|not installed|Triton)"):
+        _call(backend="fla")
+
+
+def test_environment_override(monkeypatch):
+    monkeypatch.setenv("HDGSA_BACKEND", "fla")
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        _call(backend="auto")
+    monkeypatch.setenv("HDGSA_BACKEND", "torch")
+    assert _call(backend="auto").shape == (2, 5, 2, 3)
+    monkeypatch.setenv("HDGSA_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="HDGSA_BACKEND"):
+        _call(backend="auto")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend policy (the Hopper + Triton 3.4 - 3.7.1 backward refusal), with fla's answer faked.
+# ---------------------------------------------------------------------------------------------
+
+REFUSAL = "fla-core 0.6.0 refuses the gated delta rule backward on Hopper ... install Triton >= 3.7.1"
+
+
+def _fake_refusing_fla(calls: list):
+    def fake(device, *, head_dim_k, needs_backward):
+        calls.append(needs_backward)
+        return REFUSAL if needs_backward else None
+
+    return fake
+
+
+def test_backward_refusal_policy(monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(api, "fla_unavailable_reason", _fake_refusing_fla(calls))
+    ran_fla: list = []
+    monkeypatch.setattr(api, "_run_fla_path", lambda *args: ran_fla.append(True) or (args[2] * 0, None))
+    inputs = _good()
+    # Forward only (nothing requires grad): fla runs.
+    _call(backend="fla")
+    assert ran_fla
+    assert calls == [False]
+    # A backward will be needed: backend="fla" raises with fla's reason, auto takes torch.
+    leaf = inputs["q"].clone().requires_grad_()
+    with pytest.raises(RuntimeError, match=r"install Triton >= 3\.7\.1"):
+        _call(q=leaf, backend="fla")
+    ran_fla.clear()
+    out = _call(q=leaf, backend="auto")
+    assert not ran_fla
+    assert out.requires_grad
+    # Under no_grad a backward cannot be needed, even with leaves that require grad.
+    with torch.no_grad():
+        _call(q=leaf, backend="fla")
+    assert ran_fla
+    assert calls[-1] is False
+
+
+def test_runnable_backends_listing():
+    assert gated_delta_rule_backends(torch.device("cpu")) == ["torch"]
+
+
+# ---------------------------------------------------------------------------------------------
+# fla against float64 and against the torch backend (CUDA with fla only). Tolerances follow fla's
+# own tests/ops/test_gated_delta.py (fp16: o, S_T 0.005; dq, dk, dv, dh0 0.008; dbeta, dg 0.02),
+# doubled for bf16 (3 fewer mantissa bits in fla's bf16 intermediates).
+# ---------------------------------------------------------------------------------------------
+
+_CUDA = torch.device("cuda")
+FLA_FWD_REASON = (
+    _fla.fla_unavailable_reason(_CUDA, head_dim_k=64, needs_backward=False)
+    if torch.cuda.is_available()
+    else "no CUDA device"
+)
+FLA_BWD_REASON = (
+    _fla.fla_unavailable_reason(_CUDA, head_dim_k=64, needs_backward=True)
+    if torch.cuda.is_available()
+    else "no CUDA device"
+)
+needs_fla = pytest.mark.skipif(FLA_FWD_REASON is not None, reason=f"fla cannot run: {FLA_FWD_REASON}")
+FLA_TOL = {torch.float16: (0.005, 0.008, 0.02), torch.bfloat16: (0.01, 0.016, 0.04)}
+
+
+def _fla_case(dtype: torch.dtype, seq_len: int, v_heads: int, alpha_mode: str = "random") -> Inputs:
+    return make_inputs(
+        2,
+        seq_len,
+        2,
+        64,
+        64,
+        v_heads=v_heads,
+        dtype=dtype,
+        device="cuda",
+        alpha_mode=alpha_mode,
+        seed=seq_len,
+    )
+
+
+@needs_fla
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("seq_len", [1, 63, 130, 300])
+@pytest.mark.parametrize("v_heads", [2, 4], ids=["H", "GVA"])
+@pytest.mark.parametrize("layout", ["unpacked", "packed"])
+def test_fla_forward_matches_reference_and_torch(dtype, seq_len, v_heads, layout):
+    inputs = _fla_case(dtype, seq_len, v_heads)
+    fwd_tol = FLA_TOL[dtype][0]
+    args = [t for t in inputs.tensors()[:6]]
+    num_heads = None
+    if layout == "packed":
+        args[:3] = [t.flatten(2) for t in args[:3]]
+        num_heads = 2
+    with torch.no_grad():
+        o_fla, s_fla = gated_delta_rule(
+            *args, num_heads, initial_state=inputs.initial_state, output_final_state=True, backend="fla"
+        )
+        o_torch, s_torch = gated_delta_rule(
+            *args, num_heads, initial_state=inputs.initial_state, output_final_state=True, backend="torch"
+        )
+    o64, s64, _ = reference64(inputs)
+    if layout == "packed":
+        o64 = o64.flatten(2)
+    assert o_fla.dtype == dtype
+    assert o_fla.shape == o64.shape
+    assert_close("o (fla vs float64)", o_fla, o64, fwd_tol)
+    assert_close("S_T (fla vs float64)", s_fla, s64, fwd_tol)
+    assert_close("o (fla vs torch)", o_fla, o_torch, 2 * fwd_tol)
+    assert_close("S_T (fla vs torch)", s_fla, s_torch, 2 * fwd_tol)
+
+
+@needs_fla
+@pytest.mark.parametrize("alpha_mode", ["one", "tiny", "mixed"])
+def test_fla_forward_alpha_edges_and_compute_dtype(alpha_mode):
+    inputs = _fla_case(torch.bfloat16, 130, 2, alpha_mode)
+    o64, s64, _ = reference64(inputs)
+    with torch.no_grad():
+        for compute_dtype in (None, torch.float32):
+            o, s = gated_delta_rule(
+                *inputs.tensors()[:6], initial_state=inputs.initial_state, output_final_state=True,
+                compute_dtype=compute_dtype, backend="fla",
+            )  # fmt: skip
+            tol = FLA_TOL[torch.bfloat16][0] if compute_dtype is None else 2e-3
+            assert o.dtype == torch.bfloat16
+            assert_close(f"o (compute_dtype={compute_dtype})", o, o64, tol)
+            assert_close(f"S_T (compute_dtype={compute_dtype})", s, s64, tol)
+
+
+@needs_fla
+@pytest.mark.skipif(FLA_BWD_REASON is not None, reason=f"fla's backward cannot run: {FLA_BWD_REASON}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("v_heads", [2, 4], ids=["H", "GVA"])
+def test_fla_backward_matches_reference(dtype, v_heads):
+    fwd_tol, grad_tol, gate_tol = FLA_TOL[dtype]
+    # The gate gradients (alpha, beta, D) get fla's looser tolerance for dbeta / dg.
+    check_op(_fla_case(dtype, 130, v_heads), backend="fla", tol=fwd_tol, grad_tol=max(grad_tol, gate_tol))
+
+
+@needs_fla
+@pytest.mark.skipif(FLA_BWD_REASON is None, reason="fla's backward runs here: nothing to refuse")
+def test_fla_backward_refusal_is_detected_up_front():
+    inputs = _fla_case(torch.bfloat16, 64, 2)
+    leaves = [t.detach().requires_grad_() for t in inputs.tensors()[:6]]
+    with pytest.raises(RuntimeError, match=r"3\.7\.1"):
+        gated_delta_rule(*leaves, backend="fla")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        o = gated_delta_rule(*leaves, backend="auto")  # routed to torch, with a warning
+    assert any("PyTorch backend" in str(w.message) for w in caught)
+    o.float().sum().backward()
+    assert all(t.grad is not None for t in leaves)
+    with torch.no_grad():
+        gated_delta_rule(*leaves, backend="fla")  # the forward alone runs on fla
