@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hdgsa_core import runnable_backends
+from hdgsa_core import runnable_backends, triton_unavailable_reason
 from hdgsa_core.testing import DEFAULT_TOLERANCE, assert_matches_reference, make_tensor, strided_rows
 from hdgsa_rmsnorm import api, rms_norm, rms_norm_reference
 
@@ -314,3 +314,144 @@ def test_unavailable_backend_raises(monkeypatch):
     monkeypatch.setenv("HDGSA_BACKEND", "bogus")
     with pytest.raises(ValueError, match="HDGSA_BACKEND"):
         rms_norm(x)
+
+
+# ----------------------------------------------------------------------------- Triton specifics
+
+TRITON_DEVICES = [
+    pytest.param(
+        device,
+        id=device,
+        marks=[
+            pytest.mark.skip(
+                reason=f"Triton cannot run here: {triton_unavailable_reason(torch.device(device))}"
+            )
+        ]
+        if triton_unavailable_reason(torch.device(device))
+        else [],
+    )
+    for device in DEVICES
+]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("prenorm", [False, True], ids=["y", "prenorm"])
+def test_split_rows_strided(device, prenorm):
+    """Rows longer than one program holds, read in place from a padded buffer."""
+    hidden = 20000
+    check_against_float64((3, hidden), torch.bfloat16, device, "triton", prenorm=prenorm, layout=strided_rows)
+    check_against_float64(
+        (2, 2, hidden),
+        torch.float32,
+        device,
+        "triton",
+        prenorm=prenorm,
+        residual_dtype=torch.bfloat16,
+        layout=LAYOUTS["transposed-leading"],
+    )
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("hidden", [300, 20000])
+def test_triton_deterministic_dw(device, hidden):
+    """dw is reduced in a fixed order: bitwise the same, run after run, also for many rows."""
+    rows = 257 if device == "cuda" else 9
+    x, w, r = _inputs((rows, hidden), torch.bfloat16, device)
+    dy = make_tensor(rows, hidden, dtype=torch.bfloat16, device=device, seed=5)
+    results = []
+    for _ in range(3):
+        y = rms_norm(x, w, 1e-6, r, backend="triton")
+        results.append((y, *torch.autograd.grad(y, (x, w, r), dy)))
+    for other in results[1:]:
+        for first, again in zip(results[0], other, strict=True):
+            assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_gradients_not_aliased_on_leaves(device):
+    """dx also serves as the residual's gradient; the leaves' .grad must still be separate."""
+    x, w, r = _inputs((4, 64), torch.float32, device)
+    rms_norm(x, w, 1e-6, r, backend="triton").sum().backward()
+    assert torch.equal(x.grad, r.grad)
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_only_h_used(device):
+    """prenorm with only h reaching the loss: gradients pass straight through h = x + residual."""
+    x, w, r = _inputs((3, 50), torch.bfloat16, device)
+    _y, h = rms_norm(x, w, 1e-6, r, prenorm=True, residual_in_fp32=True, backend="triton")
+    dx, dw, dr = torch.autograd.grad(h.sum(), (x, w, r), allow_unused=True)
+    assert torch.equal(dx, torch.ones_like(x))
+    assert torch.equal(dr, torch.ones_like(r))
+    assert dw is None or torch.all(dw == 0)
+
+
+def _op_args(device, *, prenorm=True, residual_in_fp32=False):
+    x, w, r = _inputs((3, 5, 40), torch.float16, device)
+    return (x, w, r, 1e-6, residual_in_fp32, prenorm, True)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("variant", ["prenorm", "residual-in-fp32", "no-weight-no-residual"])
+def test_opcheck(device, variant):
+    from hdgsa_rmsnorm import _triton  # noqa: F401  (registers the custom ops)
+
+    if variant == "prenorm":
+        args = _op_args(device)
+    elif variant == "residual-in-fp32":
+        args = _op_args(device, residual_in_fp32=True)
+    else:
+        x = make_tensor(7, 33, dtype=torch.bfloat16, device=device, requires_grad=True)
+        args = (x, None, None, 1e-5, False, False, True)
+    torch.library.opcheck(torch.ops.hdgsa.rms_norm_fwd.default, args)
+
+    x, w, r = (t.detach() for t in _inputs((6, 40), torch.bfloat16, device))
+    _y, h, rstd = torch.ops.hdgsa.rms_norm_fwd(x, w, r, 1e-6, False, True, True)
+    dy = make_tensor(6, 40, dtype=torch.bfloat16, device=device, seed=9)
+    dh = make_tensor(6, 40, dtype=torch.bfloat16, device=device, seed=10)
+    bwd = torch.ops.hdgsa.rms_norm_bwd.default
+    torch.library.opcheck(bwd, (dy, dh, h, None, rstd, w, torch.bfloat16, torch.bfloat16, True))
+    torch.library.opcheck(bwd, (dy, None, x, r.float(), rstd, None, torch.bfloat16, torch.float32, False))
+
+
+def _inductor_unavailable_reason(device: str) -> str | None:
+    if device != "cpu":
+        return None
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None and shutil.which("clang++") is None:
+        return "torch.compile's inductor backend needs a C++ compiler on the CPU and none is installed"
+    return None
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_torch_compile_fullgraph(device):
+    reason = _inductor_unavailable_reason(device)
+    if reason:
+        pytest.skip(reason)
+    torch._dynamo.reset()
+
+    def block(x, w, r):
+        y, h = rms_norm(x, w, 1e-6, r, prenorm=True, backend="triton")
+        return y * 2, h
+
+    compiled = torch.compile(block, fullgraph=True)
+    x, w, r = _inputs((4, 3, 72), torch.bfloat16, device)
+    y, h = compiled(x, w, r)
+    y_eager, h_eager = block(x, w, r)
+    assert torch.equal(y, y_eager)
+    assert torch.equal(h, h_eager)
+    dy = make_tensor(4, 3, 72, dtype=torch.bfloat16, device=device, seed=3)
+    grads = torch.autograd.grad((y, h), (x, w, r), (dy, dy))
+    grads_eager = torch.autograd.grad((y_eager, h_eager), (x, w, r), (dy, dy))
+    for name, got, expected in zip(("dx", "dw", "dr"), grads, grads_eager, strict=True):
+        assert torch.equal(got, expected), name
+    # y only (no prenorm): the backward recomputes h from x and residual
+    compiled_y = torch.compile(lambda x, w, r: rms_norm(x, w, 1e-6, r, backend="triton"), fullgraph=True)
+    y = compiled_y(x, w, r)
+    assert torch.equal(y, rms_norm(x, w, 1e-6, r, backend="triton"))
+    dx_c, dr_c = torch.autograd.grad(y, (x, r), dy)
+    dx_e, dr_e = torch.autograd.grad(rms_norm(x, w, 1e-6, r, backend="triton"), (x, r), dy)
+    assert torch.equal(dx_c, dx_e)
+    assert torch.equal(dr_c, dr_e)

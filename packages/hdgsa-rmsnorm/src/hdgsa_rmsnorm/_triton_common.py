@@ -1,0 +1,143 @@
+"""What the forward and backward launchers share: row layouts, tile and grid choices.
+
+Imports Triton only for its option list (to know whether cooperative launches exist).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hdgsa_core import interpreter_enabled
+from hdgsa_core.triton_utils import next_power_of_2
+
+# Rows up to this many elements are held whole in one program's registers (one pass, any
+# number of rows per program). Longer rows are split over several programs (see below).
+MAX_FUSED_N = 16384
+
+# Split rows: columns per program, warps, and programs kept resident per SM. One program holds
+# 8192 fp32 values (32 per thread at 8 warps); a register cap of 65536 / (256 * 2) = 128 per
+# thread guarantees two resident programs per SM, which the one-pass split kernels rely on
+# (programs of a row wait for each other's partial sums).
+SPLIT_BLOCK_N = 8192
+SPLIT_NUM_WARPS = 8
+SPLIT_PROGRAMS_PER_SM = 2
+
+# A program spins at most this many times waiting for the partial sums of the other programs
+# of its row (about a second); past that it writes NaN rather than hang.
+MAX_SPINS = 1 << 20
+
+_REGISTERS_PER_SM = 65536
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where row ``r`` of a ``[..., N]`` tensor seen as ``[M, N]`` starts:
+    ``(r // inner) * stride_outer + (r % inner) * stride_inner`` elements from ``tensor``'s
+    data pointer; columns are contiguous. Two row strides cover any 2-level leading layout
+    (e.g. a transposed ``[T, B, N]`` view) without a copy."""
+
+    tensor: torch.Tensor
+    inner: int
+    stride_outer: int
+    stride_inner: int
+
+    @property
+    def args(self) -> tuple[int, int, int]:
+        return self.inner, self.stride_outer, self.stride_inner
+
+
+def row_layout(tensor: torch.Tensor) -> RowLayout:
+    """The tensor's rows as they are in memory; copies only when the kernels cannot read the
+    layout (``stride(-1) != 1``, or leading dims that need more than two row strides)."""
+    hidden = tensor.shape[-1]
+    if hidden > 1 and tensor.stride(-1) != 1:
+        tensor = tensor.contiguous()
+    # Merge leading dims (innermost first) where stride[i] == stride[i+1] * size[i+1].
+    groups: list[list[int]] = []  # [size, stride], innermost first
+    for size, stride in zip(reversed(tensor.shape[:-1]), reversed(tensor.stride()[:-1]), strict=True):
+        if size == 1:
+            continue
+        if groups and stride == groups[-1][0] * groups[-1][1]:
+            groups[-1][0] *= size
+        else:
+            groups.append([size, stride])
+    if len(groups) > 2:
+        tensor = tensor.contiguous()
+        groups = [[math.prod(tensor.shape[:-1]), hidden]]
+    rows = max(1, math.prod(tensor.shape[:-1]))
+    if not groups:
+        return RowLayout(tensor, rows, 0, hidden)
+    if len(groups) == 1:
+        return RowLayout(tensor, rows, 0, groups[0][1])
+    (inner_size, inner_stride), (_, outer_stride) = groups
+    return RowLayout(tensor, inner_size, outer_stride, inner_stride)
+
+
+def contiguous_layout(tensor: torch.Tensor) -> RowLayout:
+    """Layout of a tensor this package allocated (rows packed, stride N)."""
+    rows = max(1, tensor.numel() // max(1, tensor.shape[-1]))
+    return RowLayout(tensor, rows, 0, tensor.shape[-1])
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of ``device``; a small stand-in (4) for the CPU interpreter, so the
+    persistent loops still run several iterations in tests."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@dataclass(frozen=True)
+class RowTile:
+    """A ``[BLOCK_M, BLOCK_N]`` tile of whole rows and the warps that handle it."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+
+
+def row_tile(n_cols: int, n_rows: int, elems_per_thread: int = 16, tile_elems: int = 4096) -> RowTile:
+    """Whole rows per program: at least ``tile_elems`` elements per tile (several short rows per
+    program), about ``elems_per_thread`` per thread (two 16-byte loads of bf16 per tensor)."""
+    block_n = next_power_of_2(n_cols)
+    block_m = max(1, min(256, tile_elems // block_n, next_power_of_2(n_rows)))
+    num_warps = max(1, min(16, block_m * block_n // (32 * elems_per_thread)))
+    return RowTile(block_m, block_n, num_warps)
+
+
+def cooperative_launch_supported() -> bool:
+    """Whether this Triton can launch a grid cooperatively (all programs resident at once, or a
+    launch error instead of a hang)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # pragma: no cover - non-NVIDIA Triton builds
+        return False
+    return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+def split_launch_options(device: torch.device, num_warps: int, programs_per_sm: int) -> dict[str, object]:
+    """Launch options of a one-pass split kernel: a register cap that keeps
+    ``programs_per_sm`` programs resident, and a cooperative launch where Triton has one."""
+    if device.type != "cuda":
+        return {}
+    options: dict[str, object] = {"maxnreg": _REGISTERS_PER_SM // (num_warps * 32 * programs_per_sm) // 8 * 8}
+    if cooperative_launch_supported():
+        options["launch_cooperative_grid"] = True
+    return options
+
+
+def use_one_pass_split(device: torch.device, n_chunks: int, programs_per_sm: int) -> bool:
+    """One-pass split rows need every program of a row resident at once: on a GPU with room
+    for them. The CPU interpreter runs programs one after another, so it takes two passes."""
+    if device.type != "cuda" or interpreter_enabled():
+        return False
+    return n_chunks <= sm_count(device) * programs_per_sm

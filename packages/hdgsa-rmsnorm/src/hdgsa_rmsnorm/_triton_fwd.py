@@ -1,0 +1,261 @@
+"""RMSNorm forward kernels: ``y = (x + residual) * rsqrt(mean((x + residual)^2) + eps) * w``.
+
+Two kernels, both one read of ``x`` and ``residual`` and one write of ``y`` (and ``h``):
+- ``_rms_norm_fwd_kernel``: rows of up to ``MAX_FUSED_N`` elements, whole rows in registers,
+  ``BLOCK_M`` rows per program.
+- ``_rms_norm_fwd_split_kernel``: longer rows, split over ``NUM_CHUNKS`` programs of
+  ``BLOCK_N`` columns each. On a GPU (``PHASE == 0``) the programs of a row exchange their
+  partial sums of squares through a small buffer and a per-row counter, and each keeps its
+  chunk in registers meanwhile: still one pass. In the CPU interpreter, which runs programs
+  one at a time, the same kernel runs twice: ``PHASE == 1`` writes the partial sums (and ``h``),
+  ``PHASE == 2`` reads them and writes ``y``.
+Math in float32; ``rstd`` per row is stored (4 bytes a row) for the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import (
+    MAX_FUSED_N,
+    MAX_SPINS,
+    SPLIT_BLOCK_N,
+    SPLIT_NUM_WARPS,
+    SPLIT_PROGRAMS_PER_SM,
+    contiguous_layout,
+    row_layout,
+    row_tile,
+    sm_count,
+    split_launch_options,
+    use_one_pass_split,
+)
+
+__all__ = ["rms_norm_fwd"]
+
+
+@triton.jit
+def _row_offsets(rows, inner, stride_outer, stride_inner):
+    """Element offset of each row start (int64): two-level row strides."""
+    rows = tl.cast(rows, tl.int64)
+    return (rows // inner) * stride_outer + (rows % inner) * stride_inner
+
+
+@triton.jit(do_not_specialize=["M", "x_inner", "r_inner"])
+def _rms_norm_fwd_kernel(
+    X,
+    RES,
+    W,
+    Y,
+    H,
+    RSTD,
+    M,
+    N,
+    eps,
+    x_inner,
+    x_stride_outer,
+    x_stride_inner,
+    r_inner,
+    r_stride_outer,
+    r_stride_inner,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    STORE_H: tl.constexpr,
+    STORE_RSTD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = tl.arange(0, BLOCK_N)
+    m_m = o_m < M
+    m_n = o_n < N
+    m_mn = m_m[:, None] & m_n[None, :]
+
+    o_x = _row_offsets(o_m, x_inner, x_stride_outer, x_stride_inner)
+    b_h = tl.load(X + o_x[:, None] + o_n[None, :], mask=m_mn, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        o_r = _row_offsets(o_m, r_inner, r_stride_outer, r_stride_inner)
+        b_h += tl.load(RES + o_r[:, None] + o_n[None, :], mask=m_mn, other=0.0).to(tl.float32)
+    b_rstd = tl.rsqrt(tl.sum(b_h * b_h, axis=1) / N + eps)
+    b_y = b_h * b_rstd[:, None]
+    if HAS_WEIGHT:
+        b_y *= tl.load(W + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+
+    # outputs are packed [M, N]
+    o_out = o_m.to(tl.int64)[:, None] * N + o_n[None, :]
+    tl.store(Y + o_out, b_y.to(Y.dtype.element_ty), mask=m_mn)
+    if STORE_H:
+        tl.store(H + o_out, b_h.to(H.dtype.element_ty), mask=m_mn)
+    if STORE_RSTD:
+        tl.store(RSTD + o_m, b_rstd, mask=m_m)
+
+
+@triton.jit(do_not_specialize=["M", "x_inner", "r_inner"])
+def _rms_norm_fwd_split_kernel(
+    X,
+    RES,
+    W,
+    Y,
+    H,
+    RSTD,
+    PARTIAL,
+    COUNTER,
+    M,
+    N,
+    eps,
+    x_inner,
+    x_stride_outer,
+    x_stride_inner,
+    r_inner,
+    r_stride_outer,
+    r_stride_inner,
+    NUM_CHUNKS,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    STORE_H: tl.constexpr,
+    STORE_RSTD: tl.constexpr,
+    PHASE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    MAX_SPINS: tl.constexpr,
+):
+    # program i_p owns column chunk i_g of the rows of slot i_s: rows i_s, i_s + n_s, ...
+    i_p = tl.program_id(0)
+    i_g = i_p % NUM_CHUNKS
+    i_s = i_p // NUM_CHUNKS
+    n_s = tl.num_programs(0) // NUM_CHUNKS
+    o_n = i_g * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_g = tl.arange(0, BLOCK_G)
+    m_g = o_g < NUM_CHUNKS
+    if HAS_WEIGHT and PHASE != 1:
+        b_w = tl.load(W + o_n, mask=m_n, other=0.0).to(tl.float32)
+
+    for i_row in range(i_s, M, n_s):
+        o_x = _row_offsets(i_row, x_inner, x_stride_outer, x_stride_inner)
+        b_h = tl.load(X + o_x + o_n, mask=m_n, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            o_r = _row_offsets(i_row, r_inner, r_stride_outer, r_stride_inner)
+            b_h += tl.load(RES + o_r + o_n, mask=m_n, other=0.0).to(tl.float32)
+        o_out = tl.cast(i_row, tl.int64) * N + o_n
+        p_partial = PARTIAL + tl.cast(i_row, tl.int64) * NUM_CHUNKS
+        if PHASE != 2:
+            tl.store(p_partial + i_g, tl.sum(b_h * b_h, axis=0))
+            if STORE_H:
+                tl.store(H + o_out, b_h.to(H.dtype.element_ty), mask=m_n)
+        if PHASE != 1:
+            if PHASE == 0:
+                # publish this chunk's partial sum, then wait for the row's other chunks
+                tl.debug_barrier()
+                n_done = tl.atomic_add(COUNTER + i_row, 1, sem="release") + 1
+                n_spins = 0
+                while (n_done < NUM_CHUNKS) & (n_spins < MAX_SPINS):
+                    n_done = tl.atomic_add(COUNTER + i_row, 0, sem="acquire")
+                    n_spins += 1
+            # every program of the row sums the same partials in the same order: same rstd
+            b_partials = tl.load(p_partial + o_g, mask=m_g, other=0.0, volatile=True)
+            b_rstd = tl.rsqrt(tl.sum(b_partials, axis=0) / N + eps)
+            if PHASE == 0:  # a row whose partial sums never all arrived gives NaN, not a hang
+                b_rstd = tl.where(n_done >= NUM_CHUNKS, b_rstd, float("nan"))
+            b_y = b_h * b_rstd
+            if HAS_WEIGHT:
+                b_y *= b_w
+            tl.store(Y + o_out, b_y.to(Y.dtype.element_ty), mask=m_n)
+            if STORE_RSTD:  # noqa: SIM102  (constexpr test outside, run-time test inside)
+                if i_g == 0:
+                    tl.store(RSTD + i_row, b_rstd)
+
+
+def rms_norm_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+    residual_in_fp32: bool,
+    store_h: bool,
+    store_rstd: bool,
+    *,
+    config: dict[str, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the forward. Returns ``(y, h, rstd)``: ``y`` like ``x``; ``h`` (``x + residual``,
+    in ``x.dtype`` or float32) when ``store_h``; ``rstd`` ``[M]`` float32 when ``store_rstd``.
+
+    ``config`` overrides the tile choice (benchmark sweeps only): ``block_m``, ``num_warps``,
+    ``max_fused_n``, ``split_block_n``, ``split_num_warps``, ``split_programs_per_sm``.
+    """
+    config = config or {}
+    hidden = x.shape[-1]
+    rows = x.numel() // hidden if hidden else 0
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = None
+    if store_h:
+        h = torch.empty(x.shape, dtype=torch.float32 if residual_in_fp32 else x.dtype, device=x.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device) if store_rstd else None
+    if x.numel() == 0:
+        return y, h, rstd
+
+    x_rows = row_layout(x)
+    r_rows = row_layout(residual) if residual is not None else x_rows
+    out_rows = contiguous_layout(y)
+    common = dict(
+        X=x_rows.tensor,
+        RES=r_rows.tensor,
+        W=weight if weight is not None else out_rows.tensor,
+        Y=y,
+        H=h if h is not None else y,
+        RSTD=rstd if rstd is not None else y,
+        M=rows,
+        N=hidden,
+        eps=eps,
+        x_inner=x_rows.inner,
+        x_stride_outer=x_rows.stride_outer,
+        x_stride_inner=x_rows.stride_inner,
+        r_inner=r_rows.inner,
+        r_stride_outer=r_rows.stride_outer,
+        r_stride_inner=r_rows.stride_inner,
+        HAS_RESIDUAL=residual is not None,
+        HAS_WEIGHT=weight is not None,
+        STORE_H=store_h,
+        STORE_RSTD=store_rstd,
+    )
+    if hidden <= config.get("max_fused_n", MAX_FUSED_N):
+        tile = row_tile(hidden, rows)
+        block_m = config.get("block_m", tile.block_m)
+        num_warps = config.get("num_warps", tile.num_warps)
+        _rms_norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
+            **common, BLOCK_M=block_m, BLOCK_N=tile.block_n, num_warps=num_warps
+        )
+        return y, h, rstd
+
+    block_n = config.get("split_block_n", SPLIT_BLOCK_N)
+    num_warps = config.get("split_num_warps", SPLIT_NUM_WARPS)
+    programs_per_sm = config.get("split_programs_per_sm", SPLIT_PROGRAMS_PER_SM)
+    n_chunks = triton.cdiv(hidden, block_n)
+    partial = torch.empty((rows, n_chunks), dtype=torch.float32, device=x.device)
+    split = dict(
+        common,
+        PARTIAL=partial,
+        NUM_CHUNKS=n_chunks,
+        BLOCK_N=block_n,
+        BLOCK_G=triton.next_power_of_2(n_chunks),
+        MAX_SPINS=MAX_SPINS,
+    )
+    if use_one_pass_split(x.device, n_chunks, programs_per_sm):
+        n_slots = max(1, min(rows, sm_count(x.device) * programs_per_sm // n_chunks))
+        counter = torch.zeros(rows, dtype=torch.int32, device=x.device)
+        _rms_norm_fwd_split_kernel[(n_slots * n_chunks,)](
+            **split,
+            COUNTER=counter,
+            PHASE=0,
+            num_warps=num_warps,
+            **split_launch_options(x.device, num_warps, programs_per_sm),
+        )
+        return y, h, rstd
+    n_slots = max(1, min(rows, 4 * sm_count(x.device) // n_chunks))
+    for phase in (1, 2):
+        _rms_norm_fwd_split_kernel[(n_slots * n_chunks,)](
+            **split, COUNTER=partial, PHASE=phase, num_warps=num_warps
+        )
+    return y, h, rstd
