@@ -412,13 +412,15 @@ def test_torch_compile_fullgraph(validate):
     k = make_tensor(1, 6, 2, 8, seed=132, requires_grad=True)
     v = make_tensor(1, 6, 2, 8, seed=133, requires_grad=True)
     indices = make_indices((1, 2, 6, 4), 6, seed=134)
+    mask = make_mask(indices.shape, seed=135)
 
-    def attend(q, k, v, indices):
-        return sparse_attention(q, k, v, indices, return_lse=True, validate=validate)
+    def attend(q, k, v, indices, mask=None):
+        return sparse_attention(q, k, v, indices, mask, return_lse=True, validate=validate)
 
     compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
     out, lse = compiled(q, k, v, indices)
     expected_out, expected_lse = attend(q, k, v, indices)
+    torch.testing.assert_close(compiled(q, k, v, indices, mask), attend(q, k, v, indices, mask))
     torch.testing.assert_close(out, expected_out)
     torch.testing.assert_close(lse, expected_lse)
     out.sum().backward()

@@ -105,13 +105,13 @@ def attend_chunk(
     topk = indices.shape[-1]
 
     # [B, Hi, Tc, K] -> [B, Tc, N, Gi, K]: the list that each (KV head, query head) reads.
-    # Made contiguous (K entries per row, small next to the gathered rows) so that every
-    # tensor derived from it has the layout of the scores; torch.compile's stride
-    # propagation relies on that.
-    slots = indices.unflatten(1, (num_lists, lists_per_group)).permute(0, 3, 1, 2, 4).contiguous()
+    # Copied to a contiguous int64 tensor (K entries per row, small next to the gathered
+    # rows): every tensor derived from it then has the layout of the scores (torch.compile's
+    # stride propagation relies on that), and all gather indices share one dtype.
+    slots = indices.unflatten(1, (num_lists, lists_per_group)).permute(0, 3, 1, 2, 4).contiguous().long()
     valid = (slots >= 0) & (slots < num_valid_keys)
     if mask is not None:
-        valid = valid & mask.unflatten(1, (num_lists, lists_per_group)).permute(0, 3, 1, 2, 4)
+        valid = valid & mask.unflatten(1, (num_lists, lists_per_group)).permute(0, 3, 1, 2, 4).contiguous()
     # Masked slots read row 0 (in range) and are zeroed below; no per-query-head copy of K/V.
     rows = torch.where(valid, slots, torch.zeros((), dtype=slots.dtype, device=slots.device))
     batch_ids = torch.arange(batch, device=q.device).view(batch, 1, 1, 1, 1)
