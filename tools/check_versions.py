@@ -2,7 +2,8 @@
 """Check the versions and dependencies the workspace packages declare to each other.
 
 Without arguments it checks that:
-  * every package has a static PEP 440 `project.version`;
+  * every package has a static PEP 440 `project.version`, and the `__version__ = "..."` literal in
+    its src/<import>/__init__.py (when it has one) says the same;
   * every requirement on another workspace member is a version range (e.g.
     `hdgsa-core>=0.1,<0.2`), never a file path or URL, and admits that member's current version;
   * the meta-package (hdgsa-kernels) depends on every other member with a `~=` pin that admits the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -47,6 +49,12 @@ def check_packages(packages: dict[str, Package], meta: str = META_PACKAGE) -> li
         except Exception:
             problems.append(f"{pkg.name}: version {pkg.version!r} is not a PEP 440 version")
             continue
+        init_version = module_version(pkg)
+        if init_version is not None and init_version != pkg.version:
+            problems.append(
+                f"{pkg.name}: src/{pkg.import_name}/__init__.py has __version__ = {init_version!r} "
+                f"but pyproject.toml has version {pkg.version!r}"
+            )
     for pkg in packages.values():
         for where, text in pkg.all_requirements():
             try:
@@ -78,6 +86,18 @@ def check_packages(packages: dict[str, Package], meta: str = META_PACKAGE) -> li
     else:
         problems.append(f"meta-package {meta} not found under packages/")
     return problems
+
+
+VERSION_LITERAL = re.compile(r"""^__version__\s*(?::\s*str\s*)?=\s*["']([^"']+)["']""", re.MULTILINE)
+
+
+def module_version(pkg: Package) -> str | None:
+    """The `__version__` string literal of the package's __init__.py, or None if it has none."""
+    init = pkg.path / "src" / pkg.import_name / "__init__.py"
+    if not init.is_file():
+        return None
+    match = VERSION_LITERAL.search(init.read_text(encoding="utf-8"))
+    return match.group(1) if match else None
 
 
 def _floor(version: str) -> str:

@@ -27,6 +27,10 @@ import sys
 import venv
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _workspace import load_packages, topological_order
+
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "tools"
 CONSTRAINTS = TOOLS / "constraints-cpu.txt"
@@ -42,7 +46,11 @@ def venv_python(venv_dir: Path) -> Path:
 
 
 def package_dirs() -> list[Path]:
-    return sorted(p.parent for p in (ROOT / "packages").glob("*/pyproject.toml"))
+    """Package folders, each after the members it depends on: pip 23.2 (Python 3.11's ensurepip)
+    fails to match `hdgsa-rmsnorm~=0.1.0` to an editable `hdgsa-rmsnorm[...]` given after the
+    package that asks for it, and looks it up on the index instead."""
+    packages = load_packages()
+    return [packages[name].path for name in topological_order(packages)]
 
 
 def install_args(*, triton: bool, constraints: bool) -> list[str]:

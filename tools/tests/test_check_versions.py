@@ -100,3 +100,14 @@ def test_every_repository_package_has_a_matching_tag() -> None:
     packages = load_packages()
     for name, pkg in packages.items():
         assert check_versions.check_tag(f"{name}-v{pkg.version}", packages) == (pkg, None)
+
+
+def test_module_version_must_match_pyproject(tmp_path: Path) -> None:
+    init = tmp_path / "hdgsa-core" / "src" / "hdgsa_core" / "__init__.py"
+    init.parent.mkdir(parents=True)
+    init.write_text('"""Doc."""\n\n__version__ = "0.1.1"\n')
+    core = Package(name="hdgsa-core", version="0.1.0", path=tmp_path / "hdgsa-core", requirements=[])
+    problems = check_versions.check_packages(workspace(**{"hdgsa-core": core}))
+    assert any("__version__ = '0.1.1'" in p for p in problems), problems
+    init.write_text('__version__ = "0.1.0"\n')
+    assert check_versions.check_packages(workspace(**{"hdgsa-core": core})) == []
