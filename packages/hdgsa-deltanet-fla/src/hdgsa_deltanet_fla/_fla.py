@@ -93,6 +93,8 @@ def fla_unavailable_reason(device: torch.device, *, head_dim_k: int, needs_backw
         return f"fla-core {FLA_VERSION} is too old or not importable; need fla-core >= 0.6"
     if device.type != "cuda":
         return f"the tensors are on {device.type}; fla's kernels run on CUDA tensors only"
+    if not torch.cuda.is_available():
+        return "CUDA is not available on this machine"
     import_error = _import_fla_error()
     if import_error is not None:
         return import_error

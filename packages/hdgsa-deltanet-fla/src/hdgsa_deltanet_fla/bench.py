@@ -1,0 +1,253 @@
+"""Benchmark cases for ``hdgsa-kernels bench``: the gated delta rule against fla called directly.
+
+Shapes from the issue / ANCHORS: B4 T4096 H16 K=V=128 and B1 T16384 H16 K=V=128, bf16. Cases,
+each in the unpacked ``[B, T, H, K]`` and packed ``[B, T, H*K]`` layouts, with and without ``D``:
+
+- ``fwd``: providers ``hdgsa`` (:func:`gated_delta_rule`, ``backend="fla"``: alpha in, the
+  log-decay and the D skip done by the wrapper), ``fla`` (``chunk_gated_delta_rule`` called
+  directly on the same views with a precomputed ``g``, plus, with ``D``, the skip a user would
+  write: ``torch.addcmul(o, D[:, None], v)``), and, in the unpacked layout only, ``torch``
+  (:func:`gated_delta_rule` with ``backend="torch"``: the chunked PyTorch backend on the GPU,
+  for the record). The wrapper's overhead is ``hdgsa / fla - 1`` (target <= 3%).
+- ``fwd+bwd``: the same providers with ``torch.autograd.grad`` of every input (nothing
+  accumulates in ``.grad``). Where fla 0.6 refuses the backward (Hopper, Triton >= 3.4 and
+  < 3.7.1) ``hdgsa`` and ``fla`` raise :class:`ProviderUnavailable` with fla's reason.
+
+No ``torch.compile`` provider: compiling the torch backend unrolls its loop over the ``T / 64``
+chunks (64 to 256 iterations here), which takes longer than the whole run.
+
+Minimum bytes: read ``q``, ``k``, ``v``, ``alpha``, ``beta`` and write ``o`` (``fwd``); the
+backward reads them and ``do`` again and writes every gradient. FLOPs: the chunked algorithm's
+matrix products, ``B * HV * T * (6 K V + 2 C (2 K + V) + C (K + V))`` with ``C = 64`` forward (an
+estimate of what fla's kernels do), 3x that for ``fwd+bwd``.
+
+Run ``python -m hdgsa_deltanet_fla.bench`` on a GPU for a quick table of these cases (each
+provider timed with ``triton.testing.do_bench``, median) without the meta-package's runner.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hdgsa_core.registry import BenchCase, ProviderUnavailable
+
+from ._fla import fla_unavailable_reason
+from .api import gated_delta_rule
+
+__all__ = ["SHAPES", "bench_cases", "main"]
+
+_OP = "gated_delta_rule"
+_OP_NAMES = {_OP, "deltanet", "deltanet-fla", "hdgsa_deltanet_fla", "hdgsa-deltanet-fla"}
+_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class _Shape:
+    label: str
+    batch: int
+    seq_len: int
+    heads: int
+    head_dim: int
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def tokens_heads(self) -> int:
+        return self.batch * self.seq_len * self.heads
+
+
+SHAPES = (
+    _Shape("B4 T4096 H16 D128 bf16", 4, 4096, 16, 128),
+    _Shape("B1 T16384 H16 D128 bf16", 1, 16384, 16, 128),
+)
+
+
+@dataclass(frozen=True)
+class _Variant:
+    packed: bool
+    with_D: bool
+    backward: bool
+
+    @property
+    def label(self) -> str:
+        layout = "packed" if self.packed else "unpacked"
+        skip = "D" if self.with_D else "noD"
+        return f"{layout} {skip} {'fwd+bwd' if self.backward else 'fwd'}"
+
+
+def _inputs(shape: _Shape, variant: _Variant) -> dict[str, torch.Tensor]:
+    """Fresh random inputs on CUDA in the variant's layout (random, never zeros)."""
+    if not torch.cuda.is_available():
+        raise ProviderUnavailable("CUDA is not available on this machine")
+    device, dtype = torch.device("cuda"), shape.dtype
+    b, t, h, d = shape.batch, shape.seq_len, shape.heads, shape.head_dim
+    q = torch.randn(b, t, h, d, device=device, dtype=dtype)
+    k = F.normalize(torch.randn(b, t, h, d, device=device, dtype=torch.float32), dim=-1).to(dtype)
+    v = torch.randn(b, t, h, d, device=device, dtype=dtype)
+    alpha = torch.sigmoid(2.0 + torch.randn(b, t, h, device=device, dtype=torch.float32)).to(dtype)
+    beta = torch.sigmoid(torch.randn(b, t, h, device=device, dtype=torch.float32)).to(dtype)
+    inputs = {"q": q, "k": k, "v": v, "alpha": alpha, "beta": beta}
+    if variant.with_D:
+        inputs["D"] = torch.randn(h, device=device, dtype=torch.float32)
+    if variant.packed:
+        inputs.update(q=q.flatten(2), k=k.flatten(2), v=v.flatten(2))
+    for tensor in inputs.values():
+        tensor.requires_grad_(variant.backward)
+    return inputs
+
+
+def _timed(
+    forward: Callable[[], torch.Tensor], inputs: dict[str, torch.Tensor], backward: bool
+) -> Callable[[], object]:
+    if not backward:
+        return forward
+    leaves = list(inputs.values())
+    first = forward()
+    grad_out = torch.randn_like(first)
+    del first
+
+    def forward_backward() -> object:
+        return torch.autograd.grad(forward(), leaves, grad_out)
+
+    return forward_backward
+
+
+def _hdgsa(shape: _Shape, variant: _Variant, backend: str) -> Callable[[], object]:
+    if backend == "fla":
+        reason = fla_unavailable_reason(
+            torch.device("cuda"), head_dim_k=shape.head_dim, needs_backward=variant.backward
+        )
+        if reason is not None:
+            raise ProviderUnavailable(reason)
+    inputs = _inputs(shape, variant)
+    num_heads = shape.heads if variant.packed else None
+    forward = lambda: gated_delta_rule(
+        inputs["q"], inputs["k"], inputs["v"], inputs["alpha"], inputs["beta"], inputs.get("D"), num_heads,
+        backend=backend,
+    )  # fmt: skip
+    return _timed(forward, inputs, variant.backward)
+
+
+def _fla_direct(shape: _Shape, variant: _Variant) -> Callable[[], object]:
+    """fla's ``chunk_gated_delta_rule`` as a user would call it: ``g`` precomputed (outside the
+    timing, from the same alpha), views for the packed layout, the D skip in PyTorch."""
+    reason = fla_unavailable_reason(
+        torch.device("cuda"), head_dim_k=shape.head_dim, needs_backward=variant.backward
+    )
+    if reason is not None:
+        raise ProviderUnavailable(reason)
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    inputs = _inputs(shape, variant)
+    b, t, h, d = shape.batch, shape.seq_len, shape.heads, shape.head_dim
+    q, k, v = (inputs[name].view(b, t, h, d) for name in ("q", "k", "v"))
+    g = inputs["alpha"].detach().float().clamp(min=1e-6).log().requires_grad_(variant.backward)
+    beta, D = inputs["beta"], inputs.get("D")
+    leaves = {"q": inputs["q"], "k": inputs["k"], "v": inputs["v"], "g": g, "beta": beta}
+    if D is not None:
+        leaves["D"] = D
+    D_cast = None if D is None else D.to(shape.dtype)[:, None]
+
+    def forward() -> torch.Tensor:
+        o, _ = chunk_gated_delta_rule(q, k, v, g, beta, scale=d**-0.5)
+        if D is not None:
+            o = torch.addcmul(o, D_cast, v)
+        return o.flatten(2) if variant.packed else o
+
+    return _timed(forward, leaves, variant.backward)
+
+
+def _cost(shape: _Shape, backward: bool) -> tuple[float, float]:
+    d, size = shape.head_dim, shape.dtype.itemsize
+    per_token_head = (4 * d + 2) * size  # q, k, v, o + alpha, beta
+    num_bytes = float(shape.tokens_heads * per_token_head)
+    flops = float(shape.tokens_heads * (6 * d * d + 2 * _CHUNK * 3 * d + _CHUNK * 2 * d))
+    if backward:
+        return 2.5 * num_bytes, 3 * flops
+    return num_bytes, flops
+
+
+def bench_cases(
+    ops_filter: Iterable[str] | None = None, shapes: Iterable[_Shape] = SHAPES
+) -> list[BenchCase]:
+    """The CUDA benchmark cases (nothing is allocated until a provider's setup runs).
+
+    ``ops_filter``: names to keep (``"gated_delta_rule"``, ``"deltanet"``); None keeps all.
+    ``shapes``: the issue's shapes by default (tests pass small ones).
+    """
+    if ops_filter is not None and not set(ops_filter) & _OP_NAMES:
+        return []
+    cases = []
+    for shape in shapes:
+        for backward in (False, True):
+            for packed in (False, True):
+                for with_D in (False, True):
+                    variant = _Variant(packed, with_D, backward)
+                    providers: dict[str, Callable[[], Callable[[], object]]] = {
+                        "hdgsa": lambda s=shape, v=variant: _hdgsa(s, v, "fla"),
+                        "fla": lambda s=shape, v=variant: _fla_direct(s, v),
+                    }
+                    if not packed:
+                        providers["torch"] = lambda s=shape, v=variant: _hdgsa(s, v, "torch")
+                    num_bytes, flops = _cost(shape, backward)
+                    mode = "fwd+bwd" if backward else "fwd"
+                    cases.append(
+                        BenchCase(
+                            op=_OP,
+                            name=f"{shape.label} {variant.label}",
+                            providers=providers,
+                            bytes=num_bytes,
+                            flops=flops,
+                            tags=(mode, "packed" if packed else "unpacked", "D" if with_D else "noD"),
+                        )
+                    )
+    return cases
+
+
+def main(argv: list[str] | None = None, rounds: int = 3) -> int:
+    """Time every case's providers on this GPU and print ms and the hdgsa / fla ratio.
+
+    Providers of a case are timed in ``rounds`` interleaved rounds (``do_bench`` medians), and
+    the median round is reported, so that clock drift hits both sides of the ratio alike.
+    Arguments select modes: ``fwd``, ``fwd+bwd`` (both by default).
+    """
+    import statistics
+
+    import triton.testing
+
+    argv = sys.argv[1:] if argv is None else argv
+    modes = set(argv) or {"fwd", "fwd+bwd"}
+    print(f"device: {torch.cuda.get_device_name()}")
+    print(f"{'case':46s} {'hdgsa ms':>9s} {'fla ms':>9s} {'torch ms':>9s} {'hdgsa/fla':>9s}")
+    for case in bench_cases():
+        if not modes & set(case.tags):
+            continue
+        callables, notes = {}, []
+        for provider, setup in case.providers.items():
+            try:
+                callables[provider] = setup()
+            except ProviderUnavailable as why:
+                notes.append(f"{provider} unavailable: {why}")
+        samples: dict[str, list[float]] = {provider: [] for provider in callables}
+        for _ in range(rounds):
+            for provider, fn in callables.items():
+                samples[provider].append(
+                    triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+                )
+        ms = {provider: statistics.median(values) for provider, values in samples.items()}
+        ratio = f"{ms['hdgsa'] / ms['fla']:9.3f}" if "hdgsa" in ms and "fla" in ms else f"{'-':>9s}"
+        cells = [f"{ms[p]:9.3f}" if p in ms else f"{'-':>9s}" for p in ("hdgsa", "fla", "torch")]
+        print(f"{case.name:46s} {' '.join(cells)} {ratio}", flush=True)
+        for note in notes:
+            print(f"    {note[:160]}")
+        del callables
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
