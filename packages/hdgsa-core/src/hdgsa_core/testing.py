@@ -153,12 +153,25 @@ def _poison(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _build_dynamo_function_map() -> None:
+    """torch.compile maps torch's functions to trace rules once per process, at its first use.
+    Built while ``torch.empty`` is our wrapper, the map would lack the real factory, and every
+    later compile that allocates would fail; so build it before the first swap."""
+    try:
+        from torch._dynamo import trace_rules
+
+        trace_rules.get_torch_obj_rule_map()
+    except (ImportError, AttributeError):  # private API: without it, compile tests may just fail
+        pass
+
+
 class poisoned_empty:
     """Context manager: ``torch.empty`` / ``empty_like`` / ``empty_strided`` return tensors
     filled with NaN (floats) or the dtype's max (ints), so an element a kernel forgets to
     write fails the comparison instead of passing by luck."""
 
     def __enter__(self) -> poisoned_empty:
+        _build_dynamo_function_map()
         self._saved = {name: getattr(torch, name) for name in _EMPTY_FACTORIES}
         for name, factory in self._saved.items():
             def poisoned(*args: object, _factory=factory, **kwargs: object) -> torch.Tensor:
