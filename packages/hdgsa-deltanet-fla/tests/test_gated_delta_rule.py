@@ -485,7 +485,7 @@ def test_fla_forward_alpha_edges_and_compute_dtype(alpha_mode):
                 *inputs.tensors()[:6], initial_state=inputs.initial_state, output_final_state=True,
                 compute_dtype=compute_dtype, backend="fla",
             )  # fmt: skip
-            tol = FLA_TOL[torch.bfloat16][0] if compute_dtype is None else 2e-3
+            tol = FLA_TOL[torch.bfloat16][0] if compute_dtype is None else 5e-3
             assert o.dtype == torch.bfloat16
             assert_close(f"o (compute_dtype={compute_dtype})", o, o64, tol)
             assert_close(f"S_T (compute_dtype={compute_dtype})", s, s64, tol)
