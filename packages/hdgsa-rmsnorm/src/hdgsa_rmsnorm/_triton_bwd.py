@@ -32,6 +32,7 @@ from ._triton_common import (
     SPLIT_NUM_WARPS,
     SPLIT_PROGRAMS_PER_SM,
     RowLayout,
+    resident_launch_options,
     row_layout,
     row_tile,
     sm_count,
@@ -42,8 +43,11 @@ from ._triton_fwd import _row_offsets
 
 __all__ = ["rms_norm_bwd"]
 
-# Persistent backward programs per SM (rows that fit): enough loads in flight per SM.
-BWD_PROGRAMS_PER_SM = 4
+# Warps per SM of the persistent backward (rows that fit): with the next tile's loads in flight,
+# 16 warps of 16 elements per thread and tensor keep ~48 KB per SM in flight; a register cap of
+# 128 per thread makes them all resident (a persistent program that is not resident would run
+# after the others, as a second wave).
+BWD_WARPS_PER_SM = 16
 # Columns per program of the dw reduction, and partial rows summed per step.
 _REDUCE_BLOCK_N = 256
 _REDUCE_BLOCK_P = 16
@@ -210,15 +214,67 @@ def _rms_norm_bwd_split_kernel(
         b_w = tl.load(W + o_n, mask=m_n, other=0.0).to(tl.float32)
     b_dw = tl.zeros([BLOCK_N], dtype=tl.float32)
 
-    for i_row in range(i_s, M, n_s):
-        o_dy = _row_offsets(i_row, dy_inner, dy_stride_outer, dy_stride_inner)
-        o_h = _row_offsets(i_row, h_inner, h_stride_outer, h_stride_inner)
-        b_dy = tl.load(DY + o_dy + o_n, mask=m_n, other=0.0).to(tl.float32)
-        b_h = tl.load(H + o_h + o_n, mask=m_n, other=0.0).to(tl.float32)
+    # one pass (PHASE 0): the next row's chunks are loaded before this row waits for its partner
+    # programs, so the wait overlaps memory traffic
+    if PHASE == 0:
+        m_next = m_n & (i_s < M)
+        r_dy = tl.load(
+            DY + _row_offsets(i_s, dy_inner, dy_stride_outer, dy_stride_inner) + o_n, mask=m_next, other=0.0
+        )
+        r_h = tl.load(
+            H + _row_offsets(i_s, h_inner, h_stride_outer, h_stride_inner) + o_n, mask=m_next, other=0.0
+        )
         if HAS_H2:
-            o_h2 = _row_offsets(i_row, h2_inner, h2_stride_outer, h2_stride_inner)
-            b_h += tl.load(H2 + o_h2 + o_n, mask=m_n, other=0.0).to(tl.float32)
-        b_rstd = tl.load(RSTD + i_row)
+            r_h2 = tl.load(
+                H2 + _row_offsets(i_s, h2_inner, h2_stride_outer, h2_stride_inner) + o_n,
+                mask=m_next,
+                other=0.0,
+            )
+        if HAS_DH:
+            r_dh = tl.load(
+                DH + _row_offsets(i_s, dh_inner, dh_stride_outer, dh_stride_inner) + o_n,
+                mask=m_next,
+                other=0.0,
+            )
+        r_rstd = tl.load(RSTD + i_s, mask=i_s < M, other=0.0)
+    n_spins = 0  # spin budget of this program, over all its rows
+    for i_row in range(i_s, M, n_s):
+        if PHASE == 0:
+            b_dy = r_dy.to(tl.float32)
+            b_h = r_h.to(tl.float32)
+            if HAS_H2:
+                b_h += r_h2.to(tl.float32)
+            if HAS_DH:
+                b_dh = r_dh.to(tl.float32)
+            b_rstd = r_rstd
+            i_next = i_row + n_s
+            m_next = m_n & (i_next < M)
+            r_dy = tl.load(
+                DY + _row_offsets(i_next, dy_inner, dy_stride_outer, dy_stride_inner) + o_n,
+                mask=m_next,
+                other=0.0,
+            )
+            r_h = tl.load(
+                H + _row_offsets(i_next, h_inner, h_stride_outer, h_stride_inner) + o_n,
+                mask=m_next,
+                other=0.0,
+            )
+            if HAS_H2:
+                o_h2 = _row_offsets(i_next, h2_inner, h2_stride_outer, h2_stride_inner)
+                r_h2 = tl.load(H2 + o_h2 + o_n, mask=m_next, other=0.0)
+            if HAS_DH:
+                o_dh = _row_offsets(i_next, dh_inner, dh_stride_outer, dh_stride_inner)
+                r_dh = tl.load(DH + o_dh + o_n, mask=m_next, other=0.0)
+            r_rstd = tl.load(RSTD + i_next, mask=i_next < M, other=0.0)
+        else:
+            o_dy = _row_offsets(i_row, dy_inner, dy_stride_outer, dy_stride_inner)
+            o_h = _row_offsets(i_row, h_inner, h_stride_outer, h_stride_inner)
+            b_dy = tl.load(DY + o_dy + o_n, mask=m_n, other=0.0).to(tl.float32)
+            b_h = tl.load(H + o_h + o_n, mask=m_n, other=0.0).to(tl.float32)
+            if HAS_H2:
+                o_h2 = _row_offsets(i_row, h2_inner, h2_stride_outer, h2_stride_inner)
+                b_h += tl.load(H2 + o_h2 + o_n, mask=m_n, other=0.0).to(tl.float32)
+            b_rstd = tl.load(RSTD + i_row)
         b_n = b_h * b_rstd
         if HAS_WEIGHT:
             b_g = b_dy * b_w
@@ -228,13 +284,12 @@ def _rms_norm_bwd_split_kernel(
         if PHASE != 2:
             tl.store(p_partial + i_g, tl.sum(b_g * b_n, axis=0))
         if PHASE != 1:
-            if HAS_DH:
+            if HAS_DH and PHASE == 2:
                 o_dh = _row_offsets(i_row, dh_inner, dh_stride_outer, dh_stride_inner)
                 b_dh = tl.load(DH + o_dh + o_n, mask=m_n, other=0.0).to(tl.float32)
             if PHASE == 0:
                 tl.debug_barrier()
                 n_done = tl.atomic_add(COUNTER + i_row, 1, sem="release") + 1
-                n_spins = 0
                 while (n_done < NUM_CHUNKS) & (n_spins < MAX_SPINS):
                     n_done = tl.atomic_add(COUNTER + i_row, 0, sem="acquire")
                     n_spins += 1
@@ -363,7 +418,7 @@ def rms_norm_bwd(
         tile = row_tile(hidden, rows)
         block_m = config.get("block_m", tile.block_m)
         num_warps = config.get("num_warps", tile.num_warps)
-        programs_per_sm = config.get("programs_per_sm", BWD_PROGRAMS_PER_SM)
+        programs_per_sm = config.get("programs_per_sm", max(1, BWD_WARPS_PER_SM // num_warps))
         n_programs = max(1, min(triton.cdiv(rows, block_m), sm_count(device) * programs_per_sm))
         dw_partial = torch.empty((n_programs, hidden), dtype=torch.float32, device=device) if need_dw else dx
         _rms_norm_bwd_kernel[(n_programs,)](
@@ -373,6 +428,7 @@ def rms_norm_bwd(
             BLOCK_M=block_m,
             BLOCK_N=tile.block_n,
             num_warps=num_warps,
+            **resident_launch_options(device, num_warps, programs_per_sm),
         )
         return dx, (_reduce_dw(dw_partial, weight) if need_dw else None), dres
 
@@ -380,7 +436,7 @@ def rms_norm_bwd(
     num_warps = config.get("split_num_warps", SPLIT_NUM_WARPS)
     programs_per_sm = config.get("split_programs_per_sm", SPLIT_PROGRAMS_PER_SM)
     n_chunks = triton.cdiv(hidden, block_n)
-    one_pass = use_one_pass_split(device, n_chunks, programs_per_sm)
+    one_pass = config.get("one_pass", True) and use_one_pass_split(device, n_chunks, programs_per_sm)
     if one_pass:
         n_slots = max(1, min(rows, sm_count(device) * programs_per_sm // n_chunks))
     else:

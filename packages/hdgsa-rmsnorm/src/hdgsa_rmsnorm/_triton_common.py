@@ -26,8 +26,8 @@ SPLIT_BLOCK_N = 8192
 SPLIT_NUM_WARPS = 8
 SPLIT_PROGRAMS_PER_SM = 2
 
-# A program spins at most this many times waiting for the partial sums of the other programs
-# of its row (about a second); past that it writes NaN rather than hang.
+# A program spins at most this many times in all waiting for the partial sums of the other
+# programs of its rows (about a second); past that its rows come out NaN rather than hang.
 MAX_SPINS = 1 << 20
 
 _REGISTERS_PER_SM = 65536
@@ -124,13 +124,21 @@ def cooperative_launch_supported() -> bool:
     return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
-def split_launch_options(device: torch.device, num_warps: int, programs_per_sm: int) -> dict[str, object]:
-    """Launch options of a one-pass split kernel: a register cap that keeps
-    ``programs_per_sm`` programs resident, and a cooperative launch where Triton has one."""
+def resident_launch_options(device: torch.device, num_warps: int, programs_per_sm: int) -> dict[str, object]:
+    """A register cap that lets ``programs_per_sm`` programs of ``num_warps`` warps be resident
+    on one SM at once (persistent grids are sized to that)."""
     if device.type != "cuda":
         return {}
-    options: dict[str, object] = {"maxnreg": _REGISTERS_PER_SM // (num_warps * 32 * programs_per_sm) // 8 * 8}
-    if cooperative_launch_supported():
+    cap = _REGISTERS_PER_SM // (num_warps * 32 * programs_per_sm) // 8 * 8
+    return {"maxnreg": max(24, min(255, cap))}
+
+
+def split_launch_options(device: torch.device, num_warps: int, programs_per_sm: int) -> dict[str, object]:
+    """Launch options of a one-pass split kernel: the register cap of
+    :func:`resident_launch_options`, and a cooperative launch where Triton has one (all
+    programs resident at once, or a launch error instead of a hang)."""
+    options = resident_launch_options(device, num_warps, programs_per_sm)
+    if options and cooperative_launch_supported():
         options["launch_cooperative_grid"] = True
     return options
 

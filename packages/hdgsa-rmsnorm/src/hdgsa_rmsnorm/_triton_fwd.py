@@ -133,12 +133,40 @@ def _rms_norm_fwd_split_kernel(
     if HAS_WEIGHT and PHASE != 1:
         b_w = tl.load(W + o_n, mask=m_n, other=0.0).to(tl.float32)
 
-    for i_row in range(i_s, M, n_s):
-        o_x = _row_offsets(i_row, x_inner, x_stride_outer, x_stride_inner)
-        b_h = tl.load(X + o_x + o_n, mask=m_n, other=0.0).to(tl.float32)
+    # one pass (PHASE 0): the next row's chunk is loaded before this row waits for its partner
+    # programs, so the wait overlaps memory traffic
+    if PHASE == 0:
+        m_next = m_n & (i_s < M)
+        r_x = tl.load(
+            X + _row_offsets(i_s, x_inner, x_stride_outer, x_stride_inner) + o_n, mask=m_next, other=0.0
+        )
         if HAS_RESIDUAL:
-            o_r = _row_offsets(i_row, r_inner, r_stride_outer, r_stride_inner)
-            b_h += tl.load(RES + o_r + o_n, mask=m_n, other=0.0).to(tl.float32)
+            r_r = tl.load(
+                RES + _row_offsets(i_s, r_inner, r_stride_outer, r_stride_inner) + o_n, mask=m_next, other=0.0
+            )
+    n_spins = 0  # spin budget of this program, over all its rows
+    for i_row in range(i_s, M, n_s):
+        if PHASE == 0:
+            b_h = r_x.to(tl.float32)
+            if HAS_RESIDUAL:
+                b_h += r_r.to(tl.float32)
+            i_next = i_row + n_s
+            m_next = m_n & (i_next < M)
+            r_x = tl.load(
+                X + _row_offsets(i_next, x_inner, x_stride_outer, x_stride_inner) + o_n,
+                mask=m_next,
+                other=0.0,
+            )
+            if HAS_RESIDUAL:
+                o_r = _row_offsets(i_next, r_inner, r_stride_outer, r_stride_inner)
+                r_r = tl.load(RES + o_r + o_n, mask=m_next, other=0.0)
+        else:
+            b_h = tl.load(
+                X + _row_offsets(i_row, x_inner, x_stride_outer, x_stride_inner) + o_n, mask=m_n, other=0.0
+            ).to(tl.float32)
+            if HAS_RESIDUAL:
+                o_r = _row_offsets(i_row, r_inner, r_stride_outer, r_stride_inner)
+                b_h += tl.load(RES + o_r + o_n, mask=m_n, other=0.0).to(tl.float32)
         o_out = tl.cast(i_row, tl.int64) * N + o_n
         p_partial = PARTIAL + tl.cast(i_row, tl.int64) * NUM_CHUNKS
         if PHASE != 2:
@@ -150,7 +178,6 @@ def _rms_norm_fwd_split_kernel(
                 # publish this chunk's partial sum, then wait for the row's other chunks
                 tl.debug_barrier()
                 n_done = tl.atomic_add(COUNTER + i_row, 1, sem="release") + 1
-                n_spins = 0
                 while (n_done < NUM_CHUNKS) & (n_spins < MAX_SPINS):
                     n_done = tl.atomic_add(COUNTER + i_row, 0, sem="acquire")
                     n_spins += 1
@@ -183,7 +210,8 @@ def rms_norm_fwd(
     in ``x.dtype`` or float32) when ``store_h``; ``rstd`` ``[M]`` float32 when ``store_rstd``.
 
     ``config`` overrides the tile choice (benchmark sweeps only): ``block_m``, ``num_warps``,
-    ``max_fused_n``, ``split_block_n``, ``split_num_warps``, ``split_programs_per_sm``.
+    ``max_fused_n``, ``split_block_n``, ``split_num_warps``, ``split_programs_per_sm``,
+    ``one_pass`` (False: the two-launch split path).
     """
     config = config or {}
     hidden = x.shape[-1]
@@ -242,7 +270,7 @@ def rms_norm_fwd(
         BLOCK_G=triton.next_power_of_2(n_chunks),
         MAX_SPINS=MAX_SPINS,
     )
-    if use_one_pass_split(x.device, n_chunks, programs_per_sm):
+    if config.get("one_pass", True) and use_one_pass_split(x.device, n_chunks, programs_per_sm):
         n_slots = max(1, min(rows, sm_count(x.device) * programs_per_sm // n_chunks))
         counter = torch.zeros(rows, dtype=torch.int32, device=x.device)
         _rms_norm_fwd_split_kernel[(n_slots * n_chunks,)](
