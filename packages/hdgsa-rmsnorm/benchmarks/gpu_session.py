@@ -50,6 +50,9 @@ def run_tests(shards: int, timeout: float, extra: list[str]) -> None:
     )
     ids = [line for line in collect.stdout.splitlines() if "::" in line]
     log(f"tests: {len(ids)} collected, {shards} shards")
+    if not ids:
+        print((collect.stdout + collect.stderr)[-1500:])
+        return
     procs = []
     for shard in range(shards):
         chunk = ids[shard::shards]
