@@ -166,7 +166,7 @@ def test_flags(device, backend, dtype, flags, hidden):
 
 
 @pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
-@pytest.mark.parametrize("shape", [(1, 1), (64,), (2, 3, 4, 96), (37, 48)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (64,), (2, 3, 4, 96), (37, 48), (3, 10000)], ids=str)
 def test_shapes(device, backend, shape):
     check_against_float64(shape, torch.bfloat16, device, backend, prenorm=True)
 

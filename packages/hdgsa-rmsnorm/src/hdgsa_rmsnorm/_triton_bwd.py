@@ -13,7 +13,7 @@ forward (4 bytes a row). ``dw`` is reduced deterministically: each program of a 
 accumulates its rows into its own float32 row of ``DW_PARTIAL``, and a second small kernel sums
 those rows in a fixed order.
 
-- ``_rms_norm_bwd_kernel``: rows of up to ``MAX_FUSED_N``, persistent programs over tiles of
+- ``_rms_norm_bwd_kernel``: rows of up to ``BWD_MAX_FUSED_N``, persistent programs over tiles of
   ``BLOCK_M`` rows, the next tile's loads issued before the current tile's math.
 - ``_rms_norm_bwd_split_kernel``: longer rows over ``NUM_CHUNKS`` programs each, exchanging the
   per-row partial sums of ``g * n`` as the forward split kernel does (``PHASE`` 0 / 1 + 2).
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (
-    MAX_FUSED_N,
+    BWD_MAX_FUSED_N,
     MAX_SPINS,
     SPLIT_BLOCK_N,
     SPLIT_NUM_WARPS,
@@ -414,7 +414,7 @@ def rms_norm_bwd(
         HAS_DRES=separate_dres,
         NEED_DW=need_dw,
     )
-    if hidden <= config.get("max_fused_n", MAX_FUSED_N):
+    if hidden <= config.get("max_fused_n", BWD_MAX_FUSED_N):
         tile = row_tile(hidden, rows)
         block_m = config.get("block_m", tile.block_m)
         num_warps = config.get("num_warps", tile.num_warps)

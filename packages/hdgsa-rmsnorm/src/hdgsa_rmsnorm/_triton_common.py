@@ -15,8 +15,11 @@ from hdgsa_core import interpreter_enabled
 from hdgsa_core.triton_utils import next_power_of_2
 
 # Rows up to this many elements are held whole in one program's registers (one pass, any
-# number of rows per program). Longer rows are split over several programs (see below).
+# number of rows per program). Longer rows are split over several programs (see below). The
+# backward holds five row-sized blocks (dy, h, dh, weight, the dweight sum), so it splits
+# sooner, keeping 16 float32 values per thread and block at 16 warps.
 MAX_FUSED_N = 16384
+BWD_MAX_FUSED_N = 8192
 
 # Split rows: columns per program, warps, and programs kept resident per SM. One program holds
 # 8192 fp32 values (32 per thread at 8 warps); a register cap of 65536 / (256 * 2) = 128 per
