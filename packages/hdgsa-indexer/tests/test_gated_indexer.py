@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -249,12 +251,18 @@ def _good():
         "q-not-tensor",
     ],
 )
-def test_bad_inputs(change, error, pattern):
+def test_bad_inputs(change, error, pattern, monkeypatch):
+    monkeypatch.setattr("hdgsa_indexer.api.gated_indexer_reference", _must_not_run)
     with pytest.raises(error, match=pattern):
         gated_indexer(*change(*_good()))
 
 
-def test_bad_options():
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("computed before the arguments were checked")
+
+
+def test_bad_options(monkeypatch):
+    monkeypatch.setattr("hdgsa_indexer.api.gated_indexer_reference", _must_not_run)
     q, k, w, b = _good()
     with pytest.raises(TypeError, match="scale"):
         gated_indexer(q, k, w, b, scale="1")
@@ -269,3 +277,71 @@ def test_cuda_cpu_mix_is_rejected():
     q, k, w, b = _good()
     with pytest.raises(ValueError, match="one device"):
         gated_indexer(q.cuda(), k, w, b)
+
+
+def test_signature():
+    kinds = inspect.Parameter
+    expected = [
+        ("q", kinds.POSITIONAL_OR_KEYWORD, kinds.empty),
+        ("k", kinds.POSITIONAL_OR_KEYWORD, kinds.empty),
+        ("w", kinds.POSITIONAL_OR_KEYWORD, kinds.empty),
+        ("bias", kinds.POSITIONAL_OR_KEYWORD, kinds.empty),
+        ("scale", kinds.POSITIONAL_OR_KEYWORD, 1.0),
+        ("causal", kinds.POSITIONAL_OR_KEYWORD, True),
+        ("q_offset", kinds.KEYWORD_ONLY, 0),
+        ("backend", kinds.KEYWORD_ONLY, "auto"),
+    ]
+    parameters = inspect.signature(gated_indexer).parameters.values()
+    assert [(p.name, p.kind, p.default) for p in parameters] == expected
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_autocast_keeps_float32(device, backend):
+    # A model trained under torch.autocast calls the op there: scores stay float32 math and
+    # float32 output (SPEC 3.3), bitwise what they are outside the autocast region.
+    inputs = make_inputs(2, 9, 11, 3, 16, torch.float32, device, requires_grad=True)
+    grad_out = make_tensor(2, 9, 11, device=device, seed=6)
+    expected = gated_indexer(*inputs, 0.25, q_offset=2, backend=backend)
+    expected_grads = grads_of(expected, inputs, grad_out)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = gated_indexer(*inputs, 0.25, q_offset=2, backend=backend)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, expected)
+    for grad, grad_expected in zip(grads_of(out, inputs, grad_out), expected_grads, strict=True):
+        assert torch.equal(grad, grad_expected)
+
+
+def test_explicit_backend_wins_over_the_environment(monkeypatch):
+    inputs = make_inputs(1, 4, 4, 2, 8, torch.float32, "cpu")
+    expected = gated_indexer(*inputs, backend="torch")
+    monkeypatch.setenv("HDGSA_BACKEND", "triton")  # overrides only backend="auto"
+    assert torch.equal(gated_indexer(*inputs, backend="torch"), expected)
+    monkeypatch.setenv("HDGSA_BACKEND", "")  # empty: no override
+    torch.testing.assert_close(gated_indexer(*inputs), expected)
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_backward_is_deterministic_in_deterministic_mode(device, backend):
+    inputs = make_inputs(2, 13, 13, 3, 8, torch.bfloat16, device, requires_grad=True)
+    grad_out = make_tensor(2, 13, 13, device=device, seed=7)
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        runs = [grads_of(gated_indexer(*inputs, 0.3, backend=backend), inputs, grad_out) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(was_enabled, warn_only=was_warn_only)
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="host syncs are a CUDA matter")
+def test_no_host_sync_on_cuda():
+    inputs = make_inputs(2, 33, 33, 4, 16, torch.bfloat16, "cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync raises
+    try:
+        gated_indexer(*inputs, 0.25, q_offset=3)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -323,6 +325,10 @@ def test_backend_choice(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(indexer_topk(*inputs, 2), expected, strict=True))
 
 
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("computed before the arguments were checked")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "pattern"),
     [
@@ -342,7 +348,8 @@ def test_backend_choice(monkeypatch):
         "sink-float", "stats-int", "offset-none", "scale-none",
     ],
 )  # fmt: skip
-def test_bad_options(kwargs, error, pattern):
+def test_bad_options(kwargs, error, pattern, monkeypatch):
+    monkeypatch.setattr("hdgsa_indexer.api.indexer_topk_reference", _must_not_run)
     with pytest.raises(error, match=pattern):
         indexer_topk(*make_inputs(1, 3, 3, 2, 4), **kwargs)
 
@@ -359,7 +366,8 @@ def test_bad_options(kwargs, error, pattern):
     ],
     ids=["q-rank", "k-dim", "w-heads", "bias-heads", "q-int", "device"],
 )
-def test_bad_inputs(change, error, pattern):
+def test_bad_inputs(change, error, pattern, monkeypatch):
+    monkeypatch.setattr("hdgsa_indexer.api.indexer_topk_reference", _must_not_run)
     inputs = change(*make_inputs(2, 5, 6, 3, 4))
     with pytest.raises(error, match=pattern):
         indexer_topk(*inputs, 2)
@@ -378,3 +386,47 @@ def test_never_builds_the_score_matrix_on_cuda():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - start
     assert extra < matrix_bytes // 2, (extra, matrix_bytes)
+
+
+def test_signature():
+    kinds = inspect.Parameter
+    expected = [
+        ("q", kinds.POSITIONAL_OR_KEYWORD, kinds.empty),
+        ("k", kinds.POSITIONAL_OR_KEYWORD, kinds.empty),
+        ("w", kinds.POSITIONAL_OR_KEYWORD, kinds.empty),
+        ("bias", kinds.POSITIONAL_OR_KEYWORD, kinds.empty),
+        ("topk", kinds.POSITIONAL_OR_KEYWORD, kinds.empty),
+        ("scale", kinds.POSITIONAL_OR_KEYWORD, 1.0),
+        ("causal", kinds.POSITIONAL_OR_KEYWORD, True),
+        ("q_offset", kinds.KEYWORD_ONLY, 0),
+        ("sink_size", kinds.KEYWORD_ONLY, 0),
+        ("return_stats", kinds.KEYWORD_ONLY, False),
+        ("backend", kinds.KEYWORD_ONLY, "auto"),
+    ]
+    parameters = inspect.signature(indexer_topk).parameters.values()
+    assert [(p.name, p.kind, p.default) for p in parameters] == expected
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_autocast_does_not_change_the_selection(device, backend):
+    # Under torch.autocast the scores must still be float32 math: same selection, same bits.
+    inputs = make_inputs(2, 15, 15, 3, 16, device=device, seed=5)
+    options = dict(topk=6, scale=0.25, sink_size=1, return_stats=True, backend=backend)
+    expected = indexer_topk(*inputs, **options)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got = indexer_topk(*inputs, **options)
+    for actual, wanted in zip(got, expected, strict=True):
+        assert actual.dtype == wanted.dtype
+        assert torch.equal(actual, wanted)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="host syncs are a CUDA matter")
+def test_no_host_sync_on_cuda():
+    inputs = make_inputs(2, 33, 40, 4, 16, torch.bfloat16, "cuda")
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync raises
+    try:
+        indexer_topk(*inputs, 8, 0.25, q_offset=7, sink_size=2, return_stats=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

@@ -12,10 +12,14 @@ scores one chunk against the keys it can see, selects that chunk's top-k and mov
 its extra memory is the ``[B, Tq, topk]`` outputs plus one chunk's bounded workspace.
 
 Both compute in float32 (float64 when given float64, which the tests use as the reference)
-and share :func:`_chunk_scores`, so the two paths do the same arithmetic.
+and share :func:`_chunk_scores`, so the two paths do the same arithmetic. Both turn autocast
+off: under ``torch.autocast`` the matmuls would otherwise run in bfloat16 / float16 and the
+scores come back in that dtype instead of float32.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -41,6 +45,15 @@ _BYTES_PER_HEAD_KEY = 4
 _INT32_LOW_MASK = 0xFFFFFFFF
 _INT32_MAGNITUDE_BITS = 0x7FFFFFFF
 _INT64_MAX = 2**63 - 1
+
+
+def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that turns ``torch.autocast`` off on ``device`` (a no-op where autocast does
+    not exist, e.g. meta tensors): the math stays in the compute dtype whatever the caller's
+    autocast region says."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -77,21 +90,23 @@ def _chunk_scores(
 
     ``q_rows`` ``[B, C, H, d]``, ``k_compute`` ``[B, S, d]`` (already in ``compute_dtype``),
     ``w_rows`` ``[B, C, H]``, ``bias_compute`` ``[H]``. Differentiable; out of place, so the
-    same code serves the autograd path and the no-grad top-k path.
+    same code serves the autograd path and the no-grad top-k path. Autocast is off inside, so
+    the matmuls run in ``compute_dtype`` even in a caller's ``torch.autocast`` region.
     """
     batch, rows, heads, dim = q_rows.shape
     num_keys = k_compute.shape[1]
-    # One matmul for all heads: [B, C*H, d] @ [B, d, S]. reshape copies only if q's layout needs it.
-    q_flat = q_rows.to(compute_dtype).reshape(batch, rows * heads, dim)
-    logits = torch.matmul(q_flat, k_compute.transpose(1, 2)).view(batch, rows, heads, num_keys)
-    if torch.is_grad_enabled():
-        key_gates = torch.sigmoid(logits * scale + bias_compute[:, None])
-    else:
-        # The top-k path: one [B, C, H, S] buffer instead of three (same arithmetic).
-        key_gates = logits.mul_(scale).add_(bias_compute[:, None]).sigmoid_()
-    head_gates = torch.sigmoid(w_rows.to(compute_dtype))
-    # Sum over heads as a batched [1, H] @ [H, S] product.
-    return torch.matmul(head_gates.unsqueeze(-2), key_gates).squeeze(-2)
+    with _autocast_disabled(q_rows.device):
+        # One matmul for all heads: [B, C*H, d] @ [B, d, S]. reshape copies only if q's layout needs it.
+        q_flat = q_rows.to(compute_dtype).reshape(batch, rows * heads, dim)
+        logits = torch.matmul(q_flat, k_compute.transpose(1, 2)).view(batch, rows, heads, num_keys)
+        if torch.is_grad_enabled():
+            key_gates = torch.sigmoid(logits * scale + bias_compute[:, None])
+        else:
+            # The top-k path: one [B, C, H, S] buffer instead of three (same arithmetic).
+            key_gates = logits.mul_(scale).add_(bias_compute[:, None]).sigmoid_()
+        head_gates = torch.sigmoid(w_rows.to(compute_dtype))
+        # Sum over heads as a batched [1, H] @ [H, S] product.
+        return torch.matmul(head_gates.unsqueeze(-2), key_gates).squeeze(-2)
 
 
 def gated_indexer_reference(
