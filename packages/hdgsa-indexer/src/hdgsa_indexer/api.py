@@ -23,6 +23,24 @@ __all__ = ["TRITON_IMPLEMENTED", "gated_indexer", "indexer_topk"]
 TRITON_IMPLEMENTED = False
 
 
+def _check_int(op: str, name: str, value: object) -> None:
+    """TypeError unless ``value`` is an integer (``bool`` is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+
+
+def _check_real(op: str, name: str, value: object) -> None:
+    """TypeError unless ``value`` is a real number (``bool`` is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
+
+
+def _check_bool(op: str, name: str, value: object) -> None:
+    """TypeError unless ``value`` is a ``bool``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+
+
 def _check_inputs(
     op: str,
     q: torch.Tensor,
@@ -47,12 +65,9 @@ def _check_inputs(
     check_shape("w", w, (batch, num_queries, heads), "[B, Tq, H]")
     check_shape("bias", bias, (heads,), "[H]")
     device = check_same_device(q=q, k=k, w=w, bias=bias)
-    if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
-        raise TypeError(f"{op}: scale must be a real number, got {type(scale).__name__}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
-    if not isinstance(q_offset, numbers.Integral) or isinstance(q_offset, bool):
-        raise TypeError(f"{op}: q_offset must be an int, got {type(q_offset).__name__}")
+    _check_real(op, "scale", scale)
+    _check_bool(op, "causal", causal)
+    _check_int(op, "q_offset", q_offset)
     return device
 
 
@@ -180,16 +195,13 @@ def indexer_topk(
         ([0, -1, -1], 0)
     """
     device = _check_inputs("indexer_topk", q, k, w, bias, scale, causal, q_offset)
-    if not isinstance(topk, numbers.Integral) or isinstance(topk, bool):
-        raise TypeError(f"indexer_topk: topk must be an int, got {type(topk).__name__}")
+    _check_int("indexer_topk", "topk", topk)
     if topk < 1:
         raise ValueError(f"indexer_topk: topk must be >= 1, got {topk}")
-    if not isinstance(sink_size, numbers.Integral) or isinstance(sink_size, bool):
-        raise TypeError(f"indexer_topk: sink_size must be an int, got {type(sink_size).__name__}")
+    _check_int("indexer_topk", "sink_size", sink_size)
     if not 0 <= sink_size <= topk:
         raise ValueError(f"indexer_topk: sink_size must be in [0, topk={topk}], got {sink_size}")
-    if not isinstance(return_stats, bool):
-        raise TypeError(f"indexer_topk: return_stats must be a bool, got {type(return_stats).__name__}")
+    _check_bool("indexer_topk", "return_stats", return_stats)
     resolve_backend(backend, device, op="indexer_topk", implemented=TRITON_IMPLEMENTED)
     return indexer_topk_reference(
         q,
