@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -379,13 +380,19 @@ def _bad_cases():
 
 
 @pytest.mark.parametrize("name", list(_bad_cases()))
-def test_bad_inputs(name):
+def test_bad_inputs(name, monkeypatch):
+    monkeypatch.setattr("hdgsa_sparse_attn.api.sparse_attention_torch", _must_not_run)
     error, message, args = _bad_cases()[name]
     with pytest.raises(error, match=message):
         sparse_attention(*args)
 
 
-def test_bad_scale_and_backend():
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("computed before the arguments were checked")
+
+
+def test_bad_scale_and_backend(monkeypatch):
+    monkeypatch.setattr("hdgsa_sparse_attn.api.sparse_attention_torch", _must_not_run)
     q, k, v, idx = _inputs()
     with pytest.raises(TypeError, match="scale"):
         sparse_attention(q, k, v, idx, scale="0.1")
@@ -403,6 +410,18 @@ def test_triton_backend_not_implemented_yet(monkeypatch):
     sparse_attention(q, k, v, idx)
     monkeypatch.setenv("HDGSA_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="not implemented yet"):
+        sparse_attention(q, k, v, idx)
+
+
+def test_backend_environment(monkeypatch):
+    q, k, v, idx = _inputs()
+    expected = sparse_attention(q, k, v, idx, backend="torch")
+    monkeypatch.setenv("HDGSA_BACKEND", "triton")  # overrides only backend="auto"
+    assert torch.equal(sparse_attention(q, k, v, idx, backend="torch"), expected)
+    monkeypatch.setenv("HDGSA_BACKEND", "")  # empty: no override
+    torch.testing.assert_close(sparse_attention(q, k, v, idx), expected)
+    monkeypatch.setenv("HDGSA_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="HDGSA_BACKEND"):
         sparse_attention(q, k, v, idx)
 
 
@@ -429,3 +448,119 @@ def test_torch_compile_fullgraph(validate):
     if validate:  # the range check is a device-side assertion when compiled
         with pytest.raises(RuntimeError, match="out of range"):
             compiled(q, k, v, indices + 6)
+
+
+def test_signature():
+    kinds = inspect.Parameter
+    expected = [
+        ("q", kinds.POSITIONAL_OR_KEYWORD, kinds.empty),
+        ("k", kinds.POSITIONAL_OR_KEYWORD, kinds.empty),
+        ("v", kinds.POSITIONAL_OR_KEYWORD, kinds.empty),
+        ("indices", kinds.POSITIONAL_OR_KEYWORD, kinds.empty),
+        ("mask", kinds.POSITIONAL_OR_KEYWORD, None),
+        ("scale", kinds.POSITIONAL_OR_KEYWORD, None),
+        ("return_lse", kinds.KEYWORD_ONLY, False),
+        ("validate", kinds.KEYWORD_ONLY, True),
+        ("backend", kinds.KEYWORD_ONLY, "auto"),
+    ]
+    parameters = inspect.signature(sparse_attention).parameters.values()
+    assert [(p.name, p.kind, p.default) for p in parameters] == expected
+
+
+def test_default_scale_is_the_query_dim():
+    # D = 12 for q and k, Dv = 5: the default scale is D ** -0.5, not Dv ** -0.5.
+    q = make_tensor(1, 4, 2, 12, seed=141)
+    k = make_tensor(1, 6, 1, 12, seed=142)
+    v = make_tensor(1, 6, 1, 5, seed=143)
+    indices = make_indices((1, 4, 3), 6, seed=144, low=0)
+    default = sparse_attention(q, k, v, indices, return_lse=True)
+    explicit = sparse_attention(q, k, v, indices, scale=12**-0.5, return_lse=True)
+    for got, wanted in zip(default, explicit, strict=True):
+        assert torch.equal(got, wanted)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
+def test_lse_of_empty_rows_passes_no_nan(device, backend):
+    # The loss takes every lse entry, the -inf ones of empty rows included.
+    q = make_tensor(1, 4, 2, 8, device=device, seed=151, requires_grad=True)
+    k = make_tensor(1, 5, 2, 8, device=device, seed=152, requires_grad=True)
+    v = make_tensor(1, 5, 2, 8, device=device, seed=153, requires_grad=True)
+    indices = make_indices((1, 2, 4, 3), 5, seed=154, low=0).to(device)
+    indices[:, :, 1] = -1  # query 1: no valid slot
+    out, lse = sparse_attention(q, k, v, indices, return_lse=True, backend=backend)
+    assert torch.isneginf(lse[:, :, 1]).all()
+    grads = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
+    assert all(torch.isfinite(grad).all() for grad in grads)
+    assert (grads[0][:, 1] == 0).all()
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
+def test_inputs_are_not_modified(device, backend):
+    q = make_tensor(2, 5, 4, 8, device=device, seed=161, requires_grad=True)
+    k = make_tensor(2, 7, 2, 8, device=device, seed=162, requires_grad=True)
+    v = make_tensor(2, 7, 2, 6, device=device, seed=163, requires_grad=True)
+    indices = make_indices((2, 2, 5, 4), 7, seed=164).int().to(device)
+    mask = make_mask(indices.shape, seed=165).to(device)
+    saved = [t.detach().clone() for t in (q, k, v, indices, mask)]
+    out, lse = sparse_attention(q, k, v, indices, mask, return_lse=True, backend=backend)
+    (out.sum() + lse[torch.isfinite(lse)].sum()).backward()
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v, indices, mask), saved, strict=True))
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
+def test_autocast_keeps_float32_math(device, backend):
+    # Under torch.autocast the op still computes in float32 (SPEC 2) and returns q.dtype:
+    # bitwise the result outside the autocast region, gradients included.
+    q = make_tensor(1, 6, 4, 16, device=device, seed=171, requires_grad=True)
+    k = make_tensor(1, 9, 2, 16, device=device, seed=172, requires_grad=True)
+    v = make_tensor(1, 9, 2, 8, device=device, seed=173, requires_grad=True)
+    indices = make_indices((1, 2, 6, 5), 9, seed=174).to(device)
+    grad_out = make_tensor(1, 6, 4, 8, device=device, seed=175)
+    expected = sparse_attention(q, k, v, indices, return_lse=True, backend=backend)
+    expected_grads = torch.autograd.grad(expected[0], (q, k, v), grad_out)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        got = sparse_attention(q, k, v, indices, return_lse=True, backend=backend)
+    for actual, wanted in zip(got, expected, strict=True):
+        assert actual.dtype == wanted.dtype == torch.float32
+        assert torch.equal(actual, wanted)
+    for grad, wanted in zip(torch.autograd.grad(got[0], (q, k, v), grad_out), expected_grads, strict=True):
+        assert torch.equal(grad, wanted)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
+def test_backward_is_deterministic_in_deterministic_mode(device, backend):
+    # Many slots hit the same keys, so dk / dv accumulate from many places.
+    q = make_tensor(2, 16, 4, 8, dtype=torch.bfloat16, device=device, seed=181, requires_grad=True)
+    k = make_tensor(2, 5, 2, 8, dtype=torch.bfloat16, device=device, seed=182, requires_grad=True)
+    v = make_tensor(2, 5, 2, 8, dtype=torch.bfloat16, device=device, seed=183, requires_grad=True)
+    indices = make_indices((2, 4, 16, 6), 5, seed=184).to(device)
+    grad_out = make_tensor(2, 16, 4, 8, dtype=torch.bfloat16, device=device, seed=185)
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        runs = [
+            torch.autograd.grad(sparse_attention(q, k, v, indices, backend=backend), (q, k, v), grad_out)
+            for _ in range(2)
+        ]
+    finally:
+        torch.use_deterministic_algorithms(was_enabled, warn_only=was_warn_only)
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter")
+@pytest.mark.parametrize("layout", ["per_query", "per_kv", "shared3d"])
+def test_no_host_sync_without_validate(layout):
+    q = make_tensor(2, 9, 4, 16, dtype=torch.bfloat16, device="cuda", seed=191)
+    k = make_tensor(2, 11, 2, 16, dtype=torch.bfloat16, device="cuda", seed=192)
+    v = make_tensor(2, 11, 2, 16, dtype=torch.bfloat16, device="cuda", seed=193)
+    indices = make_indices(index_shape(layout, 2, 9, 5, 4, 2), 11, seed=194).to("cuda")
+    mask = make_mask(indices.shape, seed=195).to("cuda")
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync raises
+    try:
+        sparse_attention(q, k, v, indices, mask, return_lse=True, validate=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

@@ -17,10 +17,13 @@ chunk in the backward (activation checkpointing), so memory stays bounded in bot
 by how many times each key was selected): an independent formulation for tests.
 
 Neither function checks its arguments; :func:`hdgsa_sparse_attn.sparse_attention` does.
+:func:`attend_chunk` turns autocast off: under ``torch.autocast`` its matmuls would otherwise
+run in bfloat16 / float16 instead of float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -40,6 +43,15 @@ __all__ = [
 # near its best speed on a GPU (chunks of ~30 queries at Hq=16, K=512, D=128) while staying
 # small next to any model's activations.
 WORKSPACE_BYTES = 256 * 2**20
+
+
+def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that turns ``torch.autocast`` off on ``device`` (a no-op where autocast does
+    not exist, e.g. meta tensors): the math stays in the compute dtype whatever the caller's
+    autocast region says."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def normalize_indices(
@@ -97,7 +109,8 @@ def attend_chunk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query chunk. ``q`` ``[B, Tc, Hq, D]`` and ``k``/``v`` ``[B, Tkv', Hkv, *]`` in the
     compute dtype (``Tkv' >= 1``); ``indices``/``mask`` ``[B, Hi, Tc, K]``; keys at or past
-    ``num_valid_keys`` are masked. Returns ``out`` ``[B, Tc, Hq, Dv]`` and ``lse`` ``[B, Tc, Hq]``."""
+    ``num_valid_keys`` are masked. Returns ``out`` ``[B, Tc, Hq, Dv]`` and ``lse`` ``[B, Tc, Hq]``.
+    Autocast is off inside: the math runs in the dtype of ``q``, ``k``, ``v``."""
     batch, chunk, num_q_heads, _ = q.shape
     num_kv_heads = k.shape[2]
     num_lists, lists_per_group = _head_split(indices.shape[1], num_q_heads, num_kv_heads)
@@ -119,24 +132,25 @@ def attend_chunk(
     k_sel = k[batch_ids, rows, head_ids]  # [B, Tc, Hkv, Gi, K, D]
     v_sel = v[batch_ids, rows, head_ids]  # [B, Tc, Hkv, Gi, K, Dv]
 
-    # Query heads of a KV group that share one list form the rows of one small matmul.
-    q_groups = q.unflatten(2, (num_kv_heads, lists_per_group, group // lists_per_group))
-    scores = torch.matmul(q_groups, k_sel.transpose(-1, -2)) * scale  # [B, Tc, Hkv, Gi, G/Gi, K]
-    scores = scores.masked_fill(~valid.unsqueeze(4), -math.inf)
-    if topk > 0:
-        row_max = scores.detach().amax(-1, keepdim=True)
-    else:
-        row_max = scores.new_full((*scores.shape[:-1], 1), -math.inf)
-    # The max only shifts the exponent (it cancels in out and lse): detached, and 0 for an
-    # empty row so that exp(-inf - 0) = 0 instead of exp(-inf + inf) = NaN.
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    weights = torch.exp(scores - row_max)
-    total = weights.sum(-1, keepdim=True)
-    nonempty = total > 0
-    safe_total = torch.where(nonempty, total, torch.ones_like(total))
-    out = torch.matmul(weights, v_sel) / safe_total  # [B, Tc, Hkv, Gi, G/Gi, Dv]
-    lse = torch.where(nonempty, row_max + torch.log(safe_total), torch.full_like(total, -math.inf))
-    return out.reshape(batch, chunk, num_q_heads, v.shape[-1]), lse.reshape(batch, chunk, num_q_heads)
+    with _autocast_disabled(q.device):
+        # Query heads of a KV group that share one list form the rows of one small matmul.
+        q_groups = q.unflatten(2, (num_kv_heads, lists_per_group, group // lists_per_group))
+        scores = torch.matmul(q_groups, k_sel.transpose(-1, -2)) * scale  # [B, Tc, Hkv, Gi, G/Gi, K]
+        scores = scores.masked_fill(~valid.unsqueeze(4), -math.inf)
+        if topk > 0:
+            row_max = scores.detach().amax(-1, keepdim=True)
+        else:
+            row_max = scores.new_full((*scores.shape[:-1], 1), -math.inf)
+        # The max only shifts the exponent (it cancels in out and lse): detached, and 0 for an
+        # empty row so that exp(-inf - 0) = 0 instead of exp(-inf + inf) = NaN.
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        weights = torch.exp(scores - row_max)
+        total = weights.sum(-1, keepdim=True)
+        nonempty = total > 0
+        safe_total = torch.where(nonempty, total, torch.ones_like(total))
+        out = torch.matmul(weights, v_sel) / safe_total  # [B, Tc, Hkv, Gi, G/Gi, Dv]
+        lse = torch.where(nonempty, row_max + torch.log(safe_total), torch.full_like(total, -math.inf))
+        return out.reshape(batch, chunk, num_q_heads, v.shape[-1]), lse.reshape(batch, chunk, num_q_heads)
 
 
 def sparse_attention_torch(
