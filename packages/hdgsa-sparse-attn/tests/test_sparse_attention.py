@@ -400,6 +400,10 @@ def test_bad_scale_and_backend(monkeypatch):
         sparse_attention(q, k, v, idx, scale=torch.tensor(0.1))
     with pytest.raises(ValueError, match="backend"):
         sparse_attention(q, k, v, idx, backend="cuda")
+    with pytest.raises(TypeError, match="return_lse: expected a bool, got int"):
+        sparse_attention(q, k, v, idx, return_lse=1)
+    with pytest.raises(TypeError, match="validate: expected a bool, got NoneType"):
+        sparse_attention(q, k, v, idx + 7, validate=None)  # None must not skip the check silently
 
 
 def test_triton_backend_not_implemented_yet(monkeypatch):

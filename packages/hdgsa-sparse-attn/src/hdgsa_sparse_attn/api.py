@@ -34,6 +34,8 @@ def _check_arguments(
     indices: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float | None,
+    return_lse: bool,
+    validate: bool,
 ) -> torch.device:
     """Raise the SPEC section 2 errors; returns the tensors' device. No host sync."""
     for name, tensor in (("q", q), ("k", k), ("v", v), ("indices", indices)):
@@ -57,6 +59,9 @@ def _check_arguments(
         check_dtype("mask", mask, (torch.bool,))
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__}")
+    for name, flag in (("return_lse", return_lse), ("validate", validate)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
 
     device = check_same_device(q=q, k=k, v=v, indices=indices, mask=mask)
 
@@ -162,7 +167,7 @@ def sparse_attention(
             ``>= Tkv`` (with ``validate``), an unknown backend name.
         TypeError: a non-tensor argument, a dtype outside float32/float16/bfloat16, ``q``,
             ``k``, ``v`` of different dtypes, ``indices`` not int32/int64, ``mask`` not bool,
-            ``scale`` not a real number.
+            ``scale`` not a real number, ``return_lse`` or ``validate`` not a bool.
         RuntimeError: the requested backend cannot run here.
 
     Example:
@@ -172,7 +177,7 @@ def sparse_attention(
         >>> sparse_attention(q, k, v, indices).shape
         torch.Size([1, 16, 4, 32])
     """
-    device = _check_arguments(q, k, v, indices, mask, scale)
+    device = _check_arguments(q, k, v, indices, mask, scale, return_lse, validate)
     chosen = resolve_backend(backend, device, op="sparse_attention", implemented=_TRITON_IMPLEMENTED)
     if validate:
         _check_indices_in_range(indices, k.shape[1])
