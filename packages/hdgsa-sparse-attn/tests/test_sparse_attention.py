@@ -514,7 +514,9 @@ def test_inputs_are_not_modified(device, backend):
 @pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
 def test_autocast_keeps_float32_math(device, backend):
     # Under torch.autocast the op still computes in float32 (SPEC 2) and returns q.dtype:
-    # bitwise the result outside the autocast region, gradients included.
+    # bitwise the result outside the autocast region; gradients to float32 rounding (dk and
+    # dv accumulate, which need not be bitwise outside deterministic mode). bf16 math would
+    # be off by about 1e-2.
     q = make_tensor(1, 6, 4, 16, device=device, seed=171, requires_grad=True)
     k = make_tensor(1, 9, 2, 16, device=device, seed=172, requires_grad=True)
     v = make_tensor(1, 9, 2, 8, device=device, seed=173, requires_grad=True)
@@ -528,7 +530,7 @@ def test_autocast_keeps_float32_math(device, backend):
         assert actual.dtype == wanted.dtype == torch.float32
         assert torch.equal(actual, wanted)
     for grad, wanted in zip(torch.autograd.grad(got[0], (q, k, v), grad_out), expected_grads, strict=True):
-        assert torch.equal(grad, wanted)
+        torch.testing.assert_close(grad, wanted, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
