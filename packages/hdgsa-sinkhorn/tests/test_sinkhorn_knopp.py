@@ -200,3 +200,72 @@ def test_reference_is_the_literal_computation(num_iters, eps):
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-14)
     grads = [torch.autograd.grad(out, logits, grad_output)[0] for out in (actual, expected)]
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+# ---- Triton internals: segmented backward, custom op, torch.compile -------------------------
+
+TRITON_DEVICES = [
+    pytest.param(device, id=device.type) for device in DEVICES if "triton" in runnable_backends(device)
+]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize(("n", "num_iters", "seg"), [(4, 20, 3), (4, 20, 5), (3, 7, 2), (5, 9, 4), (8, 6, 6), (4, 1, 1)])
+def test_triton_backward_segments(device, n, num_iters, seg):
+    """The backward in several segments (each recomputing the forward up to its start), with a
+    short first segment when seg does not divide num_iters, equals the float64 gradient."""
+    from hdgsa_sinkhorn._triton import sinkhorn_knopp_bwd
+
+    logits = make_tensor(5, n, n, device=device, seed=41, scale=2.0)
+    grad_output = make_tensor(5, n, n, device=device, seed=42)
+    grad = sinkhorn_knopp_bwd(logits, grad_output, num_iters, 1e-8, seg=seg)
+    _, grad64 = _run(logits.double(), grad_output.double(), num_iters, 1e-8, None)
+    assert_matches_reference("d logits", grad, grad64)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_custom_op_opcheck(device):
+    import hdgsa_sinkhorn._triton  # noqa: F401  (registers the ops)
+
+    logits = make_tensor(3, 4, 4, device=device, seed=51, requires_grad=True)
+    grad_output = make_tensor(3, 4, 4, device=device, seed=52)
+    torch.library.opcheck(torch.ops.hdgsa.sinkhorn_knopp_fwd.default, (logits, 5, 1e-8))
+    torch.library.opcheck(torch.ops.hdgsa.sinkhorn_knopp_bwd.default, (logits.detach(), grad_output, 5, 1e-8))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    # On CPU (interpreter) "aot_eager" traces the graph without Inductor's C++ toolchain.
+    compiler = "inductor" if device.type == "cuda" else "aot_eager"
+
+    def step(x):
+        return sinkhorn_knopp(x * 2.0, 7, backend="triton").square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
+    logits = make_tensor(2, 3, 4, 4, device=device, seed=53, requires_grad=True)
+    loss = compiled(logits)
+    (grad,) = torch.autograd.grad(loss, logits)
+    logits64 = logits.detach().double().requires_grad_(True)
+    loss64 = sinkhorn_knopp_reference(logits64 * 2.0, 7).square().sum()
+    (grad64,) = torch.autograd.grad(loss64, logits64)
+    assert_matches_reference("loss", loss.detach(), loss64.detach())
+    assert_matches_reference("d logits", grad, grad64)
+
+
+def test_bench_cases_listed_without_allocating():
+    from hdgsa_sinkhorn.bench import bench_cases
+
+    cases = bench_cases()
+    assert {case.tags[0] for case in cases} == {"fwd", "fwd+bwd"}
+    assert all({"hdgsa", "torch", "torch.compile", "fla", "liger"} <= set(case.providers) for case in cases)
+    assert all(case.bytes and case.bytes > 0 for case in cases)
+    assert bench_cases(["rmsnorm"]) == []
+    assert len(bench_cases(["sinkhorn"])) == len(cases)
+
+
+def test_self_check_passes_here():
+    from hdgsa_sinkhorn.selfcheck import self_check
+
+    results = self_check(torch.device("cpu"))
+    assert results and all(result.passed for result in results), [r for r in results if not r.passed]

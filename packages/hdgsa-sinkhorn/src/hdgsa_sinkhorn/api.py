@@ -12,7 +12,7 @@ from .reference import sinkhorn_knopp_reference
 
 __all__ = ["TRITON_IMPLEMENTED", "TRITON_MAX_N", "sinkhorn_knopp"]
 
-TRITON_IMPLEMENTED = False
+TRITON_IMPLEMENTED = True
 # Largest matrix side the Triton kernels take (each program keeps whole matrices in registers).
 TRITON_MAX_N = 64
 
