@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import sys
+import time
 
 import torch
 import triton
@@ -40,6 +41,68 @@ def parts() -> None:
         print(f"  part {name:40s} {1000 * _ms(fn):8.1f} us")
 
 
+def enqueue_us(fn, calls: int = 100) -> float:
+    """Host time per call with nothing waiting on the GPU: what a call costs the CPU."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e6 * host / calls
+
+
+def graph_ms(fn) -> float:
+    """GPU time alone: the call captured in a CUDA graph and replayed (no launch overhead)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _ms(graph.replay)
+
+
+def _torch_log_decay(alpha):
+    """The alternative to the Triton log-decay kernel: three PyTorch ops."""
+    return alpha.to(torch.float32, copy=True).clamp_min_(1e-6).log_()
+
+
+def overhead() -> None:
+    """Where the wrapper's time goes at B4 T4096 H16 D128 bf16, unpacked, forward: do_bench
+    median, host time per call, and GPU time alone (CUDA graph), per provider."""
+    shape = bench.SHAPES[0]
+    rows = []
+    for with_D in (False, True):
+        variant = bench._Variant(packed=False, with_D=with_D, backward=False)
+        rows.append((f"fla direct {variant.label}", bench._fla_direct(shape, variant)))
+        rows.append((f"hdgsa {variant.label}", bench._hdgsa(shape, variant, "fla")))
+        inner_fwd = _triton.log_decay_fwd
+        hdgsa_torch_g = bench._hdgsa(shape, variant, "fla")
+
+        def with_torch_g(fn=hdgsa_torch_g, inner=inner_fwd):
+            _triton.log_decay_fwd = _torch_log_decay
+            try:
+                return fn()
+            finally:
+                _triton.log_decay_fwd = inner
+
+        rows.append((f"hdgsa, torch log-decay {variant.label}", with_torch_g))
+    print(f"{'B4 T4096 H16 D128 bf16':44s} {'do_bench ms':>11s} {'host us/call':>12s} {'graph ms':>9s}")
+    for name, fn in rows:
+        try:
+            graph = f"{graph_ms(fn):9.3f}"
+        except Exception as error:  # capture may fail; say so and go on
+            graph = f"failed ({type(error).__name__})"
+        print(f"{name:44s} {_ms(fn):11.3f} {enqueue_us(fn):12.1f} {graph:>9s}", flush=True)
+    del rows
+    torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
     caps = hdgsa_core.capabilities()
     print(
@@ -48,4 +111,5 @@ if __name__ == "__main__":
     )
     print(f"fla backward here: {_fla.fla_backward_refusal() or 'runs'}")
     parts()
+    overhead()
     bench.main(sys.argv[1:])

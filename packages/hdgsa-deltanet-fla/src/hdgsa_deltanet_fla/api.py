@@ -284,10 +284,20 @@ def _run_fla_path(
         q_in, k_in, v_in = q4.to(compute_dtype), k4.to(compute_dtype), v4.to(compute_dtype)
     if compute_dtype is not None and compute_dtype != beta3.dtype:
         beta_in = beta3.to(compute_dtype)
-    g = _triton.log_decay(alpha3)  # one pass: float32 log(clamp(alpha, 1e-6))
+    # Without autograd the launchers are called directly: the autograd.Function costs CPU
+    # time, and at B4 T4096 H16 D128 fla's forward is close to launch-bound.
+    grad = torch.is_grad_enabled()
+    if grad and alpha3.requires_grad:
+        g = _triton.log_decay(alpha3)  # one pass: float32 log(clamp(alpha, 1e-6))
+    else:
+        g = _triton.log_decay_fwd(alpha3)
     o, final_state = _fla.run_fla(q_in, k_in, v_in, g, beta_in, scale, initial_state, output_final_state)
     if D is not None:
-        o = _triton.d_skip(o, v4, D, out_dtype)  # one pass, casts back to q's dtype too
+        # One pass, and the cast back to q's dtype comes with it.
+        if grad and (o.requires_grad or v4.requires_grad or D.requires_grad):
+            o = _triton.d_skip(o, v4, D, out_dtype)
+        else:
+            o = _triton.d_skip_fwd(o, v4, D, out_dtype)
     elif o.dtype != out_dtype:
         o = o.to(out_dtype)
     if final_state is not None and final_state.dtype != torch.float32:
