@@ -5,6 +5,7 @@ table against every peer. Prints a short table last; full logs and JSON go to $O
 Run from the repository root with the packages on PYTHONPATH; DEADLINE (seconds) bounds it.
 """
 
+# ruff: noqa: SIM115, PIE810  (a throwaway dev script: open log files, startswith chains)
 from __future__ import annotations
 
 import json
@@ -143,6 +144,7 @@ def bench_ms(fn) -> float:
 
 def tune() -> dict:
     import torch
+
     from hdgsa_sinkhorn import _triton as K
 
     best = {}
@@ -152,8 +154,8 @@ def tune() -> dict:
         rows = []
         for cfg in FWD_VARIANTS:
             try:
-                rows.append((graph_us(lambda: K.sinkhorn_knopp_fwd(x, 20, 1e-8, config=cfg)), cfg))
-            except Exception as error:  # noqa: BLE001
+                rows.append((graph_us(lambda cfg=cfg, x=x: K.sinkhorn_knopp_fwd(x, 20, 1e-8, config=cfg)), cfg))
+            except Exception as error:
                 say("fwd", cfg, "failed:", repr(error)[:200])
         rows.sort()
         say(f"tune fwd M={count}: " + ", ".join(f"{c}:{t:.1f}us" for t, c in rows))
@@ -163,8 +165,11 @@ def tune() -> dict:
             if left() < 150:
                 break
             try:
-                rows.append((graph_us(lambda: K.sinkhorn_knopp_bwd(x, g, 20, 1e-8, seg=seg, config=(b, w))), (seg, b, w)))
-            except Exception as error:  # noqa: BLE001
+                rows.append((
+                    graph_us(lambda seg=seg, b=b, w=w, x=x, g=g: K.sinkhorn_knopp_bwd(x, g, 20, 1e-8, seg=seg, config=(b, w))),
+                    (seg, b, w),
+                ))
+            except Exception as error:
                 say("bwd", (seg, b, w), "failed:", repr(error)[:200])
         rows.sort()
         say(f"tune bwd M={count}: " + ", ".join(f"{c}:{t:.1f}us" for t, c in rows))
@@ -178,6 +183,7 @@ def tune() -> dict:
 
 def overhead() -> None:
     import torch
+
     from hdgsa_sinkhorn import _triton as K
     from hdgsa_sinkhorn import sinkhorn_knopp
 
@@ -199,6 +205,7 @@ def overhead() -> None:
 def table(order: list[str], results: dict[str, dict], only: str | None = None) -> None:
     """Fill ``results[case][provider]`` (us) for ``order``'s providers, case by case."""
     import torch
+
     from hdgsa_core.registry import ProviderUnavailable
     from hdgsa_sinkhorn.bench import bench_cases
 
@@ -218,12 +225,12 @@ def table(order: list[str], results: dict[str, dict], only: str | None = None) -
                 if name == "hdgsa":
                     try:
                         row["hdgsa_graph"] = graph_us(fn)
-                    except Exception as error:  # noqa: BLE001
+                    except Exception as error:
                         row["hdgsa_graph"] = f"graph failed: {error!r}"[:80]
                 del fn
             except ProviderUnavailable as why:
                 row[name] = f"unavailable: {why}"[:60]
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 row[name] = f"error: {error!r}"[:100]
             torch.cuda.empty_cache()
         say(json.dumps(row))

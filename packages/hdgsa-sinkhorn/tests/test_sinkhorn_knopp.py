@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from hdgsa_core import interpreter_enabled, runnable_backends
 from hdgsa_core.testing import assert_matches_reference, grads_of, make_tensor, strided_rows
-
 from hdgsa_sinkhorn import sinkhorn_knopp, sinkhorn_knopp_reference
 from hdgsa_sinkhorn.api import TRITON_IMPLEMENTED
 
@@ -37,8 +37,10 @@ def _check(logits: torch.Tensor, num_iters: int, backend: str, eps: float = 1e-8
     out, grad = _run(logits, grad_output, num_iters, eps, backend)
     out64, grad64 = _run(logits.to(torch.float64), grad_output.to(torch.float64), num_iters, eps, None)
     out_lp, grad_lp = _run(logits, grad_output, num_iters, eps, "torch")
-    assert out.shape == logits.shape and out.dtype == logits.dtype
-    assert grad.shape == logits.shape and grad.dtype == logits.dtype
+    assert out.shape == logits.shape
+    assert out.dtype == logits.dtype
+    assert grad.shape == logits.shape
+    assert grad.dtype == logits.dtype
     assert_matches_reference(f"P ({backend})", out, out64, out_lp)
     assert_matches_reference(f"d logits ({backend})", grad, grad64, grad_lp)
 
@@ -105,7 +107,8 @@ def test_extreme_logits_stay_finite(device, backend, n, dtype):
     logits = logits.requires_grad_(True)
     probs = sinkhorn_knopp(logits, 20, backend=backend)
     (grad,) = torch.autograd.grad(probs, logits, make_tensor(6, n, n, device=device, dtype=dtype, seed=3))
-    assert torch.isfinite(probs).all() and torch.isfinite(grad).all()
+    assert torch.isfinite(probs).all()
+    assert torch.isfinite(grad).all()
     reference = sinkhorn_knopp_reference(logits.detach().double(), 20)
     torch.testing.assert_close(probs.double(), reference, atol=2e-2, rtol=0)
 
@@ -268,4 +271,5 @@ def test_self_check_passes_here():
     from hdgsa_sinkhorn.selfcheck import self_check
 
     results = self_check(torch.device("cpu"))
-    assert results and all(result.passed for result in results), [r for r in results if not r.passed]
+    assert results
+    assert all(result.passed for result in results), [r for r in results if not r.passed]

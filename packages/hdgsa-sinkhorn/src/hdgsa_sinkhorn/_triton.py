@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from hdgsa_core.capabilities import interpreter_enabled
 from hdgsa_core.custom_ops import is_compiling, op_name
 from hdgsa_core.triton_utils import next_power_of_2
@@ -48,7 +49,8 @@ __all__ = ["sinkhorn_knopp_bwd", "sinkhorn_knopp_fwd", "sinkhorn_knopp_triton"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Device helpers: a matrix is a tuple of N row blocks [BLOCK, BN] (float32).
+# Device helpers: a matrix is a tuple of N row blocks [BLOCK, BN] (float32). Tuples grow by
+# concatenation (``t = t + (x,)``): what Triton's frontend accepts (hence the RUF005 noqa).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -67,7 +69,7 @@ def _load_rows(ptr, o_b, o_j, mask, stride_b, stride_i, stride_j, other,
     rows = ()
     for i in tl.static_range(N):
         o = _row_offsets(o_b, o_j, i, stride_b, stride_i, stride_j, N, CONTIGUOUS)
-        rows = rows + (tl.load(ptr + o, mask=mask, other=other).to(tl.float32),)
+        rows = rows + (tl.load(ptr + o, mask=mask, other=other).to(tl.float32),)  # noqa: RUF005
     return rows
 
 
@@ -96,7 +98,7 @@ def _exp_minus_max(rows, N: tl.constexpr):
         b_max = tl.maximum(b_max, tl.max(rows[i], axis=1))
     probs = ()
     for i in tl.static_range(N):
-        probs = probs + (tl.exp(rows[i] - b_max[:, None]),)
+        probs = probs + (tl.exp(rows[i] - b_max[:, None]),)  # noqa: RUF005
     return probs, b_max
 
 
@@ -121,8 +123,8 @@ def _iteration(rows, eps, N: tl.constexpr, FAST_DIV: tl.constexpr):
     row_norms = ()
     for i in tl.static_range(N):
         b_re = tl.sum(rows[i], axis=1) + eps
-        normalized = normalized + (rows[i] * _reciprocal(b_re, FAST_DIV)[:, None],)
-        row_norms = row_norms + (b_re,)
+        normalized = normalized + (rows[i] * _reciprocal(b_re, FAST_DIV)[:, None],)  # noqa: RUF005
+        row_norms = row_norms + (b_re,)  # noqa: RUF005
     b_ce = normalized[0]
     for i in tl.static_range(1, N):
         b_ce = b_ce + normalized[i]
@@ -130,7 +132,7 @@ def _iteration(rows, eps, N: tl.constexpr, FAST_DIV: tl.constexpr):
     b_ic = _reciprocal(b_ce, FAST_DIV)
     out = ()
     for i in tl.static_range(N):
-        out = out + (normalized[i] * b_ic,)
+        out = out + (normalized[i] * b_ic,)  # noqa: RUF005
     return out, row_norms, b_ce
 
 
@@ -154,16 +156,16 @@ def _iteration_adjoint(grads, probs, row_norms, b_ce, N: tl.constexpr):
         b_w = grads[i] - b_s * probs[i]
         b_t = tl.sum(b_w, axis=1)
         b_z = probs[i] * b_ce
-        new_grads = new_grads + (b_w - b_t[:, None] * b_z,)
-        new_probs = new_probs + (b_z * row_norms[i][:, None],)
+        new_grads = new_grads + (b_w - b_t[:, None] * b_z,)  # noqa: RUF005
+        new_probs = new_probs + (b_z * row_norms[i][:, None],)  # noqa: RUF005
     return new_grads, new_probs
 
 
 @triton.jit
 def _ones_like_norms(rows, N: tl.constexpr):
     row_norms = ()
-    for i in tl.static_range(N):
-        row_norms = row_norms + (tl.full([rows[0].shape[0]], 1.0, tl.float32),)
+    for _ in tl.static_range(N):
+        row_norms = row_norms + (tl.full([rows[0].shape[0]], 1.0, tl.float32),)  # noqa: RUF005
     return row_norms, tl.full(rows[0].shape, 1.0, tl.float32)
 
 
@@ -183,12 +185,12 @@ def _segment_adjoint(probs0, grads, eps, start, last, SEG: tl.constexpr, PADDED:
                 probs, row_norms, b_ce = _iteration(probs, eps, N, FAST_DIV)
         else:
             probs, row_norms, b_ce = _iteration(probs, eps, N, FAST_DIV)
-        history = history + ((row_norms, b_ce),)
+        history = history + ((row_norms, b_ce),)  # noqa: RUF005
     if last:
         # Q_K = dP * P_K, with P_K in float32 (the cast to the output dtype passes dP through).
         new_grads = ()
         for i in tl.static_range(N):
-            new_grads = new_grads + (grads[i] * probs[i],)
+            new_grads = new_grads + (grads[i] * probs[i],)  # noqa: RUF005
         grads = new_grads
     for step in tl.static_range(SEG - 1, -1, -1):
         if PADDED:
@@ -269,7 +271,7 @@ def _sinkhorn_bwd_kernel(
     if NUM_ITERS == 0:
         new_grads = ()
         for i in tl.static_range(N):
-            new_grads = new_grads + (grads[i] * probs0[i],)
+            new_grads = new_grads + (grads[i] * probs0[i],)  # noqa: RUF005
         grads = new_grads
     # Segments last to first, in a loop the compiler does not unroll: its body (one segment,
     # unrolled) is compiled once, and Triton's coalescing pass, which walks everything that
@@ -290,7 +292,7 @@ def _sinkhorn_bwd_kernel(
     b_share = b_total / b_ties
     out = ()
     for i in tl.static_range(N):
-        out = out + (tl.where(logits[i] == b_max[:, None], grads[i] - b_share[:, None], grads[i]),)
+        out = out + (tl.where(logits[i] == b_max[:, None], grads[i] - b_share[:, None], grads[i]),)  # noqa: RUF005
     _store_rows(dx, out, o_b, o_j, m_bj, N)
 
 

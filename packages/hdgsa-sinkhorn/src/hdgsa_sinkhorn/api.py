@@ -6,6 +6,7 @@ import math
 import numbers
 
 import torch
+
 from hdgsa_core import check_dtype, check_tensor, resolve_backend, triton_unavailable_reason
 
 from .reference import sinkhorn_knopp_reference

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+
 from hdgsa_core.registry import BenchCase, ProviderUnavailable
 
 __all__ = ["SHAPES", "bench_cases"]

@@ -7,6 +7,7 @@ the output and the gradient against the float64 reference.
 from __future__ import annotations
 
 import torch
+
 from hdgsa_core import runnable_backends
 from hdgsa_core.registry import CheckResult, compare_outputs
 from hdgsa_core.testing import DEFAULT_TOLERANCE, make_tensor
