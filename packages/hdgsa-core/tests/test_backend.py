@@ -30,7 +30,9 @@ def test_auto_picks_accelerated_only_when_it_can_run(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
     assert resolve_backend("auto", CPU, op="o", unavailable_reason=_reason_never) == "triton"
     assert resolve_backend("auto", CPU, op="o", unavailable_reason=_reason_always) == "torch"
-    assert resolve_backend("auto", CPU, op="o", implemented=False, unavailable_reason=_reason_never) == "torch"
+    assert (
+        resolve_backend("auto", CPU, op="o", implemented=False, unavailable_reason=_reason_never) == "torch"
+    )
 
 
 def test_env_override_beats_auto(monkeypatch):
@@ -82,7 +84,13 @@ def test_capabilities_reports_flags():
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("3.7.1", (3, 7, 1)), ("0.6.0.dev1+g12", (0, 6, 0)), ("2.11.0+cu130", (2, 11, 0)), (None, ()), ("abc", ())],
+    [
+        ("3.7.1", (3, 7, 1)),
+        ("0.6.0.dev1+g12", (0, 6, 0)),
+        ("2.11.0+cu130", (2, 11, 0)),
+        (None, ()),
+        ("abc", ()),
+    ],
 )
 def test_parse_version(text, expected):
     assert hdgsa_core.parse_version(text) == expected

@@ -14,7 +14,9 @@ from hdgsa_core import (
 def test_check_shape_names_argument_expected_and_actual():
     x = torch.ones(2, 3, 4)
     check_shape("x", x, (2, None, 4))
-    with pytest.raises(ValueError, match=r"x: expected shape \[B, T, N\] = \[2, \*, 5\], got shape \[2, 3, 4\]"):
+    with pytest.raises(
+        ValueError, match=r"x: expected shape \[B, T, N\] = \[2, \*, 5\], got shape \[2, 3, 4\]"
+    ):
         check_shape("x", x, (2, None, 5), "[B, T, N]")
     with pytest.raises(ValueError, match="got shape"):
         check_shape("x", x, (2, 3))
@@ -31,7 +33,7 @@ def test_check_dtype_is_type_error():
     check_dtype("x", torch.ones(2, dtype=torch.bfloat16))
     with pytest.raises(TypeError, match="x: dtype float64 is not supported"):
         check_dtype("x", torch.ones(2, dtype=torch.float64))
-    with pytest.raises(TypeError, match="expected a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"expected a torch\.Tensor"):
         check_tensor("x", [1.0])
 
 
@@ -47,3 +49,30 @@ def test_check_index_range():
     check_index_range("indices", torch.empty(0, dtype=torch.int64), 5)
     with pytest.raises(ValueError, match="indices: index 5 is out of range"):
         check_index_range("indices", torch.tensor([0, 5]), 5)
+
+
+def test_scalar_checks():
+    from hdgsa_core import check_bool, check_int, check_real
+
+    check_int("topk", 3)
+    check_real("scale", 0.5)
+    check_real("scale", 2)
+    check_bool("causal", True)
+    with pytest.raises(TypeError, match="topk: expected an int, got float"):
+        check_int("topk", 3.0)
+    with pytest.raises(TypeError, match="expected an int, got bool"):
+        check_int("topk", True)
+    with pytest.raises(TypeError, match="scale: expected a real number, got str"):
+        check_real("scale", "1")
+    with pytest.raises(TypeError, match="causal: expected a bool, got int"):
+        check_bool("causal", 1)
+
+
+def test_autocast_disabled_keeps_float32():
+    from hdgsa_core import autocast_disabled
+
+    a = torch.randn(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ a).dtype == torch.bfloat16
+        with autocast_disabled(a.device):
+            assert (a @ a).dtype == torch.float32

@@ -3,21 +3,32 @@ import sys
 
 import pytest
 import torch
-from hdgsa_core.registry import BenchCase, CheckResult
 
+from hdgsa_core.registry import BenchCase, CheckResult
 from hdgsa_kernels import cli
-from hdgsa_kernels.bench import Ceilings, Measurement, _add_speedups, format_results, run_benchmarks, summarize
+from hdgsa_kernels.bench import (
+    Ceilings,
+    Measurement,
+    _add_speedups,
+    format_results,
+    run_benchmarks,
+    summarize,
+)
 from hdgsa_kernels.ops import resolve_op_names
 
 
 def test_info_prints_versions_and_flags(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "hdgsa-rmsnorm" in out and "HAS_TRITON" in out and torch.__version__ in out
+    assert "hdgsa-rmsnorm" in out
+    assert "HAS_TRITON" in out
+    assert torch.__version__ in out
 
 
 def test_module_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "hdgsa_kernels", "info"], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "hdgsa_kernels", "info"], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert "HAS_FLA" in result.stdout
 
@@ -25,12 +36,17 @@ def test_module_entry_point_runs():
 def test_check_sinkhorn_passes_on_cpu(capsys):
     assert cli.main(["check", "sinkhorn", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "sinkhorn" in out and " 0 failed" in out
+    assert "sinkhorn" in out
+    assert " 0 failed" in out
 
 
 def test_check_exits_non_zero_on_a_mismatch(monkeypatch, capsys):
     failing = [CheckResult("rmsnorm", "torch", "tiny", "y", 1.0, 1e-5)]
-    monkeypatch.setattr(cli, "import_op_module", lambda op, sub: type("M", (), {"self_check": staticmethod(lambda device: failing)}))
+    monkeypatch.setattr(
+        cli,
+        "import_op_module",
+        lambda op, sub: type("M", (), {"self_check": staticmethod(lambda device: failing)}),
+    )
     assert cli.main(["check", "rmsnorm", "--device", "cpu"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
@@ -39,7 +55,9 @@ def test_check_counts_a_crash_as_failure(monkeypatch, capsys):
     def crash(device):
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr(cli, "import_op_module", lambda op, sub: type("M", (), {"self_check": staticmethod(crash)}))
+    monkeypatch.setattr(
+        cli, "import_op_module", lambda op, sub: type("M", (), {"self_check": staticmethod(crash)})
+    )
     assert cli.main(["check", "rmsnorm", "--device", "cpu"]) == 1
     assert "kernel exploded" in capsys.readouterr().out
 
@@ -65,9 +83,11 @@ def test_roofline_and_speedups():
     _add_speedups(case, [ours, peer, missing])
     assert ours.gbps == pytest.approx(2400.0)
     assert ours.roofline_pct == pytest.approx(80.0)
-    assert peer.speedup == pytest.approx(2.0) and ours.speedup == pytest.approx(2.0)
+    assert peer.speedup == pytest.approx(2.0)
+    assert ours.speedup == pytest.approx(2.0)
     table = format_results([ours, peer, missing])
-    assert "skipped: not installed" in table and "2400" in table
+    assert "skipped: not installed" in table
+    assert "2400" in table
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

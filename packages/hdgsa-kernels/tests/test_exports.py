@@ -8,11 +8,28 @@ from hdgsa_core import HAS_TRITON, interpreter_enabled
 from hdgsa_core.testing import assert_close, make_tensor
 
 SEED_NAMES = [
-    "HAS_TRITON", "HAS_FLA", "triton_sparse_attention", "pytorch_sparse_attention", "triton_gated_indexer",
-    "pytorch_gated_indexer", "triton_sinkhorn_knopp", "pytorch_sinkhorn_knopp", "triton_rmsnorm",
-    "pytorch_rmsnorm", "TritonRMSNorm", "fla_gated_delta_rule",
+    "HAS_TRITON",
+    "HAS_FLA",
+    "triton_sparse_attention",
+    "pytorch_sparse_attention",
+    "triton_gated_indexer",
+    "pytorch_gated_indexer",
+    "triton_sinkhorn_knopp",
+    "pytorch_sinkhorn_knopp",
+    "triton_rmsnorm",
+    "pytorch_rmsnorm",
+    "TritonRMSNorm",
+    "fla_gated_delta_rule",
 ]
-UNIFIED_NAMES = ["rms_norm", "RMSNorm", "sinkhorn_knopp", "gated_indexer", "indexer_topk", "sparse_attention", "gated_delta_rule"]
+UNIFIED_NAMES = [
+    "rms_norm",
+    "RMSNorm",
+    "sinkhorn_knopp",
+    "gated_indexer",
+    "indexer_topk",
+    "sparse_attention",
+    "gated_delta_rule",
+]
 TRITON_RUNS_ON_CPU = HAS_TRITON and interpreter_enabled()
 
 
@@ -31,7 +48,11 @@ def test_flags_are_the_core_flags():
 
 def test_pins_match_member_versions():
     requirements = importlib.metadata.requires("hdgsa-kernels") or []
-    pins = {req.split("~=")[0].strip(): req.split("~=")[1].split(";")[0].strip() for req in requirements if "~=" in req}
+    pins = {
+        req.split("~=")[0].strip(): req.split("~=")[1].split(";")[0].strip()
+        for req in requirements
+        if "~=" in req
+    }
     assert len(pins) == 6
     for member, pin in pins.items():
         assert importlib.metadata.version(member) == pin, member
@@ -48,7 +69,10 @@ def test_pytorch_rmsnorm_matches_rms_norm_and_returns_y_only():
 
 def test_pytorch_sinkhorn_matches_sinkhorn_knopp():
     logits = make_tensor(5, 4, 4, seed=4)
-    assert torch.equal(hdgsa_kernels.pytorch_sinkhorn_knopp(logits, 7, 1e-8), hdgsa_kernels.sinkhorn_knopp(logits, 7, 1e-8, backend="torch"))
+    assert torch.equal(
+        hdgsa_kernels.pytorch_sinkhorn_knopp(logits, 7, 1e-8),
+        hdgsa_kernels.sinkhorn_knopp(logits, 7, 1e-8, backend="torch"),
+    )
 
 
 def test_pytorch_gated_indexer_matches_gated_indexer():
@@ -59,8 +83,14 @@ def test_pytorch_gated_indexer_matches_gated_indexer():
 
 
 def test_pytorch_sparse_attention_matches_sparse_attention():
-    q, k, v = make_tensor(1, 4, 2, 8, seed=9), make_tensor(1, 4, 2, 8, seed=10), make_tensor(1, 4, 2, 8, seed=11)
-    indices = torch.tensor([[[0, -1], [0, 1], [1, 2], [3, 0]]]).expand(1, 4, 2).unsqueeze(1).expand(1, 2, 4, 2)
+    q, k, v = (
+        make_tensor(1, 4, 2, 8, seed=9),
+        make_tensor(1, 4, 2, 8, seed=10),
+        make_tensor(1, 4, 2, 8, seed=11),
+    )
+    indices = (
+        torch.tensor([[[0, -1], [0, 1], [1, 2], [3, 0]]]).expand(1, 4, 2).unsqueeze(1).expand(1, 2, 4, 2)
+    )
     expected = hdgsa_kernels.sparse_attention(q, k, v, indices, backend="torch")
     assert torch.equal(hdgsa_kernels.pytorch_sparse_attention(q, k, v, indices), expected)
 
@@ -96,6 +126,8 @@ def test_triton_names_raise_where_triton_cannot_run():
 @pytest.mark.skipif(not TRITON_RUNS_ON_CPU, reason="needs Triton with TRITON_INTERPRET=1")
 def test_triton_names_run_the_triton_backend_on_cpu_interpreter():
     logits = make_tensor(3, 4, 4, seed=21)
-    assert_close("P", hdgsa_kernels.triton_sinkhorn_knopp(logits), hdgsa_kernels.pytorch_sinkhorn_knopp(logits), 1e-5)
+    assert_close(
+        "P", hdgsa_kernels.triton_sinkhorn_knopp(logits), hdgsa_kernels.pytorch_sinkhorn_knopp(logits), 1e-5
+    )
     x, weight = make_tensor(3, 40, seed=22), make_tensor(40, seed=23)
     assert_close("y", hdgsa_kernels.triton_rmsnorm(x, weight), hdgsa_kernels.pytorch_rmsnorm(x, weight), 1e-5)

@@ -1,6 +1,7 @@
 """hdgsa-core: capability flags, backend choice, argument checks and shared helpers for the
 hdgsa kernel packages."""
 
+from .autocast import autocast_disabled
 from .backend import BACKEND_ENV_VAR, resolve_backend, runnable_backends, triton_unavailable_reason
 from .capabilities import (
     FLA_VERSION,
@@ -15,9 +16,12 @@ from .capabilities import (
 from .checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_bool,
     check_dtype,
     check_index_range,
+    check_int,
     check_ndim,
+    check_real,
     check_same_device,
     check_shape,
     check_tensor,
@@ -35,10 +39,14 @@ __all__ = [
     "INDEX_DTYPES",
     "TRITON_VERSION",
     "__version__",
+    "autocast_disabled",
     "capabilities",
+    "check_bool",
     "check_dtype",
     "check_index_range",
+    "check_int",
     "check_ndim",
+    "check_real",
     "check_same_device",
     "check_shape",
     "check_tensor",

@@ -58,11 +58,7 @@ TRITON_VERSION: str | None = (
 )
 HAS_TRITON: bool = TRITON_VERSION is not None
 FLA_VERSION: str | None = _distribution_version("fla-core", "flash-linear-attention")
-HAS_FLA: bool = (
-    HAS_TRITON
-    and _module_present("fla")
-    and parse_version(FLA_VERSION) >= FLA_MIN_VERSION
-)
+HAS_FLA: bool = HAS_TRITON and _module_present("fla") and parse_version(FLA_VERSION) >= FLA_MIN_VERSION
 HAS_CUDA: bool = torch.cuda.is_available()
 
 
@@ -73,9 +69,9 @@ def interpreter_enabled() -> bool:
 
 def capabilities() -> dict[str, object]:
     """Versions, flags and devices, as a plain dict (what ``hdgsa-kernels info`` prints)."""
-    devices = [
-        torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())
-    ] if HAS_CUDA else []
+    devices = (
+        [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())] if HAS_CUDA else []
+    )
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -6,6 +6,7 @@ syncs with the device except :func:`check_index_range`, which reads a max/min ba
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -13,9 +14,12 @@ import torch
 __all__ = [
     "FLOAT_DTYPES",
     "INDEX_DTYPES",
+    "check_bool",
     "check_dtype",
     "check_index_range",
+    "check_int",
     "check_ndim",
+    "check_real",
     "check_same_device",
     "check_shape",
     "check_tensor",
@@ -38,14 +42,14 @@ def check_tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
-def check_dtype(
-    name: str, tensor: torch.Tensor, allowed: Sequence[torch.dtype] = FLOAT_DTYPES
-) -> None:
+def check_dtype(name: str, tensor: torch.Tensor, allowed: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
     """TypeError unless ``tensor.dtype`` is one of ``allowed``."""
     check_tensor(name, tensor)
     if tensor.dtype not in allowed:
         names = ", ".join(str(dtype).removeprefix("torch.") for dtype in allowed)
-        raise TypeError(f"{name}: dtype {str(tensor.dtype).removeprefix('torch.')} is not supported; expected one of {names}")
+        raise TypeError(
+            f"{name}: dtype {str(tensor.dtype).removeprefix('torch.')} is not supported; expected one of {names}"
+        )
 
 
 def check_ndim(name: str, tensor: torch.Tensor, ndims: int | Sequence[int], layout: str) -> None:
@@ -69,7 +73,7 @@ def check_shape(
     check_tensor(name, tensor)
     actual = tuple(tensor.shape)
     matches = len(actual) == len(expected) and all(
-        want is None or want == got for want, got in zip(expected, actual)
+        want is None or want == got for want, got in zip(expected, actual, strict=False)
     )
     if not matches:
         what = f"{layout} = {format_shape(expected)}" if layout else format_shape(expected)
@@ -93,3 +97,21 @@ def check_index_range(name: str, indices: torch.Tensor, upper: int) -> None:
     largest = int(indices.max())
     if largest >= upper:
         raise ValueError(f"{name}: index {largest} is out of range; indices must be < {upper}")
+
+
+def check_int(name: str, value: object) -> None:
+    """TypeError unless ``value`` is an integer (``bool`` is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+
+
+def check_real(name: str, value: object) -> None:
+    """TypeError unless ``value`` is a real number (``bool`` is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+
+
+def check_bool(name: str, value: object) -> None:
+    """TypeError unless ``value`` is a ``bool``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")

@@ -133,7 +133,9 @@ def strided_rows(tensor: torch.Tensor, pad: int = 7) -> torch.Tensor:
     return view.requires_grad_(tensor.requires_grad)
 
 
-def grads_of(output: torch.Tensor, inputs: Sequence[torch.Tensor | None], grad_output: torch.Tensor) -> list[torch.Tensor | None]:
+def grads_of(
+    output: torch.Tensor, inputs: Sequence[torch.Tensor | None], grad_output: torch.Tensor
+) -> list[torch.Tensor | None]:
     """Gradients of ``(output * grad_output).sum()`` for each input (None where not given
     or not reached)."""
     present = [tensor for tensor in inputs if tensor is not None]
@@ -174,8 +176,10 @@ class poisoned_empty:
         _build_dynamo_function_map()
         self._saved = {name: getattr(torch, name) for name in _EMPTY_FACTORIES}
         for name, factory in self._saved.items():
+
             def poisoned(*args: object, _factory=factory, **kwargs: object) -> torch.Tensor:
                 return _poison(_factory(*args, **kwargs))
+
             setattr(torch, name, poisoned)
         return self
 

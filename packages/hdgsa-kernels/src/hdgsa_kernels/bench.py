@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
 from hdgsa_core import capabilities
 from hdgsa_core.registry import BenchCase, ProviderUnavailable
 
@@ -61,17 +62,25 @@ def do_bench_timer(warmup_ms: float, rep_ms: float) -> Timer:
 def measure_ceilings(timer: Timer, device: torch.device) -> Ceilings:
     """Copy bandwidth of a 1 GiB bf16 device-to-device copy (read + write bytes) and the bf16
     rate of an 8192^3 matrix product, both on random data."""
-    source = torch.randn(512 * 1024 * 1024, device=device, dtype=torch.bfloat16)
-    target = torch.empty_like(source)
-    copy_ms = timer(lambda: target.copy_(source))
-    copy_gbps = 2 * source.numel() * source.element_size() / (copy_ms * 1e-3) / 1e9
-    del source, target
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    matmul_ms = timer(lambda: a @ b)
-    del a, b
+    copy_bytes, copy_ms = _time_copy(timer, device, numel=512 * 1024 * 1024)
+    matmul_flops, matmul_ms = _time_matmul(timer, device, size=8192)
     torch.cuda.empty_cache()
-    return Ceilings(copy_gbps=copy_gbps, matmul_tflops=2 * 8192**3 / (matmul_ms * 1e-3) / 1e12)
+    return Ceilings(
+        copy_gbps=copy_bytes / (copy_ms * 1e-3) / 1e9,
+        matmul_tflops=matmul_flops / (matmul_ms * 1e-3) / 1e12,
+    )
+
+
+def _time_copy(timer: Timer, device: torch.device, numel: int) -> tuple[float, float]:
+    source = torch.randn(numel, device=device, dtype=torch.bfloat16)
+    target = torch.empty_like(source)
+    return 2.0 * numel * source.element_size(), timer(lambda: target.copy_(source))
+
+
+def _time_matmul(timer: Timer, device: torch.device, size: int) -> tuple[float, float]:
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    return 2.0 * size**3, timer(lambda: a @ b)
 
 
 def summarize(case: BenchCase, measurement: Measurement, ceilings: Ceilings) -> None:
@@ -116,14 +125,21 @@ def _time_provider(case: BenchCase, provider: str, timer: Timer, ceilings: Ceili
     except ProviderUnavailable as reason:
         measurement.note = f"skipped: {reason}"
     except Exception as error:  # a peer that crashes is reported, the run goes on
-        measurement.note = f"error: {type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
+        measurement.note = (
+            f"error: {type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
+        )
     return measurement
 
 
 def _progress(done: int, total: int, label: str) -> None:
     width = 30
     filled = width * done // max(total, 1)
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label[:70]:<70}", end="", file=sys.stderr, flush=True)
+    print(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label[:70]:<70}",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -136,15 +152,25 @@ def format_results(measurements: Sequence[Measurement]) -> str:
     out = []
     for op in dict.fromkeys(m.op for m in measurements):
         rows = [
-            [m.case, m.provider, _fmt(m.ms, ".4f"), _fmt(m.gbps, ".0f"), _fmt(m.tflops, ".1f"),
-             _fmt(m.roofline_pct, ".1f"), _fmt(m.peak_mib, ".0f"), _fmt(m.speedup, ".2f"), m.note]
-            for m in measurements if m.op == op
+            [
+                m.case,
+                m.provider,
+                _fmt(m.ms, ".4f"),
+                _fmt(m.gbps, ".0f"),
+                _fmt(m.tflops, ".1f"),
+                _fmt(m.roofline_pct, ".1f"),
+                _fmt(m.peak_mib, ".0f"),
+                _fmt(m.speedup, ".2f"),
+                m.note,
+            ]
+            for m in measurements
+            if m.op == op
         ]
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
         out.append(f"\n## {op}")
-        out.append(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
+        out.append(" | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
         out.append("-|-".join("-" * w for w in widths))
-        out += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        out += [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     out.append("\n'ours x' on a peer row: peer ms / ours ms; on ours: best peer ms / ours ms.")
     return "\n".join(out)
 
@@ -202,7 +228,10 @@ def run_benchmarks(
     work = [(case, name) for case in cases for name in case.providers if not providers or name in providers]
     print("measuring the copy bandwidth and the matmul rate ...", file=sys.stderr, flush=True)
     ceilings = measure_ceilings(timer, device)
-    print(f"ceilings: copy {ceilings.copy_gbps:.0f} GB/s, bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s", flush=True)
+    print(
+        f"ceilings: copy {ceilings.copy_gbps:.0f} GB/s, bf16 matmul {ceilings.matmul_tflops:.0f} TFLOP/s",
+        flush=True,
+    )
 
     measurements: list[Measurement] = []
     for done, (case, name) in enumerate(work):

@@ -8,6 +8,7 @@ import traceback
 from collections.abc import Sequence
 
 import torch
+
 from hdgsa_core import capabilities
 from hdgsa_core.registry import CheckResult
 
@@ -20,9 +21,9 @@ __all__ = ["build_parser", "main"]
 def _format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(cell) for cell in row] for row in rows]
     widths = [max([len(header)] + [len(row[i]) for row in cells]) for i, header in enumerate(headers)]
-    lines = ["  ".join(header.ljust(width) for header, width in zip(headers, widths))]
+    lines = ["  ".join(header.ljust(width) for header, width in zip(headers, widths, strict=True))]
     lines.append("  ".join("-" * width for width in widths))
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in cells]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
 
 
@@ -30,7 +31,10 @@ def _info(_: argparse.Namespace) -> int:
     from importlib.metadata import PackageNotFoundError, version
 
     print(f"hdgsa-kernels {__version__}")
-    for name in ["hdgsa-core", *(f"hdgsa-{op}" if op != "deltanet" else "hdgsa-deltanet-fla" for op in OP_PACKAGES)]:
+    for name in [
+        "hdgsa-core",
+        *(f"hdgsa-{op}" if op != "deltanet" else "hdgsa-deltanet-fla" for op in OP_PACKAGES),
+    ]:
         try:
             print(f"  {name:<20} {version(name)}")
         except PackageNotFoundError:
@@ -57,7 +61,9 @@ def _check(args: argparse.Namespace) -> int:
                 results: list[CheckResult] = import_op_module(op, "selfcheck").self_check(device)
             except Exception as error:  # a crash is a failed check, reported and counted
                 traceback.print_exc()
-                rows.append([op, "-", str(device), "-", "-", "-", "-", f"ERROR {type(error).__name__}: {error}"])
+                rows.append(
+                    [op, "-", str(device), "-", "-", "-", "-", f"ERROR {type(error).__name__}: {error}"]
+                )
                 failures += 1
                 continue
             if not results:
@@ -66,8 +72,18 @@ def _check(args: argparse.Namespace) -> int:
             for result in results:
                 status = "ok" if result.passed else "FAIL"
                 failures += not result.passed
-                rows.append([result.op, result.backend, str(device), result.case, result.output,
-                             f"{result.error:.2e}", f"{result.tol:.0e}", status])
+                rows.append(
+                    [
+                        result.op,
+                        result.backend,
+                        str(device),
+                        result.case,
+                        result.output,
+                        f"{result.error:.2e}",
+                        f"{result.tol:.0e}",
+                        status,
+                    ]
+                )
     print(_format_table(["op", "backend", "device", "case", "output", "rel err", "tol", "status"], rows))
     print(f"\n{len(rows) - failures} passed, {failures} failed")
     return 1 if failures else 0
@@ -94,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="every op, every backend that can run here, fwd+bwd vs float64")
     check.add_argument("ops", nargs="*", help=f"ops to check (default all): {', '.join(OP_PACKAGES)}")
-    check.add_argument("--device", default="all", help="cpu, cuda, or all (default: cpu, plus cuda if present)")
+    check.add_argument(
+        "--device", default="all", help="cpu, cuda, or all (default: cpu, plus cuda if present)"
+    )
     check.set_defaults(run=_check)
 
     bench = commands.add_parser("bench", help="time every op against its peers on the GPU")
@@ -115,4 +133,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:  # bad op names and the like: a usage error, not a traceback
         print(f"hdgsa-kernels: error: {error}", file=sys.stderr)
         return 2
-

@@ -15,7 +15,12 @@ OP_PACKAGES: dict[str, str] = {
     "sparse-attn": "hdgsa_sparse_attn",
     "deltanet": "hdgsa_deltanet_fla",
 }
-_ALIASES = {"sparse": "sparse-attn", "sparse_attn": "sparse-attn", "deltanet-fla": "deltanet", "rms_norm": "rmsnorm"}
+_ALIASES = {
+    "sparse": "sparse-attn",
+    "sparse_attn": "sparse-attn",
+    "deltanet-fla": "deltanet",
+    "rms_norm": "rmsnorm",
+}
 
 
 def resolve_op_names(names: list[str] | None) -> list[str]:

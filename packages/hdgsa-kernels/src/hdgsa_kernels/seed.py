@@ -7,6 +7,7 @@ instead of the seed's silent fallback); ``pytorch_X(...)`` is the op with ``back
 from __future__ import annotations
 
 import torch
+
 from hdgsa_deltanet_fla import gated_delta_rule
 from hdgsa_indexer import gated_indexer
 from hdgsa_rmsnorm import RMSNorm, rms_norm
