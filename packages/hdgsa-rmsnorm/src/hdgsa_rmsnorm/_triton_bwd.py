@@ -27,10 +27,10 @@ import triton.language as tl
 
 from ._triton_common import (
     BWD_MAX_FUSED_N,
+    BWD_SPLIT_BLOCK_N,
+    BWD_SPLIT_NUM_WARPS,
+    BWD_SPLIT_PROGRAMS_PER_SM,
     MAX_SPINS,
-    SPLIT_BLOCK_N,
-    SPLIT_NUM_WARPS,
-    SPLIT_PROGRAMS_PER_SM,
     RowLayout,
     resident_launch_options,
     row_layout,
@@ -48,9 +48,10 @@ __all__ = ["rms_norm_bwd"]
 # 128 per thread makes them all resident (a persistent program that is not resident would run
 # after the others, as a second wave).
 BWD_WARPS_PER_SM = 16
-# Columns per program of the dw reduction, and partial rows summed per step.
-_REDUCE_BLOCK_N = 256
-_REDUCE_BLOCK_P = 16
+# Columns per program of the dw reduction, and partial rows summed per step (many programs,
+# few dependent steps: the reduction reads a few MB and is latency-bound).
+_REDUCE_BLOCK_N = 64
+_REDUCE_BLOCK_P = 64
 
 
 @triton.jit
@@ -176,7 +177,6 @@ def _rms_norm_bwd_split_kernel(
     DRES,
     DW_PARTIAL,
     PARTIAL,
-    COUNTER,
     M,
     N,
     dy_inner,
@@ -282,21 +282,25 @@ def _rms_norm_bwd_split_kernel(
             b_g = b_dy
         p_partial = PARTIAL + tl.cast(i_row, tl.int64) * NUM_CHUNKS
         if PHASE != 2:
-            tl.store(p_partial + i_g, tl.sum(b_g * b_n, axis=0))
+            b_mine = tl.sum(b_g * b_n, axis=0).to(tl.int32, bitcast=True)
+            tl.store(p_partial + i_g, b_mine, cache_modifier=".cg")
         if PHASE != 1:
             if HAS_DH and PHASE == 2:
                 o_dh = _row_offsets(i_row, dh_inner, dh_stride_outer, dh_stride_inner)
                 b_dh = tl.load(DH + o_dh + o_n, mask=m_n, other=0.0).to(tl.float32)
+            b_bits = tl.load(p_partial + o_g, mask=m_g, other=0, volatile=True)
             if PHASE == 0:
-                tl.debug_barrier()
-                n_done = tl.atomic_add(COUNTER + i_row, 1, sem="release") + 1
-                while (n_done < NUM_CHUNKS) & (n_spins < MAX_SPINS):
-                    n_done = tl.atomic_add(COUNTER + i_row, 0, sem="acquire")
+                # wait for the row's other chunks (slots hold -1 until written)
+                b_bits = tl.where(o_g == i_g, b_mine, b_bits)
+                n_missing = tl.sum((b_bits == -1).to(tl.int32), axis=0)
+                while (n_missing > 0) & (n_spins < MAX_SPINS):
+                    b_bits = tl.load(p_partial + o_g, mask=m_g, other=0, volatile=True)
+                    b_bits = tl.where(o_g == i_g, b_mine, b_bits)
+                    n_missing = tl.sum((b_bits == -1).to(tl.int32), axis=0)
                     n_spins += 1
-            b_partials = tl.load(p_partial + o_g, mask=m_g, other=0.0, volatile=True)
-            b_c = tl.sum(b_partials, axis=0) / N
+            b_c = tl.sum(b_bits.to(tl.float32, bitcast=True), axis=0) / N
             if PHASE == 0:  # a row whose partial sums never all arrived gives NaN, not a hang
-                b_c = tl.where(n_done >= NUM_CHUNKS, b_c, float("nan"))
+                b_c = tl.where(n_missing == 0, b_c, float("nan"))
             b_dx = (b_g - b_n * b_c) * b_rstd
             if HAS_DH:
                 b_dx += b_dh
@@ -432,16 +436,20 @@ def rms_norm_bwd(
         )
         return dx, (_reduce_dw(dw_partial, weight) if need_dw else None), dres
 
-    block_n = config.get("split_block_n", SPLIT_BLOCK_N)
-    num_warps = config.get("split_num_warps", SPLIT_NUM_WARPS)
-    programs_per_sm = config.get("split_programs_per_sm", SPLIT_PROGRAMS_PER_SM)
+    block_n = config.get("split_block_n", BWD_SPLIT_BLOCK_N)
+    num_warps = config.get("split_num_warps", BWD_SPLIT_NUM_WARPS)
+    programs_per_sm = config.get("split_programs_per_sm", BWD_SPLIT_PROGRAMS_PER_SM)
     n_chunks = triton.cdiv(hidden, block_n)
     one_pass = config.get("one_pass", True) and use_one_pass_split(device, n_chunks, programs_per_sm)
     if one_pass:
         n_slots = max(1, min(rows, sm_count(device) * programs_per_sm // n_chunks))
     else:
         n_slots = max(1, min(rows, 4 * sm_count(device) // n_chunks))
-    partial = torch.empty((rows, n_chunks), dtype=torch.float32, device=device)
+    # float32 partial sums as int32 bits; -1 marks a slot not written yet (one-pass only)
+    if one_pass:
+        partial = torch.full((rows, n_chunks), -1, dtype=torch.int32, device=device)
+    else:
+        partial = torch.empty((rows, n_chunks), dtype=torch.int32, device=device)
     dw_partial = torch.empty((n_slots, hidden), dtype=torch.float32, device=device) if need_dw else dx
     split = dict(
         common,
@@ -453,17 +461,13 @@ def rms_norm_bwd(
         MAX_SPINS=MAX_SPINS,
     )
     if one_pass:
-        counter = torch.zeros(rows, dtype=torch.int32, device=device)
         _rms_norm_bwd_split_kernel[(n_slots * n_chunks,)](
             **split,
-            COUNTER=counter,
             PHASE=0,
             num_warps=num_warps,
             **split_launch_options(device, num_warps, programs_per_sm),
         )
     else:
         for phase in (1, 2):
-            _rms_norm_bwd_split_kernel[(n_slots * n_chunks,)](
-                **split, COUNTER=partial, PHASE=phase, num_warps=num_warps
-            )
+            _rms_norm_bwd_split_kernel[(n_slots * n_chunks,)](**split, PHASE=phase, num_warps=num_warps)
     return dx, (_reduce_dw(dw_partial, weight) if need_dw else None), dres

@@ -21,13 +21,17 @@ from hdgsa_core.triton_utils import next_power_of_2
 MAX_FUSED_N = 16384
 BWD_MAX_FUSED_N = 8192
 
-# Split rows: columns per program, warps, and programs kept resident per SM. One program holds
-# 8192 fp32 values (32 per thread at 8 warps); a register cap of 65536 / (256 * 2) = 128 per
-# thread guarantees two resident programs per SM, which the one-pass split kernels rely on
-# (programs of a row wait for each other's partial sums).
+# Split rows: columns per program, warps, and programs kept resident per SM. The forward holds
+# 8192 float32 values per program (32 per thread at 8 warps); the backward, with five blocks per
+# row chunk, 4096 (16 per thread). A register cap of 65536 / (256 * 2) = 128 per thread keeps
+# two programs resident per SM, which the one-pass split kernels rely on (programs of a row wait
+# for each other's partial sums).
 SPLIT_BLOCK_N = 8192
 SPLIT_NUM_WARPS = 8
 SPLIT_PROGRAMS_PER_SM = 2
+BWD_SPLIT_BLOCK_N = 4096
+BWD_SPLIT_NUM_WARPS = 8
+BWD_SPLIT_PROGRAMS_PER_SM = 2
 
 # A program spins at most this many times in all waiting for the partial sums of the other
 # programs of its rows (about a second); past that its rows come out NaN rather than hang.
