@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.python:
-        python = args.python
+        # Tests run inside each package folder: a relative path must not depend on that.
+        python = str(Path(args.python).absolute()) if os.sep in args.python else args.python
     elif args.no_install:
         python = sys.executable
     else:
