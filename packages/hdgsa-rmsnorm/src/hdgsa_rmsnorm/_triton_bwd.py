@@ -32,9 +32,9 @@ from ._triton_common import (
     BWD_SPLIT_PROGRAMS_PER_SM,
     MAX_SPINS,
     RowLayout,
+    bwd_row_tile,
     resident_launch_options,
     row_layout,
-    row_tile,
     sm_count,
     split_launch_options,
     use_one_pass_split,
@@ -43,11 +43,9 @@ from ._triton_fwd import _row_offsets
 
 __all__ = ["rms_norm_bwd"]
 
-# Warps per SM of the persistent backward (rows that fit): with the next tile's loads in flight,
-# 16 warps of 16 elements per thread and tensor keep ~48 KB per SM in flight; a register cap of
-# 128 per thread makes them all resident (a persistent program that is not resident would run
-# after the others, as a second wave).
-BWD_WARPS_PER_SM = 16
+# The persistent backward (rows that fit) runs 16 warps per SM (see bwd_row_tile); a register
+# cap of 128 per thread makes them all resident (a persistent program that is not resident
+# would run after the others, as a second wave).
 # Columns per program of the dw reduction, and partial rows summed per step (many programs,
 # few dependent steps: the reduction reads a few MB and is latency-bound).
 _REDUCE_BLOCK_N = 64
@@ -419,16 +417,16 @@ def rms_norm_bwd(
         NEED_DW=need_dw,
     )
     if hidden <= config.get("max_fused_n", BWD_MAX_FUSED_N):
-        tile = row_tile(hidden, rows)
+        tile = bwd_row_tile(hidden, rows)
         block_m = config.get("block_m", tile.block_m)
         num_warps = config.get("num_warps", tile.num_warps)
-        programs_per_sm = config.get("programs_per_sm", max(1, BWD_WARPS_PER_SM // num_warps))
+        programs_per_sm = config.get("programs_per_sm", tile.programs_per_sm)
         n_programs = max(1, min(triton.cdiv(rows, block_m), sm_count(device) * programs_per_sm))
         dw_partial = torch.empty((n_programs, hidden), dtype=torch.float32, device=device) if need_dw else dx
         _rms_norm_bwd_kernel[(n_programs,)](
             **common,
             DW_PARTIAL=dw_partial,
-            PREFETCH=bool(config.get("prefetch", True)),
+            PREFETCH=bool(config.get("prefetch", tile.prefetch)),
             BLOCK_M=block_m,
             BLOCK_N=tile.block_n,
             num_warps=num_warps,
