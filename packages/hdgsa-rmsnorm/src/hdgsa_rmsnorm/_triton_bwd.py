@@ -175,6 +175,7 @@ def _rms_norm_bwd_split_kernel(
     DRES,
     DW_PARTIAL,
     PARTIAL,
+    COUNTER,
     M,
     N,
     dy_inner,
@@ -280,25 +281,21 @@ def _rms_norm_bwd_split_kernel(
             b_g = b_dy
         p_partial = PARTIAL + tl.cast(i_row, tl.int64) * NUM_CHUNKS
         if PHASE != 2:
-            b_mine = tl.sum(b_g * b_n, axis=0).to(tl.int32, bitcast=True)
-            tl.store(p_partial + i_g, b_mine, cache_modifier=".cg")
+            tl.store(p_partial + i_g, tl.sum(b_g * b_n, axis=0))
         if PHASE != 1:
             if HAS_DH and PHASE == 2:
                 o_dh = _row_offsets(i_row, dh_inner, dh_stride_outer, dh_stride_inner)
                 b_dh = tl.load(DH + o_dh + o_n, mask=m_n, other=0.0).to(tl.float32)
-            b_bits = tl.load(p_partial + o_g, mask=m_g, other=0, volatile=True)
             if PHASE == 0:
-                # wait for the row's other chunks (slots hold -1 until written)
-                b_bits = tl.where(o_g == i_g, b_mine, b_bits)
-                n_missing = tl.sum((b_bits == -1).to(tl.int32), axis=0)
-                while (n_missing > 0) & (n_spins < MAX_SPINS):
-                    b_bits = tl.load(p_partial + o_g, mask=m_g, other=0, volatile=True)
-                    b_bits = tl.where(o_g == i_g, b_mine, b_bits)
-                    n_missing = tl.sum((b_bits == -1).to(tl.int32), axis=0)
+                tl.debug_barrier()
+                n_done = tl.atomic_add(COUNTER + i_row, 1, sem="release") + 1
+                while (n_done < NUM_CHUNKS) & (n_spins < MAX_SPINS):
+                    n_done = tl.atomic_add(COUNTER + i_row, 0, sem="acquire")
                     n_spins += 1
-            b_c = tl.sum(b_bits.to(tl.float32, bitcast=True), axis=0) / N
+            b_partials = tl.load(p_partial + o_g, mask=m_g, other=0.0, volatile=True)
+            b_c = tl.sum(b_partials, axis=0) / N
             if PHASE == 0:  # a row whose partial sums never all arrived gives NaN, not a hang
-                b_c = tl.where(n_missing == 0, b_c, float("nan"))
+                b_c = tl.where(n_done >= NUM_CHUNKS, b_c, float("nan"))
             b_dx = (b_g - b_n * b_c) * b_rstd
             if HAS_DH:
                 b_dx += b_dh
@@ -443,11 +440,7 @@ def rms_norm_bwd(
         n_slots = max(1, min(rows, sm_count(device) * programs_per_sm // n_chunks))
     else:
         n_slots = max(1, min(rows, 4 * sm_count(device) // n_chunks))
-    # float32 partial sums as int32 bits; -1 marks a slot not written yet (one-pass only)
-    if one_pass:
-        partial = torch.full((rows, n_chunks), -1, dtype=torch.int32, device=device)
-    else:
-        partial = torch.empty((rows, n_chunks), dtype=torch.int32, device=device)
+    partial = torch.empty((rows, n_chunks), dtype=torch.float32, device=device)
     dw_partial = torch.empty((n_slots, hidden), dtype=torch.float32, device=device) if need_dw else dx
     split = dict(
         common,
@@ -459,13 +452,17 @@ def rms_norm_bwd(
         MAX_SPINS=MAX_SPINS,
     )
     if one_pass:
+        counter = torch.zeros(rows, dtype=torch.int32, device=device)
         _rms_norm_bwd_split_kernel[(n_slots * n_chunks,)](
             **split,
+            COUNTER=counter,
             PHASE=0,
             num_warps=num_warps,
             **split_launch_options(device, num_warps, programs_per_sm),
         )
     else:
         for phase in (1, 2):
-            _rms_norm_bwd_split_kernel[(n_slots * n_chunks,)](**split, PHASE=phase, num_warps=num_warps)
+            _rms_norm_bwd_split_kernel[(n_slots * n_chunks,)](
+                **split, COUNTER=partial, PHASE=phase, num_warps=num_warps
+            )
     return dx, (_reduce_dw(dw_partial, weight) if need_dw else None), dres

@@ -5,9 +5,8 @@ Two kernels, both one read of ``x`` and ``residual`` and one write of ``y`` (and
   ``BLOCK_M`` rows per program.
 - ``_rms_norm_fwd_split_kernel``: longer rows, split over ``NUM_CHUNKS`` programs of
   ``BLOCK_N`` columns each. On a GPU (``PHASE == 0``) the programs of a row exchange their
-  partial sums of squares through a small buffer (slots start at a sentinel; a program polls
-  the row's slots until all are written), and each keeps its chunk in registers meanwhile:
-  still one pass. In the CPU interpreter, which runs programs
+  partial sums of squares through a small buffer and a per-row counter, and each keeps its
+  chunk in registers meanwhile: still one pass. In the CPU interpreter, which runs programs
   one at a time, the same kernel runs twice: ``PHASE == 1`` writes the partial sums (and ``h``),
   ``PHASE == 2`` reads them and writes ``y``.
 Math in float32; ``rstd`` per row is stored (4 bytes a row) for the backward.
@@ -102,6 +101,7 @@ def _rms_norm_fwd_split_kernel(
     H,
     RSTD,
     PARTIAL,
+    COUNTER,
     M,
     N,
     eps,
@@ -170,26 +170,22 @@ def _rms_norm_fwd_split_kernel(
         o_out = tl.cast(i_row, tl.int64) * N + o_n
         p_partial = PARTIAL + tl.cast(i_row, tl.int64) * NUM_CHUNKS
         if PHASE != 2:
-            b_mine = tl.sum(b_h * b_h, axis=0).to(tl.int32, bitcast=True)
-            tl.store(p_partial + i_g, b_mine, cache_modifier=".cg")
+            tl.store(p_partial + i_g, tl.sum(b_h * b_h, axis=0))
             if STORE_H:
                 tl.store(H + o_out, b_h.to(H.dtype.element_ty), mask=m_n)
         if PHASE != 1:
-            b_bits = tl.load(p_partial + o_g, mask=m_g, other=0, volatile=True)
             if PHASE == 0:
-                # wait for the row's other chunks: their slots hold -1 (a bit pattern no float
-                # operation produces) until they publish their partial sums
-                b_bits = tl.where(o_g == i_g, b_mine, b_bits)
-                n_missing = tl.sum((b_bits == -1).to(tl.int32), axis=0)
-                while (n_missing > 0) & (n_spins < MAX_SPINS):
-                    b_bits = tl.load(p_partial + o_g, mask=m_g, other=0, volatile=True)
-                    b_bits = tl.where(o_g == i_g, b_mine, b_bits)
-                    n_missing = tl.sum((b_bits == -1).to(tl.int32), axis=0)
+                # publish this chunk's partial sum, then wait for the row's other chunks
+                tl.debug_barrier()
+                n_done = tl.atomic_add(COUNTER + i_row, 1, sem="release") + 1
+                while (n_done < NUM_CHUNKS) & (n_spins < MAX_SPINS):
+                    n_done = tl.atomic_add(COUNTER + i_row, 0, sem="acquire")
                     n_spins += 1
             # every program of the row sums the same partials in the same order: same rstd
-            b_rstd = tl.rsqrt(tl.sum(b_bits.to(tl.float32, bitcast=True), axis=0) / N + eps)
+            b_partials = tl.load(p_partial + o_g, mask=m_g, other=0.0, volatile=True)
+            b_rstd = tl.rsqrt(tl.sum(b_partials, axis=0) / N + eps)
             if PHASE == 0:  # a row whose partial sums never all arrived gives NaN, not a hang
-                b_rstd = tl.where(n_missing == 0, b_rstd, float("nan"))
+                b_rstd = tl.where(n_done >= NUM_CHUNKS, b_rstd, float("nan"))
             b_y = b_h * b_rstd
             if HAS_WEIGHT:
                 b_y *= b_w
@@ -265,12 +261,7 @@ def rms_norm_fwd(
     num_warps = config.get("split_num_warps", SPLIT_NUM_WARPS)
     programs_per_sm = config.get("split_programs_per_sm", SPLIT_PROGRAMS_PER_SM)
     n_chunks = triton.cdiv(hidden, block_n)
-    one_pass = config.get("one_pass", True) and use_one_pass_split(x.device, n_chunks, programs_per_sm)
-    # float32 partial sums as int32 bits; -1 marks a slot not written yet (one-pass only)
-    if one_pass:
-        partial = torch.full((rows, n_chunks), -1, dtype=torch.int32, device=x.device)
-    else:
-        partial = torch.empty((rows, n_chunks), dtype=torch.int32, device=x.device)
+    partial = torch.empty((rows, n_chunks), dtype=torch.float32, device=x.device)
     split = dict(
         common,
         PARTIAL=partial,
@@ -279,10 +270,12 @@ def rms_norm_fwd(
         BLOCK_G=triton.next_power_of_2(n_chunks),
         MAX_SPINS=MAX_SPINS,
     )
-    if one_pass:
+    if config.get("one_pass", True) and use_one_pass_split(x.device, n_chunks, programs_per_sm):
         n_slots = max(1, min(rows, sm_count(x.device) * programs_per_sm // n_chunks))
+        counter = torch.zeros(rows, dtype=torch.int32, device=x.device)
         _rms_norm_fwd_split_kernel[(n_slots * n_chunks,)](
             **split,
+            COUNTER=counter,
             PHASE=0,
             num_warps=num_warps,
             **split_launch_options(x.device, num_warps, programs_per_sm),
@@ -290,5 +283,7 @@ def rms_norm_fwd(
         return y, h, rstd
     n_slots = max(1, min(rows, 4 * sm_count(x.device) // n_chunks))
     for phase in (1, 2):
-        _rms_norm_fwd_split_kernel[(n_slots * n_chunks,)](**split, PHASE=phase, num_warps=num_warps)
+        _rms_norm_fwd_split_kernel[(n_slots * n_chunks,)](
+            **split, COUNTER=partial, PHASE=phase, num_warps=num_warps
+        )
     return y, h, rstd
