@@ -132,6 +132,8 @@ def _time_provider(case: BenchCase, provider: str, timer: Timer, ceilings: Ceili
 
 
 def _progress(done: int, total: int, label: str) -> None:
+    if not sys.stderr.isatty():  # in logs the per-measurement lines show the progress
+        return
     width = 30
     filled = width * done // max(total, 1)
     print(
@@ -233,28 +235,34 @@ def run_benchmarks(
         flush=True,
     )
 
-    measurements: list[Measurement] = []
-    for done, (case, name) in enumerate(work):
-        _progress(done, len(work), f"{case.op}: {case.name} / {name}")
-        measurements.append(_time_provider(case, name, timer, ceilings))
-    _progress(len(work), len(work), "done")
-    print(file=sys.stderr)
-    for case in cases:
-        _add_speedups(case, [m for m in measurements if m.op == case.op and m.case == case.name])
-
-    print(format_results(measurements))
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    json_path = output / f"bench-{stamp}.json"
     record = {
         "date": stamp,
         "device": torch.cuda.get_device_name(device),
         "capabilities": capabilities(),
         "ceilings": asdict(ceilings),
-        "results": [asdict(m) for m in measurements],
+        "results": [],
     }
-    json_path = output / f"bench-{stamp}.json"
+    measurements: list[Measurement] = []
+    for done, (case, name) in enumerate(work):
+        _progress(done, len(work), f"{case.op}: {case.name} / {name}")
+        measurement = _time_provider(case, name, timer, ceilings)
+        measurements.append(measurement)
+        # one line and a JSON rewrite per measurement: a run cut short keeps what it measured
+        line = f"[{done + 1}/{len(work)}] {case.op} | {case.name} | {name} | {_fmt(measurement.ms, '.4f')} ms"
+        print(f"\r{line} {measurement.note}", flush=True)
+        record["results"] = [asdict(m) for m in measurements]
+        json_path.write_text(json.dumps(record, indent=1, default=str))
+    _progress(len(work), len(work), "done")
+    for case in cases:
+        _add_speedups(case, [m for m in measurements if m.op == case.op and m.case == case.name])
+    record["results"] = [asdict(m) for m in measurements]
     json_path.write_text(json.dumps(record, indent=1, default=str))
+
+    print(format_results(measurements))
     print(f"\njson: {json_path}")
     print(_plot(measurements, output / f"bench-{stamp}.png"))
     # ours skipped on purpose (ProviderUnavailable) is reported; ours crashing fails the run
