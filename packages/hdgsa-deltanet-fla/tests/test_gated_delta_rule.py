@@ -529,3 +529,12 @@ def test_fla_backward_refusal_is_detected_up_front():
     assert all(t.grad is not None for t in leaves)
     with torch.no_grad():
         gated_delta_rule(*leaves, backend="fla")  # the forward alone runs on fla
+
+
+def test_torch_backend_traces_under_torch_compile():
+    """The torch backend (and auto's choice on CPU) traces in one graph: no graph breaks."""
+    inputs = make_inputs(1, 70, 2, 8, 8, seed=37)
+    args = inputs.tensors()[:6]
+    expected = gated_delta_rule(*args, backend="torch")
+    compiled = torch.compile(lambda *xs: gated_delta_rule(*xs), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), expected)

@@ -31,6 +31,44 @@ def _expand_qk_heads(x: torch.Tensor, num_v_heads: int) -> torch.Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=2)
 
 
+# Chunk-local log-decay differences are clamped to at least this before exp (see below).
+_LOG_DECAY_FLOOR = -80.0
+
+# Diagonal blocks up to this size are inverted by repeated squaring (log2(n) products);
+# larger ones split in two (see _unit_lower_inverse).
+_INVERSE_LEAF = 16
+
+
+def _unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
+    """``(I + a)^{-1}`` for strictly lower-triangular ``a`` ``[..., n, n]``, by batched matmuls.
+
+    ``a`` is nilpotent, so ``(I + a)^{-1} = sum_j (-a)^j = (I - a)(I + a^2)(I + a^4)...`` with
+    ``ceil(log2 n)`` factors; blocks larger than 16 split as
+    ``[[L11, 0], [L21, L22]]^{-1} = [[T11, 0], [-T22 L21 T11, T22]]`` (both diagonal blocks
+    inverted in one batched call). On CPU this is several times faster than
+    ``torch.linalg.solve_triangular`` on many small matrices, and plain matmuls for autograd.
+    """
+    n = a.shape[-1]
+    eye = torch.eye(n, dtype=a.dtype, device=a.device)
+    if n <= _INVERSE_LEAF:
+        inverse = eye - a
+        power, span = a, 2
+        while span < n:
+            power = power @ power  # a^2, a^4, a^8
+            inverse = inverse + inverse @ power  # times (I + a^(2^k))
+            span *= 2
+        return inverse
+    half = n // 2
+    if 2 * half == n:
+        diagonal = _unit_lower_inverse(torch.stack([a[..., :half, :half], a[..., half:, half:]]))
+        t11, t22 = diagonal[0], diagonal[1]
+    else:
+        t11, t22 = _unit_lower_inverse(a[..., :half, :half]), _unit_lower_inverse(a[..., half:, half:])
+    t21 = -(t22 @ (a[..., half:, :half] @ t11))
+    top = torch.cat([t11, t11.new_zeros(*t11.shape[:-1], n - half)], dim=-1)
+    return torch.cat([top, torch.cat([t21, t22], dim=-1)], dim=-2)
+
+
 def chunk_gated_delta_rule_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -49,14 +87,14 @@ def chunk_gated_delta_rule_torch(
     ``G_i = sum_{s <= i} g_s`` (the chunk-local cumulative log-decay):
 
     - ``A_ij = beta_i <k_i, k_j> exp(G_i - G_j)`` for ``j < i`` (strictly lower), and
-      ``T = (I + A)^{-1}`` (a unit lower-triangular solve);
+      ``T = (I + A)^{-1}`` (unit lower-triangular; inverted with batched matmuls);
     - ``U = T (beta * V)``, ``W = T (beta * exp(G) * K)``: the WY form of the chunk's updates;
     - ``U' = U - W S_0`` (the new values once the carried state is accounted for);
     - ``O = scale * ((exp(G) * Q) S_0 + (Q K^T * M) U')`` with ``M_ij = exp(G_i - G_j)`` for
       ``j <= i``, else 0;
     - ``S_C = exp(G_C) S_0 + (exp(G_C - G) * K)^T U'``.
 
-    Everything that does not depend on the carried state (``A``, the solve, ``U``, ``W``,
+    Everything that does not depend on the carried state (``A``, ``T``, ``U``, ``W``,
     ``Q K^T * M``) is computed for all chunks at once as batched matrix products; only the
     state update loops over the chunks, and the outputs are formed after the loop in one
     batched product. Decays enter only as differences of cumulative log-decays inside a
@@ -109,29 +147,28 @@ def chunk_gated_delta_rule_torch(
     g_c = to_chunks_per_step(g)
     g_cum = g_c.cumsum(-1)  # G_i, chunk-local, [B, HV, N, C]
 
-    # M_ij = exp(G_i - G_j) below the diagonal, exactly 1 on it, 0 above. The difference is
-    # replaced *before* exp: above the diagonal G_i - G_j > 0 can be hundreds (alpha near 0),
-    # and on it G_i - G_i = 0 is a constant (as a difference its gradient would be two O(1)
-    # terms cancelling, which swamps the tiny true gradient of a tiny alpha in float32).
+    # M_ij = exp(G_i - G_j) below the diagonal and exactly 1 on it; above it M is never read
+    # (A and the scores are cut to their triangles after the product), so it is set finite
+    # there. The difference is replaced *before* exp: above the diagonal G_i - G_j > 0 can be
+    # hundreds (alpha near 0), and on it G_i - G_i = 0 is a constant (as a difference its
+    # gradient would be two O(1) terms cancelling, which swamps the tiny true gradient of a
+    # tiny alpha in float32). Log-decays under -80 are clamped there: exp(-80) ~ 2e-35 is
+    # below float32 resolution of every sum it enters, and keeps exp off its slow path
+    # (underflow to denormals / 0 is several times slower on CPU).
     strictly_lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril(-1)
-    outside = torch.full((chunk, chunk), float("-inf"), dtype=compute_dtype, device=q.device).fill_diagonal_(
-        0.0
-    )
-    decay_ij = torch.where(strictly_lower, g_cum.unsqueeze(-1) - g_cum.unsqueeze(-2), outside).exp_()
+    log_decay_ij = torch.where(strictly_lower, g_cum.unsqueeze(-1) - g_cum.unsqueeze(-2), 0.0)
+    decay_ij = log_decay_ij.clamp_min_(_LOG_DECAY_FLOOR).exp_()
 
     k_beta = k_c * beta_c
-    # Strictly lower part; solve_triangular(unitriangular=True) reads only that and takes
-    # the diagonal as ones, so this solves (I + A) X = rhs for U and W at once.
-    a_strict = (k_beta @ k_c.transpose(-1, -2)).mul_(decay_ij)
+    a_strict = (k_beta @ k_c.transpose(-1, -2)).mul_(decay_ij).tril_(-1)  # diagonal out too
+    t_inv = _unit_lower_inverse(a_strict)  # (I + A)^{-1}
     g_exp = g_cum.exp().unsqueeze(-1)
-    rhs = torch.cat([v_c * beta_c, k_beta * g_exp], dim=-1)
-    u_w = torch.linalg.solve_triangular(a_strict, rhs, upper=False, unitriangular=True)
 
     # Flatten (B, HV) and the chunks for the 3-D batched products below.
     bh = batch * num_v_heads
-    u_w = u_w.reshape(bh, num_chunks, chunk, head_dim_v + head_dim_k)
-    u_c, w_c = u_w[..., :head_dim_v], u_w[..., head_dim_v:]
-    scores = (q_c @ k_c.transpose(-1, -2)).mul_(decay_ij)  # Q K^T * M (diagonal included)
+    u_c = (t_inv @ (v_c * beta_c)).reshape(bh, num_chunks, chunk, head_dim_v)
+    w_c = (t_inv @ (k_beta * g_exp)).reshape(bh, num_chunks, chunk, head_dim_k)
+    scores = (q_c @ k_c.transpose(-1, -2)).mul_(decay_ij).tril_()  # Q K^T * M, diagonal kept
     q_decayed = q_c * g_exp
     # exp(G_C - G_i) = exp(sum_{s > i} g_s): a shifted reverse cumsum, not a difference (the
     # last row's decay is exactly 1, with no gradient).
