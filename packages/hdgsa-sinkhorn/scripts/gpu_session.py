@@ -53,9 +53,10 @@ torch.cuda.synchronize()
 
 
 def start_tests() -> list[subprocess.Popen]:
+    # From the package folder: node ids are relative to its pyproject (pytest's rootdir there).
     collected = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", f"{PKG}/tests"],
-        capture_output=True, text=True,
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+        capture_output=True, text=True, cwd=PKG,
     ).stdout.splitlines()
     ids = [line for line in collected if "::" in line]
     say(f"collected {len(ids)} tests")
@@ -65,7 +66,7 @@ def start_tests() -> list[subprocess.Popen]:
         log = open(f"/tmp/pytest_{shard}.log", "w")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *chunk],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, cwd=PKG,
         ))
     return procs
 
