@@ -307,12 +307,13 @@ def _sinkhorn_bwd_kernel(
 # the threads that hold the matrix). Thread-per-matrix sizes (n <= 4) want one or two matrices
 # per thread; larger n spread a matrix over 2-8 threads and take fewer matrices per program.
 _FWD_CONFIGS = {1: (256, 4), 2: (256, 4), 4: (128, 4), 8: (64, 4), 16: (16, 2), 32: (4, 4), 64: (2, 4)}
-_BWD_CONFIGS = {1: (128, 4), 2: (128, 4), 4: (32, 1), 8: (32, 2), 16: (16, 2), 32: (4, 4), 64: (2, 4)}
+_BWD_CONFIGS = {1: (128, 4), 2: (128, 4), 4: (32, 1), 8: (32, 2), 16: (16, 4), 32: (4, 4), 64: (2, 4)}
 _INTERPRETER = interpreter_enabled()
 _FAST_DIV = not _INTERPRETER  # the interpreter runs no inline PTX
 # (Under the interpreter there are no registers to save: one segment, no recompute.)
 # n = 4 on an H100 (1M matrices, 20 iterations): 10 beats 20 (167.6 us against 176.5; fewer
 # registers, more warps) despite recomputing 10 more iterations; 1-warp programs of 32 matrices.
+# Other sizes: chosen so that ptxas (sm_90, Triton 3.6) reports no spills; not timed.
 _SEG = {1: 32, 2: 32, 4: 10, 8: 10, 16: 4, 32: 2, 64: 1}
 
 
@@ -381,7 +382,9 @@ def sinkhorn_knopp_bwd(
     bn = next_power_of_2(n)
     block, num_warps = config or _BWD_CONFIGS[bn]
     if seg is None:
-        seg = num_iters if _INTERPRETER else min(_SEG[bn], num_iters)
+        # Padded sizes (n = 3, 5, 6, 7, 12...) do not vectorize and hold their rows across more
+        # threads: half the segment keeps them out of local memory (ptxas -v, sm_90).
+        seg = num_iters if _INTERPRETER else min(_SEG[bn] if n == bn else max(1, _SEG[bn] // 2), num_iters)
     seg = max(1, min(seg, num_iters))
     args = (
         x, g, out, count, triton.cdiv(num_iters, seg),
