@@ -273,3 +273,13 @@ def test_self_check_passes_here():
     results = self_check(torch.device("cpu"))
     assert results
     assert all(result.passed for result in results), [r for r in results if not r.passed]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_size_limit(device):
+    from hdgsa_sinkhorn.api import TRITON_MAX_N
+
+    logits = make_tensor(1, TRITON_MAX_N + 1, TRITON_MAX_N + 1, device=device, seed=61)
+    with pytest.raises(RuntimeError, match="n <= "):
+        sinkhorn_knopp(logits, 2, backend="triton")
+    torch.testing.assert_close(sinkhorn_knopp(logits, 2), sinkhorn_knopp_reference(logits, 2))  # auto: torch
