@@ -37,7 +37,9 @@ def say(*parts: object) -> None:
 # ---- phase 1: tests (background) + precompiling the tuning variants --------------------------
 
 FWD_VARIANTS = [(64, 2), (128, 4), (128, 2), (256, 8), (256, 4), (256, 2), (512, 8), (512, 4), (1024, 8)]
-BWD_VARIANTS = [(seg, b, w) for seg in (20, 10) for (b, w) in ((32, 1), (64, 2), (128, 4), (64, 1), (128, 2), (256, 4))]
+BWD_VARIANTS = [
+    (seg, b, w) for seg in (20, 10) for (b, w) in ((32, 1), (64, 2), (128, 4), (64, 1), (128, 2), (256, 4))
+]
 
 WARM_SNIPPET = """
 import sys, torch
@@ -56,7 +58,9 @@ def start_tests() -> list[subprocess.Popen]:
     # From the package folder: node ids are relative to its pyproject (pytest's rootdir there).
     collected = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
-        capture_output=True, text=True, cwd=PKG,
+        capture_output=True,
+        text=True,
+        cwd=PKG,
     ).stdout.splitlines()
     ids = [line for line in collected if "::" in line]
     say(f"collected {len(ids)} tests")
@@ -64,10 +68,14 @@ def start_tests() -> list[subprocess.Popen]:
     for shard in range(SHARDS):
         chunk = ids[shard::SHARDS]
         log = open(f"/tmp/pytest_{shard}.log", "w")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *chunk],
-            stdout=log, stderr=subprocess.STDOUT, cwd=PKG,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *chunk],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=PKG,
+            )
+        )
     return procs
 
 
@@ -78,8 +86,13 @@ def precompile() -> None:
         while len(running) >= 5:
             running = [p for p in running if p.poll() is None]
             time.sleep(0.2)
-        running.append(subprocess.Popen([sys.executable, "-c", WARM_SNIPPET, *map(str, job)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        running.append(
+            subprocess.Popen(
+                [sys.executable, "-c", WARM_SNIPPET, *map(str, job)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
     for p in running:
         p.wait()
 
@@ -96,7 +109,11 @@ def finish_tests(procs: list[subprocess.Popen], budget: float) -> None:
         for shard in range(SHARDS):
             text = open(f"/tmp/pytest_{shard}.log").read()
             merged.write(f"==== shard {shard}\n{text}\n")
-            tail = [line for line in text.splitlines() if " passed" in line or " failed" in line or "error" in line.lower()]
+            tail = [
+                line
+                for line in text.splitlines()
+                if " passed" in line or " failed" in line or "error" in line.lower()
+            ]
             summary.append(tail[-1] if tail else "(no summary: killed?)")
             for line in text.splitlines():
                 if line.startswith("FAILED") or line.startswith("ERROR"):
@@ -155,7 +172,9 @@ def tune() -> dict:
         rows = []
         for cfg in FWD_VARIANTS:
             try:
-                rows.append((graph_us(lambda cfg=cfg, x=x: K.sinkhorn_knopp_fwd(x, 20, 1e-8, config=cfg)), cfg))
+                rows.append(
+                    (graph_us(lambda cfg=cfg, x=x: K.sinkhorn_knopp_fwd(x, 20, 1e-8, config=cfg)), cfg)
+                )
             except Exception as error:
                 say("fwd", cfg, "failed:", repr(error)[:200])
         rows.sort()
@@ -166,10 +185,16 @@ def tune() -> dict:
             if left() < 150:
                 break
             try:
-                rows.append((
-                    graph_us(lambda seg=seg, b=b, w=w, x=x, g=g: K.sinkhorn_knopp_bwd(x, g, 20, 1e-8, seg=seg, config=(b, w))),
-                    (seg, b, w),
-                ))
+                rows.append(
+                    (
+                        graph_us(
+                            lambda seg=seg, b=b, w=w, x=x, g=g: K.sinkhorn_knopp_bwd(
+                                x, g, 20, 1e-8, seg=seg, config=(b, w)
+                            )
+                        ),
+                        (seg, b, w),
+                    )
+                )
             except Exception as error:
                 say("bwd", (seg, b, w), "failed:", repr(error)[:200])
         rows.sort()
@@ -189,9 +214,11 @@ def overhead() -> None:
     from hdgsa_sinkhorn import sinkhorn_knopp
 
     x = torch.randn(16, 64, 4, 4, device="cuda")
-    for name, fn in (("sinkhorn_knopp (eager API)", lambda: sinkhorn_knopp(x, 20)),
-                     ("launcher only", lambda: K.sinkhorn_knopp_fwd(x, 20, 1e-8)),
-                     ("custom op (dispatcher)", lambda: torch.ops.hdgsa.sinkhorn_knopp_fwd(x, 20, 1e-8))):
+    for name, fn in (
+        ("sinkhorn_knopp (eager API)", lambda: sinkhorn_knopp(x, 20)),
+        ("launcher only", lambda: K.sinkhorn_knopp_fwd(x, 20, 1e-8)),
+        ("custom op (dispatcher)", lambda: torch.ops.hdgsa.sinkhorn_knopp_fwd(x, 20, 1e-8)),
+    ):
         for _ in range(50):
             fn()
         torch.cuda.synchronize()
@@ -265,8 +292,10 @@ def main() -> None:
     import torch
     import triton
 
-    say(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    say(
+        f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
     procs = start_tests() if os.environ.get("SKIP_TESTS") != "1" else []
     if os.environ.get("SKIP_TUNE") != "1":
         precompile()
@@ -285,7 +314,9 @@ def main() -> None:
             seg, b, w = best[("bwd", 1_048_576)]
             K._BWD_CONFIGS[4] = (b, w)
             K._SEG[4] = seg
-        say(f"tuned at {time.time() - T0:.0f}s; using fwd {K._FWD_CONFIGS[4]} bwd {K._BWD_CONFIGS[4]} seg {K._SEG[4]}")
+        say(
+            f"tuned at {time.time() - T0:.0f}s; using fwd {K._FWD_CONFIGS[4]} bwd {K._BWD_CONFIGS[4]} seg {K._SEG[4]}"
+        )
     overhead()
     results: dict[str, dict] = {}
     table(["hdgsa", "liger", "fla", "torch"], results)

@@ -11,7 +11,9 @@ pytest.importorskip("triton")
 
 from hdgsa_sinkhorn._launch import DirectLauncher, _knobs
 
-pytestmark = pytest.mark.skipif(_knobs is None, reason="Triton without knobs: always launches through the JIT")
+pytestmark = pytest.mark.skipif(
+    _knobs is None, reason="Triton without knobs: always launches through the JIT"
+)
 
 
 class _Compiled:
@@ -24,6 +26,7 @@ class _Compiled:
         def launch(grid0, grid1, grid2, stream, function, metadata, launch_metadata, enter, exit_, *args):
             self.log.append(("direct", grid0, args[2]))
             args[1].copy_(args[0] * 2 + (1 if self.bad else 0))
+
         return launch
 
 
@@ -38,6 +41,7 @@ class _Kernel:
             self.log.append(("jit", grid[0], args[2]))
             args[1].copy_(args[0] * 2)
             return _Compiled(self.log, self.bad)
+
         return launch
 
 

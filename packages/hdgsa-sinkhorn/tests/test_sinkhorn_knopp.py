@@ -23,7 +23,11 @@ SMALL = interpreter_enabled()
 
 def _run(logits: torch.Tensor, grad_output: torch.Tensor, num_iters: int, eps: float, backend: str):
     """Output and d(logits) of one backend (``backend=None``: the float64 reference)."""
-    leaf = logits.detach().clone().requires_grad_(True) if logits.is_contiguous() else logits.detach().requires_grad_(True)
+    leaf = (
+        logits.detach().clone().requires_grad_(True)
+        if logits.is_contiguous()
+        else logits.detach().requires_grad_(True)
+    )
     if backend is None:
         out = sinkhorn_knopp_reference(leaf.to(torch.float64), num_iters, eps)
     else:
@@ -142,6 +146,7 @@ def test_input_unchanged(device, backend):
 
 # ---- bad inputs (SPEC section 2) -------------------------------------------------------------
 
+
 def test_rejects_non_tensor():
     with pytest.raises(TypeError, match="logits"):
         sinkhorn_knopp([[1.0]])
@@ -213,7 +218,9 @@ TRITON_DEVICES = [
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-@pytest.mark.parametrize(("n", "num_iters", "seg"), [(4, 20, 3), (4, 20, 5), (3, 7, 2), (5, 9, 4), (8, 6, 6), (4, 1, 1)])
+@pytest.mark.parametrize(
+    ("n", "num_iters", "seg"), [(4, 20, 3), (4, 20, 5), (3, 7, 2), (5, 9, 4), (8, 6, 6), (4, 1, 1)]
+)
 def test_triton_backward_segments(device, n, num_iters, seg):
     """The backward in several segments (each recomputing the forward up to its start), with a
     short first segment when seg does not divide num_iters, equals the float64 gradient."""

@@ -69,13 +69,16 @@ class DirectLauncher:
         if _knobs is None or out.device.type != self.device_type or _hooks_installed():
             self.kernel[(grid,)](*args, num_warps=num_warps)
             return
-        key = (num_warps, *(_arg_key(value) for value in args))
+        # compiled kernels belong to one device: its index is part of the key
+        key = (out.device.index, num_warps, *(_arg_key(value) for value in args))
         compiled = self.compiled.get(key)
         if compiled is not None:
             self._launch(compiled, grid, out, args)
             return
         compiled = self.kernel[(grid,)](*args, num_warps=num_warps)
-        if (out.is_cuda and torch.cuda.is_current_stream_capturing()) or not hasattr(compiled, "packed_metadata"):
+        if (out.is_cuda and torch.cuda.is_current_stream_capturing()) or not hasattr(
+            compiled, "packed_metadata"
+        ):
             return
         # First direct launch of this specialization: into a scratch output, compared bitwise.
         scratch = torch.empty_like(out)

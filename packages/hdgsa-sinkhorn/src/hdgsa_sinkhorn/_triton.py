@@ -66,8 +66,9 @@ def _row_offsets(o_b, o_j, i, stride_b, stride_i, stride_j, N: tl.constexpr, CON
 
 
 @triton.jit
-def _load_rows(ptr, o_b, o_j, mask, stride_b, stride_i, stride_j, other,
-               N: tl.constexpr, CONTIGUOUS: tl.constexpr):
+def _load_rows(
+    ptr, o_b, o_j, mask, stride_b, stride_i, stride_j, other, N: tl.constexpr, CONTIGUOUS: tl.constexpr
+):
     rows = ()
     for i in tl.static_range(N):
         o = _row_offsets(o_b, o_j, i, stride_b, stride_i, stride_j, N, CONTIGUOUS)
@@ -172,8 +173,17 @@ def _ones_like_norms(rows, N: tl.constexpr):
 
 
 @triton.jit
-def _segment_adjoint(probs0, grads, eps, start, last, SEG: tl.constexpr, PADDED: tl.constexpr,
-                     N: tl.constexpr, FAST_DIV: tl.constexpr):
+def _segment_adjoint(
+    probs0,
+    grads,
+    eps,
+    start,
+    last,
+    SEG: tl.constexpr,
+    PADDED: tl.constexpr,
+    N: tl.constexpr,
+    FAST_DIV: tl.constexpr,
+):
     """Iterations [start, start + SEG) backwards: recompute P_start from P_0 (a plain loop), run
     the segment forward keeping its normalizers, then take ``grads`` (Q at the segment's end, or
     dP itself when ``last``) back to Q at its start. With PADDED, ``start`` may be negative and the
@@ -231,7 +241,9 @@ def _sinkhorn_fwd_kernel(
         m_bj = (o_b < M)[:, None]
     else:
         m_bj = (o_b < M)[:, None] & (o_j < N)[None, :]
-    rows = _load_rows(x, o_b, o_j, m_bj, stride_xb, stride_xi, stride_xj, _logit_padding(o_j, N, BN), N, X_CONTIGUOUS)
+    rows = _load_rows(
+        x, o_b, o_j, m_bj, stride_xb, stride_xi, stride_xj, _logit_padding(o_j, N, BN), N, X_CONTIGUOUS
+    )
     probs, _b_max = _exp_minus_max(rows, N)
     probs = _iterations(probs, eps, NUM_ITERS, N, FAST_DIV)
     _store_rows(p, probs, o_b, o_j, m_bj, N)
@@ -267,7 +279,9 @@ def _sinkhorn_bwd_kernel(
         m_bj = (o_b < M)[:, None]
     else:
         m_bj = (o_b < M)[:, None] & (o_j < N)[None, :]
-    logits = _load_rows(x, o_b, o_j, m_bj, stride_xb, stride_xi, stride_xj, _logit_padding(o_j, N, BN), N, X_CONTIGUOUS)
+    logits = _load_rows(
+        x, o_b, o_j, m_bj, stride_xb, stride_xi, stride_xj, _logit_padding(o_j, N, BN), N, X_CONTIGUOUS
+    )
     probs0, b_max = _exp_minus_max(logits, N)
     grads = _load_rows(dp, o_b, o_j, m_bj, stride_gb, stride_gi, stride_gj, 0.0, N, G_CONTIGUOUS)
     if NUM_ITERS == 0:
@@ -281,8 +295,15 @@ def _sinkhorn_bwd_kernel(
     # minutes to compile). num_segs is a runtime argument for the same reason.
     for seg in range(num_segs - 1, -1, -1):
         grads = _segment_adjoint(
-            probs0, grads, eps, seg * SEG - (num_segs * SEG - NUM_ITERS), seg == num_segs - 1,
-            SEG, NUM_ITERS % SEG != 0, N, FAST_DIV,
+            probs0,
+            grads,
+            eps,
+            seg * SEG - (num_segs * SEG - NUM_ITERS),
+            seg == num_segs - 1,
+            SEG,
+            NUM_ITERS % SEG != 0,
+            N,
+            FAST_DIV,
         )
     # Path through the max: d max = -sum(Q_0), shared evenly by the entries equal to the max
     # (what autograd gives for amax).
@@ -387,9 +408,26 @@ def sinkhorn_knopp_bwd(
         seg = num_iters if _INTERPRETER else min(_SEG[bn] if n == bn else max(1, _SEG[bn] // 2), num_iters)
     seg = max(1, min(seg, num_iters))
     args = (
-        x, g, out, count, triton.cdiv(num_iters, seg),
-        stride_xb, stride_xi, stride_xj, stride_gb, stride_gi, stride_gj, eps,
-        n, bn, block, num_iters, seg, x_packed, g_packed, _FAST_DIV,
+        x,
+        g,
+        out,
+        count,
+        triton.cdiv(num_iters, seg),
+        stride_xb,
+        stride_xi,
+        stride_xj,
+        stride_gb,
+        stride_gi,
+        stride_gj,
+        eps,
+        n,
+        bn,
+        block,
+        num_iters,
+        seg,
+        x_packed,
+        g_packed,
+        _FAST_DIV,
     )
     _launch_bwd(triton.cdiv(count, block), num_warps, args)
     return out
@@ -428,7 +466,9 @@ def _(logits: torch.Tensor, num_iters: int, eps: float) -> torch.Tensor:
 
 
 @torch.library.custom_op(op_name("sinkhorn_knopp_bwd"), mutates_args=())
-def _sinkhorn_knopp_bwd_op(logits: torch.Tensor, grad_probs: torch.Tensor, num_iters: int, eps: float) -> torch.Tensor:
+def _sinkhorn_knopp_bwd_op(
+    logits: torch.Tensor, grad_probs: torch.Tensor, num_iters: int, eps: float
+) -> torch.Tensor:
     return sinkhorn_knopp_bwd(logits, grad_probs, num_iters, eps)
 
 

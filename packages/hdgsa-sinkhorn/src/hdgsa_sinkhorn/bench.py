@@ -53,7 +53,9 @@ def _logits(count: int, n: int, requires_grad: bool) -> torch.Tensor:
     return logits.requires_grad_(requires_grad)
 
 
-def _timed(forward: Callable[[torch.Tensor], torch.Tensor], count: int, n: int, backward: bool) -> Callable[[], object]:
+def _timed(
+    forward: Callable[[torch.Tensor], torch.Tensor], count: int, n: int, backward: bool
+) -> Callable[[], object]:
     """A zero-argument callable running ``forward`` (and its backward via autograd.grad, so no
     ``.grad`` accumulates), called once here so compilation stays out of the timing."""
     logits = _logits(count, n, backward)
@@ -121,8 +123,12 @@ def _liger(count: int, n: int, backward: bool) -> Callable[[], object]:
         grad_res = torch.randn(count, n, n, device="cuda", generator=generator)
 
         def run() -> object:
-            *_, hist = mhc_split_sinkhorn_fwd(mix, bias, alpha_pre, alpha_post, alpha_res, return_hist=True, **options)
-            return mhc_sinkhorn_bwd(mix, bias, alpha_res, grad_res, tmax=NUM_ITERS, sinkhorn_eps=1e-8, hist=hist)
+            *_, hist = mhc_split_sinkhorn_fwd(
+                mix, bias, alpha_pre, alpha_post, alpha_res, return_hist=True, **options
+            )
+            return mhc_sinkhorn_bwd(
+                mix, bias, alpha_res, grad_res, tmax=NUM_ITERS, sinkhorn_eps=1e-8, hist=hist
+            )
 
     run()
     return run

@@ -55,7 +55,11 @@ def self_check(device: torch.device) -> list[CheckResult]:
             out64, grad64 = _output_and_grad(logits.double(), grad_output.double(), num_iters, None)
             case = f"{list(shape)} iters={num_iters} {str(dtype).removeprefix('torch.')}"
             results += compare_outputs(
-                OP, backend, case, {"P": out, "d logits": grad}, {"P": out64, "d logits": grad64},
+                OP,
+                backend,
+                case,
+                {"P": out, "d logits": grad},
+                {"P": out64, "d logits": grad64},
                 DEFAULT_TOLERANCE[dtype],
             )
     return results
