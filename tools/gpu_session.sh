@@ -15,7 +15,7 @@ start=$SECONDS
 say() { printf '[%4ds] %s\n' "$((SECONDS - start))" "$*"; }
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl .whl/hdgsa/*.whl || exit 1
+  --target /tmp/site .whl/*.whl .whl/pytest/*.whl .whl/hdgsa/*.whl || exit 1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
