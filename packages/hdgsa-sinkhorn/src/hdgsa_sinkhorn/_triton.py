@@ -45,8 +45,6 @@ from hdgsa_core.capabilities import interpreter_enabled
 from hdgsa_core.custom_ops import is_compiling, op_name
 from hdgsa_core.triton_utils import next_power_of_2
 
-from ._launch import DirectLauncher
-
 __all__ = ["sinkhorn_knopp_bwd", "sinkhorn_knopp_fwd", "sinkhorn_knopp_triton"]
 
 
@@ -359,10 +357,6 @@ def _fwd_config(bn: int, count: int) -> tuple[int, int]:
     return _FWD_CONFIGS[bn]
 
 
-_launch_fwd = DirectLauncher(_sinkhorn_fwd_kernel, out_index=1)
-_launch_bwd = DirectLauncher(_sinkhorn_bwd_kernel, out_index=2)
-
-
 def sinkhorn_knopp_fwd(
     logits: torch.Tensor, num_iters: int, eps: float, *, config: tuple[int, int] | None = None
 ) -> torch.Tensor:
@@ -375,9 +369,22 @@ def sinkhorn_knopp_fwd(
         return out
     bn = next_power_of_2(n)
     block, num_warps = config or _fwd_config(bn, count)
-    # Positional, in the kernel's signature order (DirectLauncher passes them straight on).
-    args = (x, out, count, stride_b, stride_i, stride_j, eps, n, bn, block, num_iters, packed, _FAST_DIV)
-    _launch_fwd(triton.cdiv(count, block), num_warps, args)
+    _sinkhorn_fwd_kernel[(triton.cdiv(count, block),)](
+        x=x,
+        p=out,
+        M=count,
+        stride_xb=stride_b,
+        stride_xi=stride_i,
+        stride_xj=stride_j,
+        eps=eps,
+        N=n,
+        BN=bn,
+        BLOCK=block,
+        NUM_ITERS=num_iters,
+        X_CONTIGUOUS=packed,
+        FAST_DIV=_FAST_DIV,
+        num_warps=num_warps,
+    )
     return out
 
 
@@ -407,29 +414,29 @@ def sinkhorn_knopp_bwd(
         # threads: half the segment keeps them out of local memory (ptxas -v, sm_90).
         seg = num_iters if _INTERPRETER else min(_SEG[bn] if n == bn else max(1, _SEG[bn] // 2), num_iters)
     seg = max(1, min(seg, num_iters))
-    args = (
-        x,
-        g,
-        out,
-        count,
-        triton.cdiv(num_iters, seg),
-        stride_xb,
-        stride_xi,
-        stride_xj,
-        stride_gb,
-        stride_gi,
-        stride_gj,
-        eps,
-        n,
-        bn,
-        block,
-        num_iters,
-        seg,
-        x_packed,
-        g_packed,
-        _FAST_DIV,
+    _sinkhorn_bwd_kernel[(triton.cdiv(count, block),)](
+        x=x,
+        dp=g,
+        dx=out,
+        M=count,
+        num_segs=triton.cdiv(num_iters, seg),
+        stride_xb=stride_xb,
+        stride_xi=stride_xi,
+        stride_xj=stride_xj,
+        stride_gb=stride_gb,
+        stride_gi=stride_gi,
+        stride_gj=stride_gj,
+        eps=eps,
+        N=n,
+        BN=bn,
+        BLOCK=block,
+        NUM_ITERS=num_iters,
+        SEG=seg,
+        X_CONTIGUOUS=x_packed,
+        G_CONTIGUOUS=g_packed,
+        FAST_DIV=_FAST_DIV,
+        num_warps=num_warps,
     )
-    _launch_bwd(triton.cdiv(count, block), num_warps, args)
     return out
 
 
