@@ -58,13 +58,13 @@ def test_scalar_checks():
     check_real("scale", 0.5)
     check_real("scale", 2)
     check_bool("causal", True)
-    with pytest.raises(TypeError, match="topk: expected an int, got float"):
+    with pytest.raises(TypeError, match="topk must be an int, got float"):
         check_int("topk", 3.0)
-    with pytest.raises(TypeError, match="expected an int, got bool"):
+    with pytest.raises(TypeError, match="must be an int, got bool"):
         check_int("topk", True)
-    with pytest.raises(TypeError, match="scale: expected a real number, got str"):
+    with pytest.raises(TypeError, match="scale must be a real number, got str"):
         check_real("scale", "1")
-    with pytest.raises(TypeError, match="causal: expected a bool, got int"):
+    with pytest.raises(TypeError, match="causal must be a bool, got int"):
         check_bool("causal", 1)
 
 

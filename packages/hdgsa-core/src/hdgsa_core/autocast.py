@@ -12,10 +12,14 @@ import torch
 
 __all__ = ["autocast_disabled"]
 
+# Device types torch.autocast accepts. A plain set rather than torch.amp.is_autocast_available,
+# which torch.compile (torch 2.11) cannot trace: the check must not break fullgraph graphs.
+_AUTOCAST_DEVICE_TYPES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla"})
+
 
 def autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
     """A context that turns autocast off on ``device`` (a no-op where autocast does not exist,
     e.g. meta tensors)."""
-    if torch.amp.is_autocast_available(device.type):
+    if device.type in _AUTOCAST_DEVICE_TYPES:
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()

@@ -102,16 +102,16 @@ def check_index_range(name: str, indices: torch.Tensor, upper: int) -> None:
 def check_int(name: str, value: object) -> None:
     """TypeError unless ``value`` is an integer (``bool`` is not)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
 
 def check_real(name: str, value: object) -> None:
     """TypeError unless ``value`` is a real number (``bool`` is not)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
 
 
 def check_bool(name: str, value: object) -> None:
     """TypeError unless ``value`` is a ``bool``."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

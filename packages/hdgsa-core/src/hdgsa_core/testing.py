@@ -148,6 +148,8 @@ _EMPTY_FACTORIES = ("empty", "empty_like", "empty_strided")
 
 
 def _poison(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.requires_grad:  # a leaf that requires grad cannot be filled in place (inductor makes some)
+        return tensor
     if tensor.is_floating_point():
         tensor.fill_(float("nan"))
     elif tensor.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):

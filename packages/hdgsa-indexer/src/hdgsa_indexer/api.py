@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from hdgsa_core import (
+    check_bool,
     check_dtype,
+    check_int,
     check_ndim,
+    check_real,
     check_same_device,
     check_shape,
     check_tensor,
@@ -21,24 +22,6 @@ __all__ = ["TRITON_IMPLEMENTED", "gated_indexer", "indexer_topk"]
 
 # No Triton kernel yet (issue 2): backend="triton" raises "not implemented yet", auto picks torch.
 TRITON_IMPLEMENTED = False
-
-
-def _check_int(op: str, name: str, value: object) -> None:
-    """TypeError unless ``value`` is an integer (``bool`` is not)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-
-
-def _check_real(op: str, name: str, value: object) -> None:
-    """TypeError unless ``value`` is a real number (``bool`` is not)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
-
-
-def _check_bool(op: str, name: str, value: object) -> None:
-    """TypeError unless ``value`` is a ``bool``."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
 
 
 def _check_inputs(
@@ -65,9 +48,9 @@ def _check_inputs(
     check_shape("w", w, (batch, num_queries, heads), "[B, Tq, H]")
     check_shape("bias", bias, (heads,), "[H]")
     device = check_same_device(q=q, k=k, w=w, bias=bias)
-    _check_real(op, "scale", scale)
-    _check_bool(op, "causal", causal)
-    _check_int(op, "q_offset", q_offset)
+    check_real(f"{op}: scale", scale)
+    check_bool(f"{op}: causal", causal)
+    check_int(f"{op}: q_offset", q_offset)
     return device
 
 
@@ -195,13 +178,13 @@ def indexer_topk(
         ([0, -1, -1], 0)
     """
     device = _check_inputs("indexer_topk", q, k, w, bias, scale, causal, q_offset)
-    _check_int("indexer_topk", "topk", topk)
+    check_int("indexer_topk: topk", topk)
     if topk < 1:
         raise ValueError(f"indexer_topk: topk must be >= 1, got {topk}")
-    _check_int("indexer_topk", "sink_size", sink_size)
+    check_int("indexer_topk: sink_size", sink_size)
     if not 0 <= sink_size <= topk:
         raise ValueError(f"indexer_topk: sink_size must be in [0, topk={topk}], got {sink_size}")
-    _check_bool("indexer_topk", "return_stats", return_stats)
+    check_bool("indexer_topk: return_stats", return_stats)
     resolve_backend(backend, device, op="indexer_topk", implemented=TRITON_IMPLEMENTED)
     return indexer_topk_reference(
         q,

@@ -19,9 +19,9 @@ scores come back in that dtype instead of float32.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
+
+from hdgsa_core import autocast_disabled
 
 __all__ = [
     "DEFAULT_WORKSPACE_BYTES",
@@ -45,15 +45,6 @@ _BYTES_PER_HEAD_KEY = 4
 _INT32_LOW_MASK = 0xFFFFFFFF
 _INT32_MAGNITUDE_BITS = 0x7FFFFFFF
 _INT64_MAX = 2**63 - 1
-
-
-def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
-    """A context that turns ``torch.autocast`` off on ``device`` (a no-op where autocast does
-    not exist, e.g. meta tensors): the math stays in the compute dtype whatever the caller's
-    autocast region says."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -95,7 +86,7 @@ def _chunk_scores(
     """
     batch, rows, heads, dim = q_rows.shape
     num_keys = k_compute.shape[1]
-    with _autocast_disabled(q_rows.device):
+    with autocast_disabled(q_rows.device):
         # One matmul for all heads: [B, C*H, d] @ [B, d, S]. reshape copies only if q's layout needs it.
         q_flat = q_rows.to(compute_dtype).reshape(batch, rows * heads, dim)
         logits = torch.matmul(q_flat, k_compute.transpose(1, 2)).view(batch, rows, heads, num_keys)

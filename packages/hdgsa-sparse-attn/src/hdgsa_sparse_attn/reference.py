@@ -23,12 +23,13 @@ run in bfloat16 / float16 instead of float32.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from hdgsa_core import autocast_disabled
 
 __all__ = [
     "WORKSPACE_BYTES",
@@ -43,15 +44,6 @@ __all__ = [
 # near its best speed on a GPU (chunks of ~30 queries at Hq=16, K=512, D=128) while staying
 # small next to any model's activations.
 WORKSPACE_BYTES = 256 * 2**20
-
-
-def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
-    """A context that turns ``torch.autocast`` off on ``device`` (a no-op where autocast does
-    not exist, e.g. meta tensors): the math stays in the compute dtype whatever the caller's
-    autocast region says."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def normalize_indices(
@@ -132,7 +124,7 @@ def attend_chunk(
     k_sel = k[batch_ids, rows, head_ids]  # [B, Tc, Hkv, Gi, K, D]
     v_sel = v[batch_ids, rows, head_ids]  # [B, Tc, Hkv, Gi, K, Dv]
 
-    with _autocast_disabled(q.device):
+    with autocast_disabled(q.device):
         # Query heads of a KV group that share one list form the rows of one small matmul.
         q_groups = q.unflatten(2, (num_kv_heads, lists_per_group, group // lists_per_group))
         scores = torch.matmul(q_groups, k_sel.transpose(-1, -2)) * scale  # [B, Tc, Hkv, Gi, G/Gi, K]
