@@ -260,6 +260,155 @@ def test_deterministic_pure_and_empty(device):
     assert o.shape == (2, 0, 8)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["unpacked", "packed"])
+def test_empty_inputs_give_zero_gradients(device, layout):
+    """Every input stays in the graph when no step runs: zero gradients of its shape (D and the
+    state are not empty), the final state is the initial one (gradient passed straight through)."""
+    for batch, seq_len in ((2, 0), (0, 3)):
+        inputs = make_inputs(batch, seq_len, 2, 8, 4, device=device, seed=2)
+        leaves = [t.detach().requires_grad_() for t in inputs.tensors()]
+        args = list(leaves[:6])
+        if layout == "packed":
+            args[:3] = [t.flatten(2) for t in args[:3]]
+        o, state = gated_delta_rule(
+            *args, 2, initial_state=leaves[6], output_final_state=True, backend="torch"
+        )
+        expected_o = (batch, seq_len, 8) if layout == "packed" else (batch, seq_len, 2, 4)
+        assert o.shape == expected_o
+        assert state.dtype == torch.float32
+        assert torch.equal(state, inputs.initial_state)
+        grad_state = torch.randn_like(state)
+        grads = torch.autograd.grad((o.sum(), (state * grad_state).sum()), leaves)
+        for name, grad, leaf in zip(NAMES, grads, leaves, strict=True):
+            assert grad.shape == leaf.shape, name
+            expected = grad_state if name == "initial_state" else torch.zeros_like(leaf)
+            assert torch.equal(grad, expected), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_backend_ignores_autocast(device):
+    """Inside autocast (bf16) the torch backend still computes in float32: the same output, final
+    state and gradients, bit for bit, as outside it, for float32 inputs. (The backward is taken
+    outside the region, as PyTorch recommends: autograd runs a backward called inside it under
+    the region's autocast state.)"""
+    inputs = make_inputs(1, 70, 2, 8, 6, device=device, seed=41)
+    leaves = [t.detach().requires_grad_() for t in inputs.tensors()]
+
+    def forward():
+        return gated_delta_rule(
+            *leaves[:6], initial_state=leaves[6], output_final_state=True, backend="torch"
+        )
+
+    def with_grads(o, state):
+        return (o, state, *torch.autograd.grad(o.square().sum() + state.sum(), leaves))
+
+    expected = with_grads(*forward())
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        outputs = forward()
+    actual = with_grads(*outputs)
+    for name, got, want in zip(("o", "S_T", *NAMES), actual, expected, strict=True):
+        assert got.dtype == want.dtype == torch.float32, name
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compute_dtype_on_the_torch_backend(device):
+    """The torch backend is float32 inside whatever compute_dtype says: None, float32 and bf16 give
+    bitwise the same bf16 output (float32 state) for bf16 inputs."""
+    inputs = make_inputs(1, 40, 2, 8, 8, dtype=torch.bfloat16, device=device, seed=43)
+    rest = dict(initial_state=inputs.initial_state, output_final_state=True, backend="torch")
+    results = [
+        gated_delta_rule(*inputs.tensors()[:6], compute_dtype=compute_dtype, **rest)
+        for compute_dtype in (None, torch.float32, torch.bfloat16)
+    ]
+    for o, state in results:
+        assert o.dtype == torch.bfloat16
+        assert state.dtype == torch.float32
+        assert torch.equal(o, results[0][0])
+        assert torch.equal(state, results[0][1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["unpacked", "packed"])
+def test_mixed_dtypes(device, layout):
+    """bf16 q, k, v with float32 alpha, beta, D and initial_state (gates kept in float32, as
+    models often do): o in bf16, each gradient in its input's dtype, all against float64."""
+    inputs = make_inputs(1, 65, 2, 8, 8, device=device, seed=47)
+    inputs.q, inputs.k, inputs.v = (t.to(torch.bfloat16) for t in (inputs.q, inputs.k, inputs.v))
+    check_op(inputs, backend="torch", layout=layout)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_layout_round_trip(device):
+    """Packed inputs that are slices of one wider projection (strided views) give exactly the
+    unpacked result, flattened; the packed output is contiguous and [B, T, HV*V]."""
+    batch, seq_len, heads, head_dim_k, head_dim_v = 2, 37, 3, 8, 6
+    proj = make_tensor(batch, seq_len, heads * (2 * head_dim_k + head_dim_v) + 5, seed=53, device=device)
+    q, k = proj[..., : heads * head_dim_k], proj[..., heads * head_dim_k : 2 * heads * head_dim_k]
+    v = proj[..., 2 * heads * head_dim_k : 2 * heads * head_dim_k + heads * head_dim_v]
+    k = F.normalize(k.unflatten(-1, (heads, head_dim_k)), dim=-1).flatten(2)
+    assert not q.is_contiguous()
+    assert not v.is_contiguous()
+    inputs = make_inputs(batch, seq_len, heads, head_dim_k, head_dim_v, device=device, seed=53)
+    rest = dict(initial_state=inputs.initial_state, output_final_state=True, backend="torch")
+    o_packed, s_packed = gated_delta_rule(q, k, v, inputs.alpha, inputs.beta, inputs.D, heads, **rest)
+    o, s = gated_delta_rule(
+        q.unflatten(-1, (heads, head_dim_k)), k.unflatten(-1, (heads, head_dim_k)),
+        v.unflatten(-1, (heads, head_dim_v)), inputs.alpha, inputs.beta, inputs.D, **rest,
+    )  # fmt: skip
+    assert o_packed.shape == (batch, seq_len, heads * head_dim_v)
+    assert o_packed.is_contiguous()
+    assert torch.equal(o_packed, o.flatten(2))
+    assert torch.equal(s_packed, s)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_alpha_zero_is_clamped(device):
+    """alpha = 0 is alpha = 1e-6 (SPEC 3.5's clamp), with no gradient through the clamped
+    entries; alpha = 1 (no decay) is a plain value."""
+    inputs = make_inputs(1, 20, 2, 8, 8, device=device, seed=59)
+    zeros = inputs.alpha.clone()
+    zeros[:, ::3] = 0.0
+    zeros[:, 1::3] = 1.0
+    floor = torch.where(zeros == 0, torch.full_like(zeros, ALPHA_MIN), zeros)
+    alpha = zeros.requires_grad_()
+    rest = dict(initial_state=inputs.initial_state, backend="torch")
+    o = gated_delta_rule(inputs.q, inputs.k, inputs.v, alpha, inputs.beta, inputs.D, **rest)
+    o_floor = gated_delta_rule(inputs.q, inputs.k, inputs.v, floor, inputs.beta, inputs.D, **rest)
+    assert torch.isfinite(o).all()
+    assert torch.equal(o, o_floor)
+    (dalpha,) = torch.autograd.grad(o.sum(), alpha)
+    assert torch.isfinite(dalpha).all()
+    assert torch.equal(dalpha[:, ::3], torch.zeros_like(dalpha[:, ::3]))
+    assert dalpha[:, 1::3].abs().sum() > 0
+
+
+def test_integer_like_arguments():
+    """num_heads may be any integer (numpy's too); scale any real number."""
+    np = pytest.importorskip("numpy")
+    inputs = make_inputs(1, 9, 2, 4, 4, seed=61)
+    packed = [t.flatten(2) for t in inputs.tensors()[:3]]
+    expected = gated_delta_rule(*packed, inputs.alpha, inputs.beta, num_heads=2, scale=0.5, backend="torch")
+    actual = gated_delta_rule(
+        *packed, inputs.alpha, inputs.beta, num_heads=np.int64(2), scale=np.float32(0.5), backend="torch"
+    )
+    assert torch.equal(actual, expected)
+    default = gated_delta_rule(*packed, inputs.alpha, inputs.beta, num_heads=2, backend="torch")
+    explicit = gated_delta_rule(
+        *packed, inputs.alpha, inputs.beta, num_heads=2, scale=4**-0.5, backend="torch"
+    )
+    assert torch.equal(default, explicit)  # scale defaults to K ** -0.5
+
+
+def test_auto_on_cpu_runs_torch_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        expected = _call(backend="torch")
+        assert torch.equal(_call(backend="auto"), expected)
+    assert gated_delta_rule_backends("cpu") == ["torch"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad inputs (SPEC section 2).
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +427,7 @@ def _call(**overrides):
     args.update(overrides)
     num_heads = args.pop("num_heads", None)
     backend = args.pop("backend", "torch")
-    extra = {key: args.pop(key) for key in ("compute_dtype",) if key in args}
+    extra = {key: args.pop(key) for key in ("compute_dtype", "scale", "output_final_state") if key in args}
     return gated_delta_rule(
         args["q"], args["k"], args["v"], args["alpha"], args["beta"], args["D"], num_heads,
         initial_state=args["initial_state"], backend=backend, **extra,
@@ -333,13 +482,40 @@ def test_bad_shapes_raise_value_error(overrides, match):
         (dict(k=torch.randn(2, 5, 2, 4).half()), "k: dtype torch.float16 must match"),
         (dict(D=torch.ones(2, dtype=torch.int64)), "D: dtype int64"),
         (dict(compute_dtype=torch.float64), "compute_dtype"),
-        (dict(num_heads=2.0), "num_heads: expected an int"),
+        (dict(num_heads=2.0), "num_heads must be an int"),
+        (dict(num_heads=True), "num_heads must be an int"),
         (dict(q=[1.0]), "q: expected a torch.Tensor"),
+        (dict(D=[1.0, 2.0]), "D: expected a torch.Tensor"),
+        (dict(initial_state=torch.zeros(2, 2, 4, 3, dtype=torch.float64)), "initial_state: dtype float64"),
+        (dict(beta=torch.ones(2, 5, 2, dtype=torch.bool)), "beta: dtype bool"),
+        (dict(scale="0.5"), "scale must be a real number"),
+        (dict(scale=torch.tensor(0.5)), "scale must be a real number"),
+        (dict(output_final_state=1), "output_final_state must be a bool"),
     ],
 )
 def test_bad_types_raise_type_error(overrides, match):
     with pytest.raises(TypeError, match=match):
         _call(**overrides)
+
+
+def test_triton_is_not_a_backend_name_here():
+    # SPEC 2: "fla" instead of "triton" for this op; the message points to it.
+    with pytest.raises(ValueError, match=r"got 'triton'.*backend='fla'"):
+        _call(backend="triton")
+
+
+@pytest.mark.parametrize(
+    ("backend", "error"), [("nope", ValueError), ("triton", ValueError), ("fla", RuntimeError)]
+)
+@pytest.mark.parametrize("layout", ["unpacked", "packed"])
+def test_empty_inputs_still_check_the_backend(backend, error, layout):
+    """B = 0 or T = 0 returns early, but only once the backend is known to be valid and runnable."""
+    empty = make_inputs(2, 0, 2, 8, 4, seed=1)
+    args = list(empty.tensors()[:6])
+    if layout == "packed":
+        args[:3] = [t.flatten(2) for t in args[:3]]
+    with pytest.raises(error):
+        gated_delta_rule(*args, 2, backend=backend)
 
 
 def test_tensors_on_different_devices_raise():
@@ -353,9 +529,11 @@ def test_fla_backend_refused_on_cpu_says_why():
 
 
 def test_environment_override(monkeypatch):
-    monkeypatch.setenv("HDGSA_BACKEND", "fla")
-    with pytest.raises(RuntimeError, match="cannot run here"):
-        _call(backend="auto")
+    for name in ("fla", "triton"):  # "triton" selects fla, so one setting serves every op
+        monkeypatch.setenv("HDGSA_BACKEND", name)
+        with pytest.raises(RuntimeError, match="backend='fla' cannot run here"):
+            _call(backend="auto")
+        assert _call(backend="torch").shape == (2, 5, 2, 3)  # only auto is overridden
     monkeypatch.setenv("HDGSA_BACKEND", "torch")
     assert _call(backend="auto").shape == (2, 5, 2, 3)
     monkeypatch.setenv("HDGSA_BACKEND", "cuda")

@@ -8,8 +8,12 @@ import torch
 
 from hdgsa_core import (
     FLOAT_DTYPES,
+    autocast_disabled,
+    check_bool,
     check_dtype,
+    check_int,
     check_ndim,
+    check_real,
     check_same_device,
     check_shape,
     check_tensor,
@@ -79,22 +83,33 @@ def gated_delta_rule(
         k: keys, the shape and dtype of ``q``. (fla does not normalise them: do it before, as
             Gated DeltaNet layers do, for a stable recurrence.)
         v: values ``[B, T, HV, V]`` or ``[B, T, HV*V]``, ``q``'s dtype.
-        alpha: per-step decay in (0, 1], ``[B, T, HV]`` or ``[B, T, HV, 1]``, any float dtype.
-            Clamped to at least 1e-6 before the log; values are not checked (no host sync).
-        beta: per-step write strength ``[B, T, HV]`` or ``[B, T, HV, 1]``, any float dtype.
-        D: optional skip weight ``[HV]``: adds ``D[h] * v_t`` to the output. None: no skip.
+        alpha: per-step decay in (0, 1], ``[B, T, HV]`` or ``[B, T, HV, 1]``, float32, float16
+            or bfloat16 (need not be ``q``'s dtype: e.g. float32 gates with bf16 ``q``). Clamped
+            to at least 1e-6 before the log (0 is allowed; the clamped entries get no gradient);
+            values are not checked (no host sync).
+        beta: per-step write strength ``[B, T, HV]`` or ``[B, T, HV, 1]``, any of the three
+            float dtypes, like ``alpha``.
+        D: optional skip weight ``[HV]``, any of the three float dtypes: adds ``D[h] * v_t`` to
+            the output. None: no skip.
         num_heads: ``H`` for the packed layout (required there); with unpacked inputs it may be
             given and must equal ``q.shape[2]``.
-        scale: output scale; None means ``K ** -0.5``.
-        initial_state: ``[B, HV, K, V]`` state before step 1; None means zeros.
+        scale: output scale (a real number); None means ``K ** -0.5``.
+        initial_state: ``[B, HV, K, V]`` state before step 1, any of the three float dtypes
+            (read in float32); None means zeros.
         output_final_state: also return the state after the last step.
         compute_dtype: None runs fla in the inputs' dtype (no copies); e.g. ``torch.float32``
             casts ``q``, ``k``, ``v``, ``beta`` before fla (as the seed wrapper always did). The
-            torch backend computes in float32 whatever this says (it never goes below it).
-        backend: ``"auto"``, ``"fla"`` or ``"torch"``. ``auto`` takes fla when it can run this
-            call (fla-core >= 0.6 importable, CUDA tensors, ``K <= 256``, and, if a backward
-            will be needed, fla's backward not refused here: see the README), else torch
-            (with a warning when the tensors are on CUDA). ``HDGSA_BACKEND`` overrides ``auto``.
+            torch backend computes in float32 whatever this says (it never goes below it), so
+            there ``None`` and ``torch.float32`` give bitwise the same result.
+        backend: ``"auto"``, ``"fla"`` or ``"torch"`` (``"triton"`` is not a name here: a
+            ``ValueError`` pointing to ``"fla"``). ``auto`` takes fla when it can run this call
+            (fla-core >= 0.6 importable, CUDA tensors, ``K <= 256``, and, if a backward will be
+            needed, fla's backward not refused here: see the README), else torch (with a
+            ``UserWarning`` saying why when the tensors are on CUDA). ``HDGSA_BACKEND=torch``,
+            ``fla`` or ``triton`` (= ``fla``) overrides ``auto``.
+
+    The torch backend runs with autocast turned off (float32 inside, as outside an autocast
+    region); fla's kernels ignore autocast. Outputs keep ``q.dtype`` either way.
 
     Returns:
         ``o`` in ``q.dtype`` (``[B, T, HV, V]``, or ``[B, T, HV*V]`` when packed); with
@@ -102,11 +117,14 @@ def gated_delta_rule(
         to ``q``, ``k``, ``v``, ``alpha``, ``beta``, ``D`` and ``initial_state``.
 
     Raises:
-        ValueError: a wrong rank or shape (the message names the argument), ``num_heads``
-            missing or not dividing ``q``'s last dimension, ``HV`` not a multiple of ``H``,
-            tensors on different devices, an unknown backend name.
-        TypeError: an unsupported dtype, ``k``/``v`` not in ``q``'s dtype, or a bad
-            ``compute_dtype``.
+        ValueError: a wrong rank or shape (the message names the argument, the expected and
+            the actual shape), ``num_heads`` missing or not dividing ``q``'s last dimension,
+            ``HV`` not a multiple of ``H``, tensors on different devices, an unknown backend
+            name (argument or ``HDGSA_BACKEND``). All checked before anything runs, empty
+            inputs included.
+        TypeError: a non-tensor or an unsupported dtype (float64, integers), ``k``/``v`` not
+            in ``q``'s dtype, a bad ``compute_dtype``, ``num_heads`` not an int, ``scale`` not
+            a real number, ``output_final_state`` not a bool.
         RuntimeError: ``backend="fla"`` cannot run this call (the message says why and what to
             install); this includes a backward fla 0.6 refuses on Hopper with Triton
             >= 3.4, < 3.7.1.
@@ -135,13 +153,23 @@ def gated_delta_rule(
             raise TypeError(f"{name}: dtype {tensor.dtype} must match q's dtype {q.dtype}")
     if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
         raise TypeError(f"compute_dtype: expected None or one of {FLOAT_DTYPES}, got {compute_dtype!r}")
+    if num_heads is not None:
+        check_int("num_heads", num_heads)
+        num_heads = int(num_heads)
+    if scale is not None:
+        check_real("scale", scale)
+    check_bool("output_final_state", output_final_state)
+    if backend == "triton":
+        raise ValueError(
+            f"{_OP}: backend must be one of ('auto', 'fla', 'torch'), got 'triton': this op's "
+            "accelerated backend is fla's Triton kernels, named backend='fla' "
+            "(HDGSA_BACKEND=triton selects it too)"
+        )
     device = check_same_device(q=q, k=k, v=v, alpha=alpha, beta=beta, D=D, initial_state=initial_state)
 
     check_ndim("q", q, (3, 4), "[B, T, H, K] or [B, T, H*K] (with num_heads)")
     packed = q.dim() == 3
     batch, seq_len = q.shape[:2]
-    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int)):
-        raise TypeError(f"num_heads: expected an int or None, got {type(num_heads).__name__}")
     if packed:
         if num_heads is None:
             raise ValueError(f"num_heads: required with packed q of shape {list(q.shape)} ([B, T, H*K])")
@@ -192,9 +220,6 @@ def gated_delta_rule(
         check_shape("initial_state", initial_state, (batch, v_heads, head_dim_k, head_dim_v), "[B, HV, K, V]")
     scale = head_dim_k**-0.5 if scale is None else float(scale)
 
-    if batch == 0 or seq_len == 0:
-        return _empty_result(v4, q.dtype, initial_state, head_dim_k, packed, output_final_state)
-
     needs_backward = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, alpha, beta, D, initial_state)
     )
@@ -208,6 +233,11 @@ def gated_delta_rule(
     chosen = resolve_backend(
         backend, device, op=_OP, accelerated="fla", unavailable_reason=unavailable_reason
     )
+    if batch == 0 or seq_len == 0:
+        # After the backend choice: a backend that cannot run raises even for empty inputs.
+        return _empty_result(
+            (q, k, v4, alpha, beta, D), q.dtype, initial_state, head_dim_k, packed, output_final_state
+        )
     if chosen == "fla":
         o, final_state = _run_fla_path(
             q4, k4, v4, alpha3, beta3, D, scale, initial_state, output_final_state, compute_dtype
@@ -226,13 +256,25 @@ def gated_delta_rule(
 
 
 def gated_delta_rule_backends(
-    device: torch.device, *, needs_backward: bool = True, head_dim_k: int = 64
+    device: torch.device | str, *, needs_backward: bool = True, head_dim_k: int = 64
 ) -> list[str]:
     """The backends ``gated_delta_rule`` can run on ``device`` here, ``"torch"`` first.
 
-    ``needs_backward=True`` leaves fla out where it would refuse the backward (self-checks and
-    tests compare gradients).
+    Args:
+        device: where the tensors would live (a ``torch.device`` or a string like ``"cuda"``).
+        needs_backward: True leaves fla out where it would refuse the backward (self-checks and
+            tests compare gradients); False asks about the forward only.
+        head_dim_k: the key head dimension ``K`` (fla runs ``K <= 256`` only).
+
+    Returns:
+        ``["torch"]`` or ``["torch", "fla"]``.
+
+    Example:
+        >>> from hdgsa_deltanet_fla import gated_delta_rule_backends
+        >>> gated_delta_rule_backends("cpu")
+        ['torch']
     """
+    device = torch.device(device)
     backends = ["torch"]
     if fla_unavailable_reason(device, head_dim_k=head_dim_k, needs_backward=needs_backward) is None:
         backends.append("fla")
@@ -240,17 +282,27 @@ def gated_delta_rule_backends(
 
 
 def _empty_result(
-    v4: torch.Tensor,
+    inputs: tuple[torch.Tensor | None, ...],
     dtype: torch.dtype,
     initial_state: torch.Tensor | None,
     head_dim_k: int,
     packed: bool,
     output_final_state: bool,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """B = 0 or T = 0: no step runs. ``o`` is empty (still connected to ``v`` for autograd)
-    and the final state is the initial one."""
+    """B = 0 or T = 0: no step runs. ``o`` is empty and the final state is the initial one.
+
+    ``inputs`` is ``(q, k, v4, alpha, beta, D)``, ``v4`` ``[B, T, HV, V]``. ``o`` is built from
+    all of them (and ``initial_state``) times zero, so every input stays in the autograd graph
+    and gets a zero gradient of its shape (``D`` and the state are not empty), as with any op.
+    """
+    v4 = inputs[2]
     batch, _, v_heads, head_dim_v = v4.shape
-    o = (v4 * 0).to(dtype)
+    o = v4.to(dtype) * 0
+    for tensor in (*inputs, initial_state):
+        if tensor is not None and tensor is not v4:
+            # Adding a 0-dim value to an empty tensor leaves it empty (a NaN or inf input
+            # cannot show up in o); its gradient is the sum of nothing, 0.
+            o = o + (tensor.sum() * 0).to(dtype)
     if packed:
         o = o.flatten(-2)
     if not output_final_state:
@@ -317,12 +369,15 @@ def _run_torch_path(
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     compute = torch.float32
-    g = alpha3.to(compute).clamp(min=ALPHA_MIN).log()
-    o, final_state = chunk_gated_delta_rule_torch(
-        q4, k4, v4, g, beta3, scale, initial_state, compute_dtype=compute
-    )
-    if D is not None:
-        o = torch.addcmul(o, D.to(compute).unsqueeze(-1), v4.to(compute))
+    # SPEC: float32 inside. An autocast region around the caller would otherwise run the
+    # chunked matmuls in bf16/fp16 (a 1e-2 error on the output, worse in the state).
+    with autocast_disabled(q4.device):
+        g = alpha3.to(compute).clamp(min=ALPHA_MIN).log()
+        o, final_state = chunk_gated_delta_rule_torch(
+            q4, k4, v4, g, beta3, scale, initial_state, compute_dtype=compute
+        )
+        if D is not None:
+            o = torch.addcmul(o, D.to(compute).unsqueeze(-1), v4.to(compute))
     # One copy into a contiguous [B, T, HV, V] in the output dtype (``to`` alone skips the
     # copy, and keeps the chunked layout's strides, when the dtype already matches).
     if o.dtype == out_dtype:
