@@ -465,6 +465,40 @@ def _call(**overrides):
             dict(q=torch.randn(2, 5, 8), k=torch.randn(2, 5, 8), v=torch.randn(2, 5, 2, 3), num_heads=2),
             "v: expected",
         ),
+        (
+            dict(
+                q=torch.randn(2, 5, 8),
+                k=torch.randn(2, 5, 8),
+                v=torch.randn(2, 5, 6),
+                num_heads=2,
+                alpha=torch.rand(2, 5, 3),
+            ),
+            r"alpha: expected shape \[B, T, HV\].*got shape \[2, 5, 3\]",
+        ),
+        (
+            dict(
+                q=torch.randn(2, 5, 8),
+                k=torch.randn(2, 5, 8),
+                v=torch.randn(2, 5, 6),
+                num_heads=2,
+                alpha=torch.rand(2, 5, 4),
+            ),
+            r"alpha: expected shape \[B, T, HV\].*got shape \[2, 5, 4\]",
+        ),
+        (
+            # Packed: HV = alpha.shape[2] = 6 (GVA, V = 1) is a valid reading; beta disagrees.
+            dict(
+                q=torch.randn(2, 5, 8),
+                k=torch.randn(2, 5, 8),
+                v=torch.randn(2, 5, 6),
+                num_heads=2,
+                alpha=torch.rand(2, 5, 6),
+                D=None,
+                initial_state=None,
+            ),
+            r"beta: expected shape \[B, T, HV\] \(HV = alpha.shape\[2\].*got shape \[2, 5, 2\]",
+        ),
+        (dict(num_heads=0, q=torch.randn(2, 5, 8)), "num_heads"),
         (dict(backend="triton_please"), "backend must be one of"),
     ],
     ids=lambda value: None if isinstance(value, str) else "-".join(f"{k}" for k in value),

@@ -86,13 +86,22 @@ def fla_unavailable_reason(device: torch.device, *, head_dim_k: int, needs_backw
     of the backward on Hopper with Triton >= 3.4, < 3.7.1 (:func:`fla_backward_refusal`).
     """
     if not HAS_TRITON:
-        return "Triton is not installed (fla's kernels are Triton kernels)"
+        return (
+            "Triton is not installed (fla's kernels are Triton kernels: "
+            "pip install 'hdgsa-deltanet-fla[triton]')"
+        )
     if not HAS_FLA:
         if FLA_VERSION is None:
             return "fla-core is not installed (pip install 'fla-core>=0.6')"
-        return f"fla-core {FLA_VERSION} is too old or not importable; need fla-core >= 0.6"
+        return (
+            f"fla-core {FLA_VERSION} is too old or not importable; need fla-core >= 0.6 "
+            "(pip install -U 'fla-core>=0.6')"
+        )
     if device.type != "cuda":
-        return f"the tensors are on {device.type}; fla's kernels run on CUDA tensors only"
+        return (
+            f"the tensors are on {device.type}; fla's kernels run on CUDA tensors only "
+            "(backend='torch' runs anywhere)"
+        )
     if not torch.cuda.is_available():
         return "CUDA is not available on this machine"
     import_error = _import_fla_error()

@@ -28,13 +28,15 @@ __all__ = ["ALPHA_MIN", "gated_delta_rule", "gated_delta_rule_backends"]
 _OP = "gated_delta_rule"
 
 
-def _per_step(name: str, x: torch.Tensor, batch: int, seq_len: int, heads: int) -> torch.Tensor:
-    """``[B, T, HV]`` or ``[B, T, HV, 1]`` -> a ``[B, T, HV]`` view."""
-    check_ndim(name, x, (3, 4), "[B, T, HV] or [B, T, HV, 1]")
+def _per_step(
+    name: str, x: torch.Tensor, batch: int, seq_len: int, heads: int, note: str = ""
+) -> torch.Tensor:
+    """``[B, T, HV]`` or ``[B, T, HV, 1]`` -> a ``[B, T, HV]`` view (``note`` says where HV is from)."""
+    check_ndim(name, x, (3, 4), f"[B, T, HV] or [B, T, HV, 1]{note}")
     if x.dim() == 4:
-        check_shape(name, x, (batch, seq_len, heads, 1), "[B, T, HV, 1]")
+        check_shape(name, x, (batch, seq_len, heads, 1), f"[B, T, HV, 1]{note}")
         return x.squeeze(-1)
-    check_shape(name, x, (batch, seq_len, heads), "[B, T, HV]")
+    check_shape(name, x, (batch, seq_len, heads), f"[B, T, HV]{note}")
     return x
 
 
@@ -180,13 +182,20 @@ def gated_delta_rule(
         check_shape("k", k, tuple(q.shape), "[B, T, H*K]")
         check_ndim("v", v, 3, "[B, T, HV*V] (packed, like q)")
         check_shape("v", v, (batch, seq_len, None), "[B, T, HV*V]")
+        # The number of value heads HV is alpha's third dimension (HV = H but for GVA).
         check_ndim("alpha", check_tensor("alpha", alpha), (3, 4), "[B, T, HV] or [B, T, HV, 1]")
         v_heads = alpha.shape[2]
         _positive("alpha", v_heads, "the number of value heads (alpha.shape[2])")
-        if v.shape[2] % v_heads:
+        if v_heads == heads and v.shape[2] % v_heads:
             raise ValueError(
                 f"v: last dimension {v.shape[2]} is not divisible by the number of value heads "
                 f"HV={v_heads} (alpha.shape[2])"
+            )
+        if v.shape[2] % v_heads or v_heads % heads:
+            raise ValueError(
+                f"alpha: expected shape [B, T, HV] = [{batch}, {seq_len}, HV] with HV (the number of "
+                f"value heads: num_heads={heads}, or a multiple of it for GVA) dividing v's last "
+                f"dimension {v.shape[2]}, got shape {list(alpha.shape)}"
             )
         head_dim_v = v.shape[2] // v_heads
         q4 = q.unflatten(-1, (heads, head_dim_k))
@@ -212,12 +221,16 @@ def gated_delta_rule(
             f"v: the number of value heads HV={v_heads} must be a multiple of the number of "
             f"query/key heads H={heads} (GVA)"
         )
+    # In the packed layout HV and V come from alpha: say so where a mismatch may be alpha's fault.
+    note = " (HV = alpha.shape[2], V = v.shape[2] // HV)" if packed else ""
     alpha3 = _per_step("alpha", alpha, batch, seq_len, v_heads)
-    beta3 = _per_step("beta", beta, batch, seq_len, v_heads)
+    beta3 = _per_step("beta", beta, batch, seq_len, v_heads, note)
     if D is not None:
-        check_shape("D", D, (v_heads,), "[HV]")
+        check_shape("D", D, (v_heads,), f"[HV]{note}")
     if initial_state is not None:
-        check_shape("initial_state", initial_state, (batch, v_heads, head_dim_k, head_dim_v), "[B, HV, K, V]")
+        check_shape(
+            "initial_state", initial_state, (batch, v_heads, head_dim_k, head_dim_v), f"[B, HV, K, V]{note}"
+        )
     scale = head_dim_k**-0.5 if scale is None else float(scale)
 
     needs_backward = torch.is_grad_enabled() and any(
