@@ -262,6 +262,152 @@ def test_no_grad_and_partial_grads(device, backend):
     assert_matches_reference("y-only dresidual", dr, dr64)
 
 
+WEIGHT_LAYOUTS = {
+    # every other element of a longer vector
+    "strided": lambda base, hidden: base[: 2 * hidden : 2],
+    # one value for every column (stride 0)
+    "expanded": lambda base, hidden: base[:1].expand(hidden),
+}
+
+
+def _check_weight_layout(device, backend, hidden, layout):
+    rows = 3
+    x, _w, r = _inputs((rows, hidden), torch.float32, device, weight=False)
+    base = make_tensor(2 * hidden, device=device, seed=7, scale=0.5, offset=1.0, requires_grad=True)
+    weight = WEIGHT_LAYOUTS[layout](base, hidden)
+    dy = make_tensor(rows, hidden, device=device, seed=8)
+    y = rms_norm(x, weight, 1e-6, r, backend=backend)
+    dx, dbase = torch.autograd.grad(y, (x, base), dy)
+    x64, r64, base64 = _as64(x), _as64(r), _as64(base)
+    y64 = rms_norm_reference(x64, WEIGHT_LAYOUTS[layout](base64, hidden), 1e-6, r64)
+    dx64, dbase64 = torch.autograd.grad(y64, (x64, base64), dy.double())
+    assert_matches_reference(f"{layout} weight y", y, y64)
+    assert_matches_reference(f"{layout} weight dx", dx, dx64)
+    assert_matches_reference(f"{layout} weight dweight", dbase, dbase64)
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+@pytest.mark.parametrize("layout", list(WEIGHT_LAYOUTS))
+def test_weight_layouts(device, backend, layout):
+    """A weight that is not packed (a strided slice, an expanded scalar) is read as it is."""
+    _check_weight_layout(device, backend, 37, layout)
+
+
+REQUIRES_GRAD = ["none", "x", "weight", "residual", "x+weight", "weight+residual", "all"]
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+@pytest.mark.parametrize("which", REQUIRES_GRAD)
+@pytest.mark.parametrize("prenorm", [False, True], ids=["y", "prenorm"])
+def test_requires_grad_combinations(device, backend, which, prenorm):
+    """Each input that requires grad gets the float64 gradient; the others get none."""
+    shape = (4, 45)
+    names = ("x", "weight", "residual")
+    wanted = {name: which == "all" or name in which.split("+") for name in names}
+    x, w, r = (
+        t.detach().requires_grad_(wanted[n])
+        for n, t in zip(names, _inputs(shape, torch.bfloat16, device), strict=True)
+    )
+    outs = rms_norm(x, w, 1e-6, r, prenorm=prenorm, backend=backend)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    assert outs[0].requires_grad == any(wanted.values())
+    if prenorm:  # h = x + residual does not depend on the weight
+        assert outs[1].requires_grad == (wanted["x"] or wanted["residual"])
+    if not any(wanted.values()):
+        return
+    upstream = [
+        make_tensor(*shape, dtype=torch.bfloat16, device=device, seed=20 + i) for i in range(len(outs))
+    ]
+    given = [t for t in (x, w, r) if t.requires_grad]
+    differentiable = [i for i, out in enumerate(outs) if out.requires_grad]
+    grads = torch.autograd.grad(
+        [outs[i] for i in differentiable], given, [upstream[i] for i in differentiable]
+    )
+    x64, w64, r64 = _as64(x), _as64(w), _as64(r)
+    outs64 = rms_norm_reference(x64, w64, 1e-6, r64, prenorm)
+    outs64 = outs64 if isinstance(outs64, tuple) else (outs64,)
+    outs64, upstream = [outs64[i] for i in differentiable], [upstream[i] for i in differentiable]
+    given64 = [t64 for t, t64 in zip((x, w, r), (x64, w64, r64), strict=True) if t.requires_grad]
+    grads64 = torch.autograd.grad(outs64, given64, [u.double() for u in upstream])
+    for tensor, grad, grad64 in zip(given, grads, grads64, strict=True):
+        assert grad.dtype == tensor.dtype
+        assert_matches_reference(f"{which} grad", grad, grad64, tol=DEFAULT_TOLERANCE[tensor.dtype])
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+@pytest.mark.parametrize("residual", [False, True], ids=["no-residual", "residual"])
+def test_gradient_through_h_only(device, backend, residual):
+    """prenorm with only h reaching the loss: dx = dresidual = dh, weight gets nothing (or 0)."""
+    x, w, r = _inputs((3, 50), torch.float32, device, residual=residual)
+    _y, h = rms_norm(x, w, 1e-6, r, prenorm=True, backend=backend)
+    dh = make_tensor(3, 50, device=device, seed=4)
+    grads = torch.autograd.grad(h, [t for t in (x, w, r) if t is not None], dh, allow_unused=True)
+    assert torch.equal(grads[0], dh)
+    assert grads[1] is None or torch.all(grads[1] == 0)
+    if residual:
+        assert torch.equal(grads[2], dh)
+
+
+def _autocast_dtype(device):
+    return torch.bfloat16 if device == "cpu" else torch.float16
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_autocast_does_not_change_the_result(device, backend, dtype):
+    """float32 math inside whatever autocast says: bitwise the same outputs and gradients
+    inside and outside an autocast region, in the inputs' dtypes."""
+    x, w, r = _inputs((5, 70), dtype, device, weight_dtype=torch.float32)
+    dy = make_tensor(5, 70, dtype=dtype, device=device, seed=5)
+    dh = make_tensor(5, 70, dtype=dtype, device=device, seed=6)
+
+    def run():
+        y, h = rms_norm(x, w, 1e-6, r, prenorm=True, backend=backend)
+        return (y, h, *torch.autograd.grad((y, h), (x, w, r), (dy, dh)))
+
+    outside = run()
+    with torch.autocast(device, dtype=_autocast_dtype(device)):
+        inside = run()
+    for name, a, b in zip(("y", "h", "dx", "dweight", "dresidual"), outside, inside, strict=True):
+        assert a.dtype == b.dtype, name
+        assert torch.equal(a, b), name
+    assert inside[0].dtype == dtype
+    assert inside[3].dtype == torch.float32
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_torch_compile_aot_eager_fullgraph(device, backend):
+    """fullgraph tracing on every backend (aot_eager: no C++ compiler needed); same values
+    and gradients as eager."""
+    torch._dynamo.reset()
+
+    def block(x, w, r):
+        y, h = rms_norm(x, w, 1e-6, r, prenorm=True, backend=backend)
+        return y * 2, h
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x, w, r = _inputs((4, 3, 72), torch.bfloat16, device)
+    dy = make_tensor(4, 3, 72, dtype=torch.bfloat16, device=device, seed=3)
+    results = []
+    for fn in (compiled, block):
+        y, h = fn(x, w, r)
+        results.append((y, h, *torch.autograd.grad((y, h), (x, w, r), (dy, dy))))
+    for name, got, expected in zip(("y", "h", "dx", "dw", "dr"), *results, strict=True):
+        assert torch.equal(got, expected), name
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_inputs_unchanged_by_backward(device, backend):
+    x, w, r = _inputs((4, 33), torch.bfloat16, device)
+    saved = [t.detach().clone() for t in (x, w, r)]
+    y, h = rms_norm(x, w, 1e-6, r, prenorm=True, backend=backend)
+    dy = make_tensor(4, 33, dtype=torch.bfloat16, device=device, seed=3)
+    dy_saved = dy.clone()
+    torch.autograd.grad((y, h), (x, w, r), (dy, dy))
+    for before, after in zip([*saved, dy_saved], (x, w, r, dy), strict=True):
+        assert torch.equal(before, after)
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 
@@ -301,6 +447,85 @@ def test_bad_inputs():
         rms_norm(x, eps="1e-6")
     with pytest.raises(ValueError, match="backend"):
         rms_norm(x, backend="cuda")
+
+
+BAD_CALLS = {
+    # name: (arguments, error, message pattern)
+    "prenorm-not-bool": (lambda x: rms_norm(x, prenorm="yes"), TypeError, "prenorm"),
+    "prenorm-int": (lambda x: rms_norm(x, prenorm=1), TypeError, "prenorm"),
+    "residual_in_fp32-none": (lambda x: rms_norm(x, residual_in_fp32=None), TypeError, "residual_in_fp32"),
+    "eps-inf": (lambda x: rms_norm(x, eps=float("inf")), ValueError, "eps"),
+    "eps-tensor": (lambda x: rms_norm(x, eps=torch.tensor(1e-6)), TypeError, "eps"),
+    "eps-bool": (lambda x: rms_norm(x, eps=True), TypeError, "eps"),
+    "eps-none": (lambda x: rms_norm(x, eps=None), TypeError, "eps"),
+    "x-none": (lambda x: rms_norm(None), TypeError, "x"),
+    "x-sparse": (lambda x: rms_norm(x.to_sparse()), TypeError, "x: expected a dense"),
+    "weight-sparse": (lambda x: rms_norm(x, torch.ones(8).to_sparse()), TypeError, "weight"),
+    "residual-sparse": (lambda x: rms_norm(x, None, 1e-6, x.to_sparse()), TypeError, "residual"),
+    "residual-list": (lambda x: rms_norm(x, None, 1e-6, x.tolist()), TypeError, "residual"),
+    "x-bool": (lambda x: rms_norm(x > 0), TypeError, "x: dtype bool"),
+    "x-complex": (lambda x: rms_norm(x.to(torch.complex64)), TypeError, "x: dtype complex64"),
+    "weight-float64": (
+        lambda x: rms_norm(x, torch.ones(8, dtype=torch.float64)),
+        TypeError,
+        "weight: dtype float64",
+    ),
+    "residual-float64": (
+        lambda x: rms_norm(x, None, 1e-6, x.double()),
+        TypeError,
+        "residual: dtype float64",
+    ),
+    "residual-transposed-shape": (
+        lambda x: rms_norm(x, None, 1e-6, torch.randn(8, 4)),
+        ValueError,
+        r"residual: expected shape .*\[4, 8\], got shape \[8, 4\]",
+    ),
+    "weight-scalar": (
+        lambda x: rms_norm(x, torch.tensor(1.0)),
+        ValueError,
+        r"weight: expected shape .*got shape \[\]",
+    ),
+    "backend-none": (lambda x: rms_norm(x, backend=None), ValueError, "backend"),
+    "backend-uppercase": (lambda x: rms_norm(x, backend="TORCH"), ValueError, "backend"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_inputs_raise_before_computing(case, monkeypatch):
+    """Each bad argument gets its error (SPEC section 2) before any backend runs."""
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a backend ran with bad arguments")
+
+    monkeypatch.setattr(api, "rms_norm_reference", must_not_run)
+    call, error, pattern = BAD_CALLS[case]
+    with pytest.raises(error, match=pattern):
+        call(torch.randn(4, 8))
+
+
+def test_backend_environment_variable(monkeypatch):
+    """HDGSA_BACKEND overrides "auto" only; an explicit backend wins; empty means unset."""
+    x = torch.randn(4, 8)
+    expected = rms_norm_reference(x)
+    monkeypatch.setenv("HDGSA_BACKEND", "torch")
+    assert torch.equal(rms_norm(x, backend="torch"), expected)
+    assert torch.equal(rms_norm(x), expected)
+    monkeypatch.setenv("HDGSA_BACKEND", "")
+    rms_norm(x)
+    monkeypatch.setenv("HDGSA_BACKEND", "triton")
+    assert torch.equal(rms_norm(x, backend="torch"), expected)
+    reason = triton_unavailable_reason(x.device)
+    if reason is not None:
+        with pytest.raises(RuntimeError, match="triton"):
+            rms_norm(x)
+    else:
+        assert_matches_reference("HDGSA_BACKEND=triton", rms_norm(x), rms_norm_reference(x.double()))
+    monkeypatch.setenv("HDGSA_BACKEND", "fla")
+    with pytest.raises(ValueError, match="HDGSA_BACKEND"):
+        rms_norm(x)
+    monkeypatch.setenv("HDGSA_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="HDGSA_BACKEND"):
+        rms_norm(x)
 
 
 def test_unavailable_backend_raises(monkeypatch):
@@ -455,3 +680,83 @@ def test_torch_compile_fullgraph(device):
     dx_e, dr_e = torch.autograd.grad(rms_norm(x, w, 1e-6, r, backend="triton"), (x, r), dy)
     assert torch.equal(dx_c, dx_e)
     assert torch.equal(dr_c, dr_e)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("layout", list(WEIGHT_LAYOUTS))
+def test_split_rows_weight_layouts(device, layout):
+    """The split-row kernels read a strided or expanded weight as it is too."""
+    _check_weight_layout(device, "triton", 20000, layout)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_double_backward_raises(device):
+    """The backward kernels have no gradient of their own: differentiating twice is an error,
+    not a silently missing term."""
+    x, w, _r = _inputs((3, 20), torch.float32, device, residual=False)
+    y = rms_norm(x, w, backend="triton")
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dx.sum().backward()
+
+
+def test_one_pass_split_needs_a_cooperative_launch(monkeypatch):
+    """The one-pass split kernels wait for partner programs: they run only where a cooperative
+    launch guarantees that all programs are resident (or fails the launch); elsewhere, and
+    under the interpreter, two passes without waiting."""
+    from hdgsa_rmsnorm import _triton_common as common
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(common, "sm_count", lambda device: 132)
+    monkeypatch.setattr(common, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(common, "cooperative_launch_supported", lambda: True)
+    assert common.use_one_pass_split(cuda, 32, 2)
+    assert not common.use_one_pass_split(cuda, 265, 2)  # more programs than can be resident
+    assert not common.use_one_pass_split(torch.device("cpu"), 32, 2)
+    monkeypatch.setattr(common, "cooperative_launch_supported", lambda: False)
+    assert not common.use_one_pass_split(cuda, 32, 2)
+    monkeypatch.setattr(common, "cooperative_launch_supported", lambda: True)
+    monkeypatch.setattr(common, "interpreter_enabled", lambda: True)
+    assert not common.use_one_pass_split(cuda, 32, 2)
+
+
+def test_unit_stride_copies_only_when_needed():
+    from hdgsa_rmsnorm._triton_common import unit_stride
+
+    packed = torch.randn(8)
+    assert unit_stride(packed) is packed
+    single = torch.randn(1).expand(1)
+    assert unit_stride(single) is single
+    strided = torch.randn(16)[::2]
+    copied = unit_stride(strided)
+    assert copied.stride() == (1,)
+    assert torch.equal(copied, strided)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("hidden", [300, 70000])
+def test_no_host_sync(hidden):
+    """Forward and backward on the default backend issue no synchronizing CUDA call."""
+    x, w, r = _inputs((8, hidden), torch.bfloat16, "cuda")
+    dy = make_tensor(8, hidden, dtype=torch.bfloat16, device="cuda", seed=5)
+
+    def step():
+        y, h = rms_norm(x, w, 1e-6, r, prenorm=True)
+        return torch.autograd.grad((y, h), (x, w, r), (dy, dy))
+
+    step()  # compiles the kernels (which may sync) outside the checked region
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("hidden", [300, 70000])
+def test_tensors_on_another_device_than_the_current_one(hidden):
+    """Tensors on cuda:1 while cuda:0 is current: the kernels run on the tensors' device."""
+    assert torch.cuda.current_device() == 0
+    check_against_float64((5, hidden), torch.bfloat16, "cuda:1", "triton", prenorm=True)

@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from hdgsa_core.custom_ops import is_compiling, op_name
 
@@ -71,6 +72,12 @@ def _backward(
     return dx, (dw if need_dw else None), dres
 
 
+def _h_differentiable(ctx: Any) -> bool:
+    """``h = x + residual`` has a gradient only when ``x`` or ``residual`` needs one (as on
+    the PyTorch backend: a weight that requires grad does not make ``h`` require it)."""
+    return ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
+
+
 def _bwd_eager(dy, dh, h_source, h_second, rstd, weight, x_dtype, residual_dtype, need_dw):
     h2 = row_layout(h_second) if h_second is not None else None
     return rms_norm_bwd(dy, dh, row_layout(h_source), h2, rstd, weight, x_dtype, residual_dtype, need_dw)
@@ -81,11 +88,14 @@ class _RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, residual, eps, prenorm, residual_in_fp32, needs_grad):
         y, h, rstd = rms_norm_fwd(x, weight, residual, eps, residual_in_fp32, prenorm, needs_grad)
         ctx.set_materialize_grads(False)
+        if prenorm and not _h_differentiable(ctx):
+            ctx.mark_non_differentiable(h)
         if needs_grad:
             _save(ctx, x, weight, residual, h, rstd)
         return (y, h) if prenorm else y
 
     @staticmethod
+    @once_differentiable  # the backward kernels have no gradient: a double backward raises
     def backward(ctx, dy, dh=None):
         dx, dw, dres = _backward(ctx, dy, dh, ctx.needs_input_grad[1], _bwd_eager)
         return dx, dw, dres, None, None, None, None
@@ -167,6 +177,8 @@ def _fwd_op_setup_context(ctx, inputs, output):
     x, weight, residual, _eps, _residual_in_fp32, store_h, store_rstd = inputs
     _y, h, rstd = output
     ctx.mark_non_differentiable(rstd)
+    if store_h and not _h_differentiable(ctx):
+        ctx.mark_non_differentiable(h)
     ctx.saved = store_rstd
     if store_rstd:
         _save(ctx, x, weight, residual, h if store_h else None, rstd)

@@ -33,10 +33,12 @@ from ._triton_common import (
     MAX_SPINS,
     RowLayout,
     bwd_row_tile,
+    device_guard,
     resident_launch_options,
     row_layout,
     sm_count,
     split_launch_options,
+    unit_stride,
     use_one_pass_split,
 )
 from ._triton_fwd import _row_offsets
@@ -368,7 +370,22 @@ def rms_norm_bwd(
     ``config`` overrides the tile choice (benchmark sweeps only): ``block_m``, ``num_warps``,
     ``programs_per_sm``, ``prefetch``, ``max_fused_n``, ``split_*`` as in the forward.
     """
-    config = config or {}
+    with device_guard(h.tensor.device):
+        return _launch_bwd(dy, dh, h, h2, rstd, weight, x_dtype, residual_dtype, need_dw, config or {})
+
+
+def _launch_bwd(
+    dy: torch.Tensor,
+    dh: torch.Tensor | None,
+    h: RowLayout,
+    h2: RowLayout | None,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    x_dtype: torch.dtype,
+    residual_dtype: torch.dtype | None,
+    need_dw: bool,
+    config: dict[str, int],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     shape = h.tensor.shape
     hidden = shape[-1]
     rows = h.tensor.numel() // hidden if hidden else 0
@@ -377,6 +394,8 @@ def rms_norm_bwd(
     separate_dres = residual_dtype is not None and residual_dtype != x_dtype
     dres = torch.empty(shape, dtype=residual_dtype, device=device) if separate_dres else None
     need_dw = need_dw and weight is not None
+    if weight is not None:
+        weight = unit_stride(weight)
     if dx.numel() == 0:
         dw = torch.zeros_like(weight) if need_dw else None
         return dx, dw, dres
@@ -395,18 +414,10 @@ def rms_norm_bwd(
         DRES=dres if dres is not None else dx,
         M=rows,
         N=hidden,
-        dy_inner=dy_rows.inner,
-        dy_stride_outer=dy_rows.stride_outer,
-        dy_stride_inner=dy_rows.stride_inner,
-        dh_inner=dh_rows.inner,
-        dh_stride_outer=dh_rows.stride_outer,
-        dh_stride_inner=dh_rows.stride_inner,
-        h_inner=h.inner,
-        h_stride_outer=h.stride_outer,
-        h_stride_inner=h.stride_inner,
-        h2_inner=h2_rows.inner,
-        h2_stride_outer=h2_rows.stride_outer,
-        h2_stride_inner=h2_rows.stride_inner,
+        **dy_rows.kernel_args("dy"),
+        **dh_rows.kernel_args("dh"),
+        **h.kernel_args("h"),
+        **h2_rows.kernel_args("h2"),
         HAS_DH=dh is not None,
         HAS_H2=h2 is not None,
         HAS_WEIGHT=weight is not None,

@@ -1,10 +1,12 @@
-"""What the forward and backward launchers share: row layouts, tile and grid choices.
+"""What the forward and backward launchers share: row layouts, tile and grid choices, the
+device guard.
 
 Imports Triton only for its option list (to know whether cooperative launches exist).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -38,6 +40,8 @@ BWD_SPLIT_PROGRAMS_PER_SM = 1
 
 # A program spins at most this many times in all waiting for the partial sums of the other
 # programs of its rows (about a second); past that its rows come out NaN rather than hang.
+# Unreachable while the partner programs are resident (README, "Split rows: the wait"): a
+# program cannot spin for longer than the kernel runs, at most tens of ms on a full GPU.
 MAX_SPINS = 1 << 20
 
 _REGISTERS_PER_SM = 65536
@@ -55,9 +59,13 @@ class RowLayout:
     stride_outer: int
     stride_inner: int
 
-    @property
-    def args(self) -> tuple[int, int, int]:
-        return self.inner, self.stride_outer, self.stride_inner
+    def kernel_args(self, prefix: str) -> dict[str, int]:
+        """The kernels' ``<prefix>_inner``, ``<prefix>_stride_outer``, ``<prefix>_stride_inner``."""
+        return {
+            f"{prefix}_inner": self.inner,
+            f"{prefix}_stride_outer": self.stride_outer,
+            f"{prefix}_stride_inner": self.stride_inner,
+        }
 
 
 def row_layout(tensor: torch.Tensor) -> RowLayout:
@@ -85,6 +93,22 @@ def row_layout(tensor: torch.Tensor) -> RowLayout:
         return RowLayout(tensor, rows, 0, groups[0][1])
     (inner_size, inner_stride), (_, outer_stride) = groups
     return RowLayout(tensor, inner_size, outer_stride, inner_stride)
+
+
+def unit_stride(vector: torch.Tensor) -> torch.Tensor:
+    """``vector`` (e.g. the ``[N]`` weight) with ``stride(-1) == 1``, as the kernels index it;
+    copied only when it is not (a strided slice, or an ``expand``-ed scalar)."""
+    if vector.shape[-1] > 1 and vector.stride(-1) != 1:
+        return vector.contiguous()
+    return vector
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current while launching: Triton launches on the current CUDA device,
+    which need not be the tensors' (a model on ``cuda:1`` without ``torch.cuda.set_device``)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def contiguous_layout(tensor: torch.Tensor) -> RowLayout:
@@ -147,9 +171,12 @@ def bwd_row_tile(n_cols: int, n_rows: int) -> BwdRowTile:
     return BwdRowTile(block_m, block_n, num_warps, max(1, 16 // num_warps), block_m > 1)
 
 
+@functools.lru_cache(maxsize=1)
 def cooperative_launch_supported() -> bool:
-    """Whether this Triton can launch a grid cooperatively (all programs resident at once, or a
-    launch error instead of a hang)."""
+    """Whether this Triton can launch a grid cooperatively on an NVIDIA GPU (all programs
+    resident at once, or a launch error instead of a hang): Triton 3.3 and later."""
+    if torch.version.hip is not None:  # ROCm builds: NVIDIA launch options do not apply
+        return False
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:  # pragma: no cover - non-NVIDIA Triton builds
@@ -159,8 +186,9 @@ def cooperative_launch_supported() -> bool:
 
 def resident_launch_options(device: torch.device, num_warps: int, programs_per_sm: int) -> dict[str, object]:
     """A register cap that lets ``programs_per_sm`` programs of ``num_warps`` warps be resident
-    on one SM at once (persistent grids are sized to that)."""
-    if device.type != "cuda":
+    on one SM at once (persistent grids are sized to that). NVIDIA only: Triton's ROCm
+    backend rejects ``maxnreg``."""
+    if device.type != "cuda" or torch.version.hip is not None:
         return {}
     cap = _REGISTERS_PER_SM // (num_warps * 32 * programs_per_sm) // 8 * 8
     return {"maxnreg": max(24, min(255, cap))}
@@ -178,7 +206,11 @@ def split_launch_options(device: torch.device, num_warps: int, programs_per_sm: 
 
 def use_one_pass_split(device: torch.device, n_chunks: int, programs_per_sm: int) -> bool:
     """One-pass split rows need every program of a row resident at once: on a GPU with room
-    for them. The CPU interpreter runs programs one after another, so it takes two passes."""
-    if device.type != "cuda" or interpreter_enabled():
+    for them, launched cooperatively so that CUDA guarantees it (or fails the launch). Without
+    a cooperative launch (Triton before 3.3) residency is only likely: another kernel on the
+    GPU (another stream, another MPS client) can hold SMs, and the waiting programs would time
+    out into NaN; so those Triton versions take two passes. So does the CPU interpreter, which
+    runs programs one after another."""
+    if device.type != "cuda" or interpreter_enabled() or not cooperative_launch_supported():
         return False
     return n_chunks <= sm_count(device) * programs_per_sm

@@ -25,10 +25,12 @@ from ._triton_common import (
     SPLIT_NUM_WARPS,
     SPLIT_PROGRAMS_PER_SM,
     contiguous_layout,
+    device_guard,
     row_layout,
     row_tile,
     sm_count,
     split_launch_options,
+    unit_stride,
     use_one_pass_split,
 )
 
@@ -213,7 +215,20 @@ def rms_norm_fwd(
     ``max_fused_n``, ``split_block_n``, ``split_num_warps``, ``split_programs_per_sm``,
     ``one_pass`` (False: the two-launch split path).
     """
-    config = config or {}
+    with device_guard(x.device):
+        return _launch_fwd(x, weight, residual, eps, residual_in_fp32, store_h, store_rstd, config or {})
+
+
+def _launch_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+    residual_in_fp32: bool,
+    store_h: bool,
+    store_rstd: bool,
+    config: dict[str, int],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     hidden = x.shape[-1]
     rows = x.numel() // hidden if hidden else 0
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -230,19 +245,15 @@ def rms_norm_fwd(
     common = dict(
         X=x_rows.tensor,
         RES=r_rows.tensor,
-        W=weight if weight is not None else out_rows.tensor,
+        W=unit_stride(weight) if weight is not None else out_rows.tensor,
         Y=y,
         H=h if h is not None else y,
         RSTD=rstd if rstd is not None else y,
         M=rows,
         N=hidden,
         eps=eps,
-        x_inner=x_rows.inner,
-        x_stride_outer=x_rows.stride_outer,
-        x_stride_inner=x_rows.stride_inner,
-        r_inner=r_rows.inner,
-        r_stride_outer=r_rows.stride_outer,
-        r_stride_inner=r_rows.stride_inner,
+        **x_rows.kernel_args("x"),
+        **r_rows.kernel_args("r"),
         HAS_RESIDUAL=residual is not None,
         HAS_WEIGHT=weight is not None,
         STORE_H=store_h,

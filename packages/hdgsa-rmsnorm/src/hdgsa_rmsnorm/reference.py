@@ -7,12 +7,15 @@ Math (SPEC 3.1), in float32 (or float64 when the inputs are float64)::
     y = h * rsqrt(mean(h ** 2, dim=-1) + eps) * weight (no weight: the factor is 1)
 
 ``y`` is returned in ``x.dtype``; with ``prenorm`` also ``h``, in ``x.dtype`` (float32 when
-``residual_in_fp32``). Gradients come from autograd through these same steps.
+``residual_in_fp32``). Gradients come from autograd through these same steps. Autocast is
+turned off inside, so an enclosing ``torch.autocast`` region does not change the math.
 """
 
 from __future__ import annotations
 
 import torch
+
+from hdgsa_core import autocast_disabled
 
 __all__ = ["rms_norm_reference"]
 
@@ -42,17 +45,18 @@ def rms_norm_reference(
         ``y`` ``[..., N]`` in ``x.dtype``; with ``prenorm``, ``(y, h)``.
     """
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    h = x.to(compute_dtype)
-    if residual is not None:
-        h = h + residual.to(compute_dtype)
-    rstd = torch.rsqrt(h.square().mean(dim=-1, keepdim=True) + eps)
-    y = h * rstd
-    if weight is not None:
-        y = y * weight.to(compute_dtype)
-    y = y.to(x.dtype)
-    if not prenorm:
-        return y
-    h_out = h.to(compute_dtype if residual_in_fp32 else x.dtype)
-    if h_out is x:  # never hand the caller's tensor back as a new output
-        h_out = h_out.clone()
-    return y, h_out
+    with autocast_disabled(x.device):
+        h = x.to(compute_dtype)
+        if residual is not None:
+            h = h + residual.to(compute_dtype)
+        rstd = torch.rsqrt(h.square().mean(dim=-1, keepdim=True) + eps)
+        y = h * rstd
+        if weight is not None:
+            y = y * weight.to(compute_dtype)
+        y = y.to(x.dtype)
+        if not prenorm:
+            return y
+        h_out = h.to(compute_dtype if residual_in_fp32 else x.dtype)
+        if h_out is x:  # never hand the caller's tensor back as a new output
+            h_out = h_out.clone()
+        return y, h_out
