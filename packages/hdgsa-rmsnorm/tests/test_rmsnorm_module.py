@@ -52,3 +52,52 @@ def test_bad_arguments():
         RMSNorm(8, eps=-1e-6)
     with pytest.raises(ValueError, match="weight"):
         RMSNorm(8)(torch.randn(2, 9))
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(TypeError, match="hidden_size"):
+        RMSNorm(True)
+    with pytest.raises(TypeError, match="hidden_size"):
+        RMSNorm("8")
+    with pytest.raises(TypeError, match="eps"):
+        RMSNorm(8, eps=None)
+    with pytest.raises(ValueError, match="eps"):
+        RMSNorm(8, eps=float("inf"))
+    with pytest.raises(ValueError, match="eps"):
+        RMSNorm(8, eps=float("nan"))
+    with pytest.raises(TypeError, match="elementwise_affine"):
+        RMSNorm(8, elementwise_affine="no")
+    with pytest.raises(TypeError, match="dtype"):
+        RMSNorm(8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="dtype"):
+        RMSNorm(8, dtype=torch.int32)
+
+
+def test_no_weight_checks_hidden_size():
+    """Without a weight the module still holds x to [..., hidden_size]."""
+    plain = RMSNorm(16, elementwise_affine=False)
+    with pytest.raises(ValueError, match=r"x: expected shape .*16.*got shape \[2, 9\]"):
+        plain(torch.randn(2, 9))
+    assert plain(torch.randn(2, 16)).shape == (2, 16)
+    assert plain.normalized_shape == (16,)
+
+
+def test_forward_prenorm_and_residual_in_module_dtype():
+    norm = RMSNorm(24, dtype=torch.bfloat16)
+    x = make_tensor(3, 24, dtype=torch.bfloat16, seed=1)
+    residual = make_tensor(3, 24, dtype=torch.float32, seed=2)
+    y, h = norm(x, residual, prenorm=True)
+    assert y.dtype == torch.bfloat16
+    assert h.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="prenorm"):
+        norm(x, residual, prenorm="yes")
+
+
+def test_state_dict_round_trip():
+    norm = RMSNorm(12)
+    with torch.no_grad():
+        norm.weight.copy_(make_tensor(12, seed=4))
+    other = RMSNorm(12)
+    other.load_state_dict(norm.state_dict())
+    assert torch.equal(other.weight, norm.weight)
+    assert list(norm.state_dict()) == ["weight"]
