@@ -3,11 +3,13 @@ backend that can run here (PyTorch; Triton on CUDA or under TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 from hdgsa_core import interpreter_enabled, runnable_backends
-from hdgsa_core.testing import assert_matches_reference, grads_of, make_tensor, strided_rows
+from hdgsa_core.testing import assert_close, assert_matches_reference, grads_of, make_tensor, strided_rows
 from hdgsa_sinkhorn import sinkhorn_knopp, sinkhorn_knopp_reference
 from hdgsa_sinkhorn.api import TRITON_IMPLEMENTED
 
@@ -144,6 +146,141 @@ def test_input_unchanged(device, backend):
     assert torch.equal(logits, saved)
 
 
+@pytest.mark.parametrize(("device", "backend"), CASES)
+@pytest.mark.parametrize("n", [3, 4])
+def test_grad_through_tied_maxima(device, backend, n):
+    """The max path of the gradient: tied maxima share it evenly (as autograd's amax does)."""
+    logits = make_tensor(4, n, n, device=device, seed=81, scale=2.0)
+    logits[0] = 0.5  # every entry ties
+    logits[1, 0, 0] = logits[1, n - 1, 1] = logits[1].max() + 1.0  # two tied maxima
+    logits[2, :, 0] = logits[2].max() + 0.25  # a whole column ties
+    _check(logits, 20, backend, seed=82)
+    _check(logits, 0, backend, seed=83)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_autocast_does_not_change_the_computation(device, backend, dtype):
+    """SPEC: float32 inside, output in the input dtype, whatever autocast region surrounds the call."""
+    logits = make_tensor(2, 3, 4, 4, device=device, dtype=dtype, seed=84, requires_grad=True)
+    grad_output = make_tensor(2, 3, 4, 4, device=device, dtype=dtype, seed=85)
+    expected = sinkhorn_knopp(logits, 20, backend=backend)
+    (expected_grad,) = torch.autograd.grad(expected, logits, grad_output)
+    low = torch.bfloat16 if device.type == "cpu" else torch.float16
+    with torch.autocast(device.type, dtype=low):
+        probs = sinkhorn_knopp(logits, 20, backend=backend)
+        (grad,) = torch.autograd.grad(probs, logits, grad_output)
+    assert probs.dtype == dtype
+    assert grad.dtype == dtype
+    assert torch.equal(probs, expected)
+    assert torch.equal(grad, expected_grad)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_input_without_grad_builds_no_graph(device, backend):
+    logits = make_tensor(3, 4, 4, device=device, seed=86)
+    probs = sinkhorn_knopp(logits, 5, backend=backend)
+    assert probs.grad_fn is None
+    assert not probs.requires_grad
+    with torch.no_grad():
+        assert sinkhorn_knopp(logits.requires_grad_(True), 5, backend=backend).grad_fn is None
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_output_is_contiguous(device, backend, layout):
+    base = make_tensor(3, 5, 5, device=device, seed=87)
+    logits = base.mT if layout == "transposed" else base[:, ::2, ::2]
+    probs = sinkhorn_knopp(logits, 5, backend=backend)
+    assert probs.is_contiguous()
+    expected = sinkhorn_knopp_reference(logits.double().contiguous(), 5)
+    assert_close("P", probs, expected, 1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize(("device", "backend"), CASES)
+@pytest.mark.parametrize("num_iters", [0, 3])
+def test_special_values(device, backend, num_iters):
+    """What the formula gives, on both backends: -inf logits give P = 0 (a -inf row a zero row)
+    and zero gradient; a NaN, or a matrix that is -inf everywhere, makes its whole matrix NaN; a
+    +inf is NaN at its entry (P = 0 elsewhere) until an iteration spreads it. Other matrices of
+    the batch are unaffected."""
+    n = 4
+    logits = make_tensor(6, n, n, device=device, seed=88, scale=2.0)
+    logits[0, 1, 2] = float("-inf")
+    logits[1, 2] = float("-inf")  # a whole row
+    logits[2, 0, 3] = float("nan")
+    logits[3, 1, 1] = float("inf")
+    logits[4] = float("-inf")  # the whole matrix
+    grad_output = make_tensor(6, n, n, device=device, seed=89)
+
+    def run(backend):
+        leaf = logits.clone().requires_grad_(True)
+        probs = sinkhorn_knopp(leaf, num_iters, backend=backend)
+        (grad,) = torch.autograd.grad(probs, leaf, grad_output)
+        return probs.detach(), grad
+
+    probs, grad = run(backend)
+    finite = [0, 1, 5]
+    assert torch.isfinite(probs[finite]).all()
+    assert torch.isfinite(grad[finite]).all()
+    assert probs[0, 1, 2] == 0
+    assert grad[0, 1, 2] == 0
+    assert (probs[1, 2] == 0).all()
+    assert (grad[1, 2] == 0).all()
+    assert probs[[2, 4]].isnan().all()
+    assert probs[3, 1, 1].isnan()
+    assert probs[3].isnan().all() == (num_iters > 0)
+    assert grad[[2, 4]].isnan().all()
+    assert grad[3, 1, 1].isnan()
+    torch_probs, torch_grad = run("torch")
+    assert torch.equal(probs.isnan(), torch_probs.isnan())
+    if num_iters > 0:  # with 0 iterations autograd's amax spreads the +inf entry's NaN, Triton not
+        assert torch.equal(grad.isnan(), torch_grad.isnan())
+    reference = sinkhorn_knopp_reference(logits[finite].double(), num_iters)
+    assert_close("P", probs[finite], reference, 1e-5)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_large_n_within_the_triton_limit(device, backend):
+    """n above the tested 32, up to the Triton limit (64), and a padded size in between."""
+    for n in (33, 64):
+        _check(make_tensor(1, n, n, device=device, seed=n, scale=2.0), 2, backend)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_n_beyond_the_triton_limit(device):
+    """n > TRITON_MAX_N: the PyTorch backend computes it and ``auto`` picks it."""
+    from hdgsa_sinkhorn.api import TRITON_MAX_N
+
+    for n in (TRITON_MAX_N + 1, 1000):
+        logits = make_tensor(1, n, n, device=device, seed=n, scale=2.0)
+        probs = sinkhorn_knopp(logits, 3)
+        assert torch.equal(probs, sinkhorn_knopp(logits, 3, backend="torch"))
+        assert_close("P", probs, sinkhorn_knopp_reference(logits.double(), 3), 1e-5)
+        torch.testing.assert_close(probs.sum(-2), torch.ones(1, n, device=device), atol=1e-5, rtol=0)
+    _check(make_tensor(2, 100, 100, device=device, seed=100), 5, "torch")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_backend_under_torch_compile(device):
+    """fullgraph tracing through the PyTorch backend (argument checks, backend choice, autocast
+    guard); "aot_eager" keeps Inductor's compile time out of the suite."""
+    torch._dynamo.reset()
+
+    def step(x):
+        return sinkhorn_knopp(x.mT, 5, backend="torch").square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    logits = make_tensor(2, 3, 4, 4, device=device, seed=90, requires_grad=True)
+    loss = compiled(logits)
+    (grad,) = torch.autograd.grad(loss, logits)
+    expected = step(logits)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, expected_grad)
+
+
 # ---- bad inputs (SPEC section 2) -------------------------------------------------------------
 
 
@@ -164,16 +301,89 @@ def test_rejects_bad_dtype(dtype):
         sinkhorn_knopp(torch.zeros(2, 3, 3, dtype=dtype))
 
 
-@pytest.mark.parametrize("num_iters", [-1, 2.0, 1.5, True, "3", None])
-def test_rejects_bad_num_iters(num_iters):
+def test_bad_shape_message_names_expected_and_actual():
+    with pytest.raises(ValueError, match=r"logits: expected shape \[\.\.\., n, n\].*got shape \[2, 4, 5\]"):
+        sinkhorn_knopp(torch.zeros(2, 4, 5))
+
+
+@pytest.mark.parametrize("num_iters", [-1, -20])
+def test_rejects_negative_num_iters(num_iters):
     with pytest.raises(ValueError, match="num_iters"):
         sinkhorn_knopp(torch.randn(2, 3, 3), num_iters)
 
 
-@pytest.mark.parametrize("eps", [-1e-8, float("nan"), float("inf"), "1e-8", None])
-def test_rejects_bad_eps(eps):
+@pytest.mark.parametrize("num_iters", [2.0, 1.5, True, "3", None, torch.tensor(3)], ids=repr)
+def test_rejects_non_int_num_iters(num_iters):
+    with pytest.raises(TypeError, match="num_iters"):
+        sinkhorn_knopp(torch.randn(2, 3, 3), num_iters)
+
+
+@pytest.mark.parametrize("eps", [-1e-8, float("nan"), float("inf"), -float("inf")])
+def test_rejects_bad_eps_value(eps):
     with pytest.raises(ValueError, match="eps"):
         sinkhorn_knopp(torch.randn(2, 3, 3), 5, eps)
+
+
+@pytest.mark.parametrize("eps", ["1e-8", None, True, 1e-8j, torch.tensor(1e-8)], ids=repr)
+def test_rejects_non_real_eps(eps):
+    with pytest.raises(TypeError, match="eps"):
+        sinkhorn_knopp(torch.randn(2, 3, 3), 5, eps)
+
+
+def test_accepts_integral_and_real_scalars():
+    """numpy integers and floats, and an int ``eps``, are numbers like any other."""
+    np = pytest.importorskip("numpy")
+    logits = make_tensor(2, 3, 3, seed=71)
+    expected = sinkhorn_knopp(logits, 3, 0.0, backend="torch")
+    torch.testing.assert_close(
+        sinkhorn_knopp(logits, np.int64(3), 0, backend="torch"), expected, rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        sinkhorn_knopp(logits, 3, np.float32(0.0), backend="torch"), expected, rtol=0, atol=0
+    )
+
+
+def test_signature():
+    parameters = inspect.signature(sinkhorn_knopp).parameters
+    assert list(parameters) == ["logits", "num_iters", "eps", "backend"]
+    assert parameters["logits"].default is inspect.Parameter.empty
+    assert parameters["num_iters"].default == 20
+    assert parameters["eps"].default == 1e-8
+    assert parameters["backend"].default == "auto"
+    assert parameters["backend"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+@pytest.mark.skipif(interpreter_enabled(), reason="Triton can run on CPU under the interpreter")
+def test_argument_errors_come_before_the_backend_choice():
+    logits = torch.randn(2, 3, 3)
+    with pytest.raises(TypeError, match="num_iters"):
+        sinkhorn_knopp(logits, 2.0, backend="triton")
+    with pytest.raises(ValueError, match="logits"):
+        sinkhorn_knopp(torch.randn(2, 3, 4), backend="triton")
+    with pytest.raises(TypeError, match="logits"):
+        sinkhorn_knopp(logits.double(), backend="triton")
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [("torch", None), ("triton", "triton"), ("fla", ValueError), ("bogus", ValueError)]
+)
+def test_hdgsa_backend_environment(monkeypatch, value, error):
+    """``HDGSA_BACKEND`` overrides ``auto`` (and only ``auto``)."""
+    monkeypatch.setenv("HDGSA_BACKEND", value)
+    logits = make_tensor(2, 4, 4, seed=72)
+    expected = sinkhorn_knopp(logits, 5, backend="torch")
+    if error is None:
+        assert torch.equal(sinkhorn_knopp(logits, 5), expected)
+    elif error == "triton":
+        if "triton" in runnable_backends(logits.device):
+            assert torch.equal(sinkhorn_knopp(logits, 5), sinkhorn_knopp(logits, 5, backend="triton"))
+        else:
+            with pytest.raises(RuntimeError, match="triton"):
+                sinkhorn_knopp(logits, 5)
+    else:
+        with pytest.raises(error, match="HDGSA_BACKEND"):
+            sinkhorn_knopp(logits, 5)
+    assert torch.equal(sinkhorn_knopp(logits, 5, backend="torch"), expected)
 
 
 def test_rejects_unknown_backend():
@@ -241,6 +451,68 @@ def test_custom_op_opcheck(device):
     grad_output = make_tensor(3, 4, 4, device=device, seed=52)
     torch.library.opcheck(torch.ops.hdgsa.sinkhorn_knopp_fwd.default, (logits, 5, 1e-8))
     torch.library.opcheck(torch.ops.hdgsa.sinkhorn_knopp_bwd.default, (logits.detach(), grad_output, 5, 1e-8))
+    # Strided inputs (transposed matrices, a transposed gradient), n = 3 (padded), 0 iterations.
+    logits = make_tensor(3, 3, 3, device=device, seed=53).mT.requires_grad_(True)
+    grad_output = make_tensor(3, 3, 3, device=device, seed=54).mT
+    torch.library.opcheck(torch.ops.hdgsa.sinkhorn_knopp_fwd.default, (logits, 0, 1e-8))
+    torch.library.opcheck(torch.ops.hdgsa.sinkhorn_knopp_bwd.default, (logits.detach(), grad_output, 2, 1e-8))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "every_other"])
+def test_eager_function_and_custom_op_agree(device, layout):
+    """Eager calls go through an autograd.Function, compiled graphs through the custom op: the
+    same kernels, so bitwise the same P and gradient; the fake (meta) output has the real one's
+    shape, dtype and strides."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hdgsa_sinkhorn._triton import SinkhornKnoppFunction
+
+    base = make_tensor(6, 5, 5, device=device, seed=55)
+    logits = {"contiguous": base, "transposed": base.mT, "every_other": base[::2]}[layout]
+    grad_output = make_tensor(*logits.shape, device=device, seed=56)
+    leaves = [
+        logits.detach().clone(memory_format=torch.preserve_format).requires_grad_(True) for _ in range(2)
+    ]
+    eager = SinkhornKnoppFunction.apply(leaves[0], 7, 1e-8)
+    through_op = torch.ops.hdgsa.sinkhorn_knopp_fwd(leaves[1], 7, 1e-8)
+    assert torch.equal(eager, through_op)
+    grads = [
+        torch.autograd.grad(out, leaf, grad_output)[0]
+        for out, leaf in zip((eager, through_op), leaves, strict=True)
+    ]
+    assert torch.equal(grads[0], grads[1])
+    with FakeTensorMode() as mode:
+        fake_logits, fake_grad = mode.from_tensor(logits), mode.from_tensor(grad_output)
+        fake_probs = torch.ops.hdgsa.sinkhorn_knopp_fwd(fake_logits, 7, 1e-8)
+        fake_dlogits = torch.ops.hdgsa.sinkhorn_knopp_bwd(fake_logits, fake_grad, 7, 1e-8)
+    for fake, real in ((fake_probs, eager), (fake_dlogits, grads[0])):
+        assert (fake.shape, fake.dtype, fake.stride()) == (real.shape, real.dtype, real.stride())
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_double_backward_raises(device):
+    """The backward kernel is not differentiable: asking for a second derivative is an error,
+    not a silently missing term."""
+    logits = make_tensor(2, 4, 4, device=device, seed=57, requires_grad=True)
+    probs = sinkhorn_knopp(logits, 5, backend="triton")
+    (grad,) = torch.autograd.grad(probs.square().sum(), logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (grad.square().sum() + probs.sum()).backward()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_triton_on_a_device_that_is_not_current():
+    """Triton launches on the current device; the launchers make the tensors' device current."""
+    logits = make_tensor(3, 4, 4, device="cuda:1", seed=58, requires_grad=True)
+    grad_output = make_tensor(3, 4, 4, device="cuda:1", seed=59)
+    with torch.cuda.device(0):
+        probs = sinkhorn_knopp(logits, 20, backend="triton")
+        (grad,) = torch.autograd.grad(probs, logits, grad_output)
+    assert probs.device == logits.device
+    expected = _run(logits.detach().cpu(), grad_output.cpu(), 20, 1e-8, "torch")
+    assert_close("P", probs, expected[0], 1e-5)
+    assert_close("d logits", grad, expected[1], 1e-4)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

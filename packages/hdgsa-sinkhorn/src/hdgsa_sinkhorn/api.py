@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
-from hdgsa_core import check_dtype, check_tensor, resolve_backend, triton_unavailable_reason
+from hdgsa_core import (
+    check_dtype,
+    check_int,
+    check_real,
+    check_tensor,
+    resolve_backend,
+    triton_unavailable_reason,
+)
 
 from .reference import sinkhorn_knopp_reference
 
@@ -28,10 +34,12 @@ def _check_inputs(logits: torch.Tensor, num_iters: int, eps: float) -> None:
             f"logits: expected shape [..., n, n] (square matrices, n >= 1), got shape {list(logits.shape)}"
         )
     check_dtype("logits", logits)
-    if isinstance(num_iters, bool) or not isinstance(num_iters, numbers.Integral) or num_iters < 0:
-        raise ValueError(f"{_OP}: num_iters must be an int >= 0, got {num_iters!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"{_OP}: eps must be a finite real number >= 0, got {eps!r}")
+    check_int(f"{_OP}: num_iters", num_iters)
+    if num_iters < 0:
+        raise ValueError(f"{_OP}: num_iters must be >= 0, got {num_iters}")
+    check_real(f"{_OP}: eps", eps)
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{_OP}: eps must be finite and >= 0, got {eps}")
 
 
 def _triton_reason(n: int):
@@ -55,7 +63,7 @@ def sinkhorn_knopp(
 ) -> torch.Tensor:
     """Project each ``n x n`` matrix of logits towards the doubly stochastic matrices (Birkhoff polytope).
 
-    Per matrix ``L``, computed in float32::
+    Per matrix ``L``, computed in float32 (also under ``torch.autocast``)::
 
         P = exp(L - max(L))                          # max over the whole matrix
         repeat num_iters times:
@@ -63,27 +71,40 @@ def sinkhorn_knopp(
             P = P / (P.sum(-2, keepdim=True) + eps)  # columns sum to 1 (up to eps)
 
     A fixed number of iterations, no early stop, no host sync: the same inputs give bitwise the
-    same output. The gradient is exactly that of the unrolled computation above (what autograd
-    through the PyTorch reference gives). mHC uses ``n = 4`` and 20 iterations on
-    ``[B, T, 4, 4]`` logits.
+    same output, and the backward is bitwise deterministic too. The gradient is exactly that of
+    the unrolled computation above (what autograd through the PyTorch reference gives), including
+    the path through the max, which tied maxima share evenly. mHC uses ``n = 4`` and 20
+    iterations on ``[B, T, 4, 4]`` logits.
+
+    Special values follow the formula: ``-inf`` logits give ``P = 0`` there (a whole row of
+    ``-inf`` gives a zero row when ``eps > 0``); a NaN anywhere in a matrix, a ``+inf``, or a
+    matrix that is ``-inf`` everywhere makes that matrix's ``P`` (and gradient) NaN. With
+    ``eps`` below float32's smallest normal number (``eps = 0`` included), a row or column whose
+    sum is 0 gives NaN, and on the Triton backend (which multiplies by reciprocals) so does a sum
+    that underflows below ``1.2e-38``.
 
     Args:
-        logits: ``[..., n, n]`` float32, float16 or bfloat16, any leading dims (possibly empty),
-            any strides, ``n >= 1``.
-        num_iters: number of (row, column) normalization pairs, an int ``>= 0``. Default 20.
-        eps: added to every row and column sum before dividing, finite and ``>= 0``. Default 1e-8.
-        backend: ``"auto"`` (Triton on CUDA, or on CPU under ``TRITON_INTERPRET=1``; else
-            PyTorch; ``HDGSA_BACKEND`` overrides), ``"triton"`` or ``"torch"``.
+        logits: ``[..., n, n]`` float32, float16 or bfloat16, any leading dims (possibly none or
+            empty), any strides, ``n >= 1``. Not modified.
+        num_iters: number of (row, column) normalization pairs, an int ``>= 0``; 0 returns
+            ``exp(L - max(L))``. Default 20. The Triton kernels are compiled once per value.
+        eps: added to every row and column sum before dividing, a finite real ``>= 0``.
+            Default 1e-8.
+        backend: ``"auto"`` (Triton on CUDA, or on CPU under ``TRITON_INTERPRET=1``, for
+            ``n <= TRITON_MAX_N`` (64); else PyTorch; ``HDGSA_BACKEND=torch|triton`` overrides),
+            ``"triton"`` or ``"torch"``.
 
     Returns:
-        ``P`` ``[..., n, n]`` in ``logits.dtype``, contiguous.
+        ``P`` ``[..., n, n]`` in ``logits.dtype``, contiguous, differentiable with respect to
+        ``logits`` (once: the Triton backward is not itself differentiable).
 
     Raises:
-        TypeError: ``logits`` is not a tensor, or its dtype is not float32/float16/bfloat16.
-        ValueError: ``logits`` is not ``[..., n, n]`` with ``n >= 1``; ``num_iters`` is not an
-            int ``>= 0``; ``eps`` is negative or not finite; unknown ``backend``.
+        TypeError: ``logits`` is not a tensor, or its dtype is not float32/float16/bfloat16;
+            ``num_iters`` is not an int (bools and floats are not); ``eps`` is not a real number.
+        ValueError: ``logits`` is not ``[..., n, n]`` with ``n >= 1``; ``num_iters < 0``;
+            ``eps`` is negative or not finite; unknown ``backend`` or ``HDGSA_BACKEND``.
         RuntimeError: the requested backend cannot run here (no Triton, CPU without the
-            interpreter, ``n`` above the Triton kernels' limit).
+            interpreter, ``n > TRITON_MAX_N`` for Triton).
 
     Example:
         >>> import torch
