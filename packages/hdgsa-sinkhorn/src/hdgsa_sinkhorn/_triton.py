@@ -85,6 +85,33 @@ def _logit_padding(o_j, N: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
+def _load_logits(
+    x,
+    M,
+    stride_xb,
+    stride_xi,
+    stride_xj,
+    N: tl.constexpr,
+    BN: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CONTIGUOUS: tl.constexpr,
+):
+    """This program's ``BLOCK`` matrices: offsets ``o_b`` (matrices) and ``o_j`` (columns), the
+    mask ``m_bj`` and the logits as N row blocks [BLOCK, BN] in float32."""
+    i_p = tl.program_id(0)
+    o_b = i_p.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    o_j = tl.arange(0, BN)
+    if N == BN:
+        m_bj = (o_b < M)[:, None]
+    else:
+        m_bj = (o_b < M)[:, None] & (o_j < N)[None, :]
+    rows = _load_rows(
+        x, o_b, o_j, m_bj, stride_xb, stride_xi, stride_xj, _logit_padding(o_j, N, BN), N, CONTIGUOUS
+    )
+    return o_b, o_j, m_bj, rows
+
+
+@triton.jit
 def _store_rows(ptr, rows, o_b, o_j, mask, N: tl.constexpr):
     for i in tl.static_range(N):
         o = o_b[:, None] * (N * N) + (i * N) + o_j[None, :]
@@ -232,16 +259,7 @@ def _sinkhorn_fwd_kernel(
     X_CONTIGUOUS: tl.constexpr,
     FAST_DIV: tl.constexpr,
 ):
-    i_p = tl.program_id(0)
-    o_b = i_p.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    o_j = tl.arange(0, BN)
-    if N == BN:
-        m_bj = (o_b < M)[:, None]
-    else:
-        m_bj = (o_b < M)[:, None] & (o_j < N)[None, :]
-    rows = _load_rows(
-        x, o_b, o_j, m_bj, stride_xb, stride_xi, stride_xj, _logit_padding(o_j, N, BN), N, X_CONTIGUOUS
-    )
+    o_b, o_j, m_bj, rows = _load_logits(x, M, stride_xb, stride_xi, stride_xj, N, BN, BLOCK, X_CONTIGUOUS)
     probs, _b_max = _exp_minus_max(rows, N)
     probs = _iterations(probs, eps, NUM_ITERS, N, FAST_DIV)
     _store_rows(p, probs, o_b, o_j, m_bj, N)
@@ -270,16 +288,7 @@ def _sinkhorn_bwd_kernel(
     G_CONTIGUOUS: tl.constexpr,
     FAST_DIV: tl.constexpr,
 ):
-    i_p = tl.program_id(0)
-    o_b = i_p.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    o_j = tl.arange(0, BN)
-    if N == BN:
-        m_bj = (o_b < M)[:, None]
-    else:
-        m_bj = (o_b < M)[:, None] & (o_j < N)[None, :]
-    logits = _load_rows(
-        x, o_b, o_j, m_bj, stride_xb, stride_xi, stride_xj, _logit_padding(o_j, N, BN), N, X_CONTIGUOUS
-    )
+    o_b, o_j, m_bj, logits = _load_logits(x, M, stride_xb, stride_xi, stride_xj, N, BN, BLOCK, X_CONTIGUOUS)
     probs0, b_max = _exp_minus_max(logits, N)
     grads = _load_rows(dp, o_b, o_j, m_bj, stride_gb, stride_gi, stride_gj, 0.0, N, G_CONTIGUOUS)
     if NUM_ITERS == 0:
