@@ -119,11 +119,18 @@ def _store_rows(ptr, rows, o_b, o_j, mask, N: tl.constexpr):
 
 
 @triton.jit
+def _max_propagating_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _exp_minus_max(rows, N: tl.constexpr):
-    """P_0 = exp(L - max(L)), and max(L) per matrix [BLOCK]."""
-    b_max = tl.max(rows[0], axis=1)
+    """P_0 = exp(L - max(L)), and max(L) per matrix [BLOCK]. The max propagates NaN, as
+    ``torch.amax`` does (``tl.max`` would skip it): a NaN logit makes its whole matrix NaN on
+    both backends, also with 0 iterations."""
+    b_max = tl.reduce(rows[0], 1, _max_propagating_nan)
     for i in tl.static_range(1, N):
-        b_max = tl.maximum(b_max, tl.max(rows[i], axis=1))
+        b_max = _max_propagating_nan(b_max, tl.reduce(rows[i], 1, _max_propagating_nan))
     probs = ()
     for i in tl.static_range(N):
         probs = probs + (tl.exp(rows[i] - b_max[:, None]),)  # noqa: RUF005

@@ -20,24 +20,29 @@ from __future__ import annotations
 
 import torch
 
+from hdgsa_core import autocast_disabled
+
 __all__ = ["sinkhorn_knopp_reference"]
 
 
 def sinkhorn_knopp_reference(logits: torch.Tensor, num_iters: int = 20, eps: float = 1e-8) -> torch.Tensor:
-    """Sinkhorn-Knopp in PyTorch, computed in float32 (float64 for float64 inputs).
+    """Sinkhorn-Knopp in PyTorch, computed in float32 (float64 for float64 inputs), with autocast
+    turned off so an autocast region cannot lower the precision. No argument checks (the public
+    :func:`hdgsa_sinkhorn.sinkhorn_knopp` does them).
 
     Args:
-        logits: ``[..., n, n]``.
+        logits: ``[..., n, n]``, any strides.
         num_iters: number of (row, column) normalization pairs.
         eps: added to every row and column sum before dividing.
 
     Returns:
-        ``P`` ``[..., n, n]`` in ``logits.dtype``.
+        ``P`` ``[..., n, n]`` in ``logits.dtype``, contiguous (like the Triton backend's).
     """
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-    values = logits.to(compute_dtype)
-    log_probs = values - values.amax(dim=(-2, -1), keepdim=True)
-    for _ in range(num_iters):
-        log_probs = log_probs - torch.log(log_probs.exp().sum(dim=-1, keepdim=True) + eps)
-        log_probs = log_probs - torch.log(log_probs.exp().sum(dim=-2, keepdim=True) + eps)
-    return log_probs.exp().to(logits.dtype)
+    with autocast_disabled(logits.device):
+        values = logits.to(compute_dtype)
+        log_probs = values - values.amax(dim=(-2, -1), keepdim=True)
+        for _ in range(num_iters):
+            log_probs = log_probs - torch.log(log_probs.exp().sum(dim=-1, keepdim=True) + eps)
+            log_probs = log_probs - torch.log(log_probs.exp().sum(dim=-2, keepdim=True) + eps)
+        return log_probs.exp().to(logits.dtype).contiguous()
