@@ -33,7 +33,7 @@ from ._triton_common import (
     MAX_SPINS,
     RowLayout,
     bwd_row_tile,
-    device_guard,
+    on_input_device,
     resident_launch_options,
     row_layout,
     sm_count,
@@ -346,6 +346,7 @@ def _reduce_dw(dw_partial: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return dw
 
 
+@on_input_device
 def rms_norm_bwd(
     dy: torch.Tensor,
     dh: torch.Tensor | None,
@@ -370,22 +371,7 @@ def rms_norm_bwd(
     ``config`` overrides the tile choice (benchmark sweeps only): ``block_m``, ``num_warps``,
     ``programs_per_sm``, ``prefetch``, ``max_fused_n``, ``split_*`` as in the forward.
     """
-    with device_guard(h.tensor.device):
-        return _launch_bwd(dy, dh, h, h2, rstd, weight, x_dtype, residual_dtype, need_dw, config or {})
-
-
-def _launch_bwd(
-    dy: torch.Tensor,
-    dh: torch.Tensor | None,
-    h: RowLayout,
-    h2: RowLayout | None,
-    rstd: torch.Tensor,
-    weight: torch.Tensor | None,
-    x_dtype: torch.dtype,
-    residual_dtype: torch.dtype | None,
-    need_dw: bool,
-    config: dict[str, int],
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    config = config or {}
     shape = h.tensor.shape
     hidden = shape[-1]
     rows = h.tensor.numel() // hidden if hidden else 0

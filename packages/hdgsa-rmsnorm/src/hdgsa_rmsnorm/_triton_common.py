@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
@@ -109,6 +111,20 @@ def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+LauncherT = TypeVar("LauncherT", bound=Callable[..., Any])
+
+
+def on_input_device(launcher: LauncherT) -> LauncherT:
+    """Run ``launcher(tensor, ...)`` under :func:`device_guard` of its first argument's device."""
+
+    @functools.wraps(launcher)
+    def launch(first: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        with device_guard(first.device):
+            return launcher(first, *args, **kwargs)
+
+    return launch  # type: ignore[return-value]
 
 
 def contiguous_layout(tensor: torch.Tensor) -> RowLayout:

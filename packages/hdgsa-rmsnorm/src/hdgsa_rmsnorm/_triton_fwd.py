@@ -25,7 +25,7 @@ from ._triton_common import (
     SPLIT_NUM_WARPS,
     SPLIT_PROGRAMS_PER_SM,
     contiguous_layout,
-    device_guard,
+    on_input_device,
     row_layout,
     row_tile,
     sm_count,
@@ -197,6 +197,7 @@ def _rms_norm_fwd_split_kernel(
                     tl.store(RSTD + i_row, b_rstd)
 
 
+@on_input_device
 def rms_norm_fwd(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -215,20 +216,7 @@ def rms_norm_fwd(
     ``max_fused_n``, ``split_block_n``, ``split_num_warps``, ``split_programs_per_sm``,
     ``one_pass`` (False: the two-launch split path).
     """
-    with device_guard(x.device):
-        return _launch_fwd(x, weight, residual, eps, residual_in_fp32, store_h, store_rstd, config or {})
-
-
-def _launch_fwd(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    eps: float,
-    residual_in_fp32: bool,
-    store_h: bool,
-    store_rstd: bool,
-    config: dict[str, int],
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    config = config or {}
     hidden = x.shape[-1]
     rows = x.numel() // hidden if hidden else 0
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
