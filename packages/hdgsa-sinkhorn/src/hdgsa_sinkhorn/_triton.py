@@ -37,9 +37,12 @@ normalizers would cost more bytes than the logits themselves (160 floats against
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from hdgsa_core.capabilities import interpreter_enabled
 from hdgsa_core.custom_ops import is_compiling, op_name
@@ -365,12 +368,24 @@ def _matrices(tensor: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int, 
     return batched, batched.shape[0], (stride_b, stride_i, stride_j), packed
 
 
+# n = 4 on an H100: 128 matrices a program until the grid covers the machine several times
+# over, then 256 (65,536: 6.0 us against 8.6; 1M: 64.0 against 65.8).
+_FWD_CONFIG_N4_LARGE = (256, 4)
+_FWD_LARGE_COUNT = 2**19
+
+
 def _fwd_config(bn: int, count: int) -> tuple[int, int]:
-    # n = 4 on an H100: 128 matrices a program until the grid covers the machine several times
-    # over, then 256 (65,536: 6.0 us against 8.6; 1M: 64.0 against 65.8).
-    if bn == 4 and count >= 2**19:
-        return (256, 4)
+    if bn == 4 and count >= _FWD_LARGE_COUNT:
+        return _FWD_CONFIG_N4_LARGE
     return _FWD_CONFIGS[bn]
+
+
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current while launching: Triton launches on the current CUDA device and
+    stream, not on the tensors' (a tensor on ``cuda:1`` while ``cuda:0`` is current)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def sinkhorn_knopp_fwd(
@@ -385,22 +400,23 @@ def sinkhorn_knopp_fwd(
         return out
     bn = next_power_of_2(n)
     block, num_warps = config or _fwd_config(bn, count)
-    _sinkhorn_fwd_kernel[(triton.cdiv(count, block),)](
-        x=x,
-        p=out,
-        M=count,
-        stride_xb=stride_b,
-        stride_xi=stride_i,
-        stride_xj=stride_j,
-        eps=eps,
-        N=n,
-        BN=bn,
-        BLOCK=block,
-        NUM_ITERS=num_iters,
-        X_CONTIGUOUS=packed,
-        FAST_DIV=_FAST_DIV,
-        num_warps=num_warps,
-    )
+    with _on_device(logits.device):
+        _sinkhorn_fwd_kernel[(triton.cdiv(count, block),)](
+            x=x,
+            p=out,
+            M=count,
+            stride_xb=stride_b,
+            stride_xi=stride_i,
+            stride_xj=stride_j,
+            eps=eps,
+            N=n,
+            BN=bn,
+            BLOCK=block,
+            NUM_ITERS=num_iters,
+            X_CONTIGUOUS=packed,
+            FAST_DIV=_FAST_DIV,
+            num_warps=num_warps,
+        )
     return out
 
 
@@ -430,29 +446,30 @@ def sinkhorn_knopp_bwd(
         # threads: half the segment keeps them out of local memory (ptxas -v, sm_90).
         seg = num_iters if _INTERPRETER else min(_SEG[bn] if n == bn else max(1, _SEG[bn] // 2), num_iters)
     seg = max(1, min(seg, num_iters))
-    _sinkhorn_bwd_kernel[(triton.cdiv(count, block),)](
-        x=x,
-        dp=g,
-        dx=out,
-        M=count,
-        num_segs=triton.cdiv(num_iters, seg),
-        stride_xb=stride_xb,
-        stride_xi=stride_xi,
-        stride_xj=stride_xj,
-        stride_gb=stride_gb,
-        stride_gi=stride_gi,
-        stride_gj=stride_gj,
-        eps=eps,
-        N=n,
-        BN=bn,
-        BLOCK=block,
-        NUM_ITERS=num_iters,
-        SEG=seg,
-        X_CONTIGUOUS=x_packed,
-        G_CONTIGUOUS=g_packed,
-        FAST_DIV=_FAST_DIV,
-        num_warps=num_warps,
-    )
+    with _on_device(logits.device):
+        _sinkhorn_bwd_kernel[(triton.cdiv(count, block),)](
+            x=x,
+            dp=g,
+            dx=out,
+            M=count,
+            num_segs=triton.cdiv(num_iters, seg),
+            stride_xb=stride_xb,
+            stride_xi=stride_xi,
+            stride_xj=stride_xj,
+            stride_gb=stride_gb,
+            stride_gi=stride_gi,
+            stride_gj=stride_gj,
+            eps=eps,
+            N=n,
+            BN=bn,
+            BLOCK=block,
+            NUM_ITERS=num_iters,
+            SEG=seg,
+            X_CONTIGUOUS=x_packed,
+            G_CONTIGUOUS=g_packed,
+            FAST_DIV=_FAST_DIV,
+            num_warps=num_warps,
+        )
     return out
 
 
@@ -463,6 +480,9 @@ def sinkhorn_knopp_bwd(
 
 
 class SinkhornKnoppFunction(torch.autograd.Function):
+    """Eager autograd for the Triton kernels; the same kernels, so bitwise the same results, as
+    the custom op ``hdgsa::sinkhorn_knopp_fwd`` that compiled graphs call."""
+
     @staticmethod
     def forward(ctx, logits: torch.Tensor, num_iters: int, eps: float) -> torch.Tensor:
         probs = sinkhorn_knopp_fwd(logits, num_iters, eps)
@@ -473,6 +493,7 @@ class SinkhornKnoppFunction(torch.autograd.Function):
         return probs
 
     @staticmethod
+    @once_differentiable  # the backward kernel has no gradient: double backward raises, not zeros
     def backward(ctx, grad_probs: torch.Tensor):
         (logits,) = ctx.saved_tensors
         return sinkhorn_knopp_bwd(logits, grad_probs, ctx.num_iters, ctx.eps), None, None
