@@ -734,14 +734,17 @@ def test_unit_stride_copies_only_when_needed():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "backend", runnable_backends(torch.device("cuda"), implemented=api._TRITON_IMPLEMENTED)
+)
 @pytest.mark.parametrize("hidden", [300, 70000])
-def test_no_host_sync(hidden):
-    """Forward and backward on the default backend issue no synchronizing CUDA call."""
+def test_no_host_sync(backend, hidden):
+    """Forward and backward issue no synchronizing CUDA call."""
     x, w, r = _inputs((8, hidden), torch.bfloat16, "cuda")
     dy = make_tensor(8, hidden, dtype=torch.bfloat16, device="cuda", seed=5)
 
     def step():
-        y, h = rms_norm(x, w, 1e-6, r, prenorm=True)
+        y, h = rms_norm(x, w, 1e-6, r, prenorm=True, backend=backend)
         return torch.autograd.grad((y, h), (x, w, r), (dy, dy))
 
     step()  # compiles the kernels (which may sync) outside the checked region
@@ -758,5 +761,5 @@ def test_no_host_sync(hidden):
 @pytest.mark.parametrize("hidden", [300, 70000])
 def test_tensors_on_another_device_than_the_current_one(hidden):
     """Tensors on cuda:1 while cuda:0 is current: the kernels run on the tensors' device."""
-    assert torch.cuda.current_device() == 0
-    check_against_float64((5, hidden), torch.bfloat16, "cuda:1", "triton", prenorm=True)
+    with torch.cuda.device(0):
+        check_against_float64((5, hidden), torch.bfloat16, "cuda:1", "triton", prenorm=True)
