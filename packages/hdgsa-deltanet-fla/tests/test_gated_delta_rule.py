@@ -434,6 +434,11 @@ def _call(**overrides):
     )  # fmt: skip
 
 
+def _packed(**overrides) -> dict:
+    """Packed q, k [2, 5, 8] with num_heads=2 (K = 4), and the given overrides."""
+    return dict(q=torch.randn(2, 5, 8), k=torch.randn(2, 5, 8), num_heads=2) | overrides
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
@@ -453,49 +458,20 @@ def _call(**overrides):
         (dict(initial_state=torch.randn(2, 2, 3, 4)), "initial_state: expected shape"),
         (dict(num_heads=3), "num_heads: 3 does not match"),
         (dict(q=torch.randn(2, 5, 8), k=torch.randn(2, 5, 8), v=torch.randn(2, 5, 6)), "num_heads: required"),
+        (_packed(v=torch.randn(2, 5, 6), num_heads=3), "not divisible by num_heads"),
+        (_packed(v=torch.randn(2, 5, 7)), "v: last dimension 7 is not divisible"),
+        (_packed(v=torch.randn(2, 5, 2, 3)), "v: expected"),
         (
-            dict(q=torch.randn(2, 5, 8), k=torch.randn(2, 5, 8), v=torch.randn(2, 5, 6), num_heads=3),
-            "not divisible by num_heads",
-        ),
-        (
-            dict(q=torch.randn(2, 5, 8), k=torch.randn(2, 5, 8), v=torch.randn(2, 5, 7), num_heads=2),
-            "v: last dimension 7 is not divisible",
-        ),
-        (
-            dict(q=torch.randn(2, 5, 8), k=torch.randn(2, 5, 8), v=torch.randn(2, 5, 2, 3), num_heads=2),
-            "v: expected",
-        ),
-        (
-            dict(
-                q=torch.randn(2, 5, 8),
-                k=torch.randn(2, 5, 8),
-                v=torch.randn(2, 5, 6),
-                num_heads=2,
-                alpha=torch.rand(2, 5, 3),
-            ),
+            _packed(v=torch.randn(2, 5, 6), alpha=torch.rand(2, 5, 3)),
             r"alpha: expected shape \[B, T, HV\].*got shape \[2, 5, 3\]",
         ),
         (
-            dict(
-                q=torch.randn(2, 5, 8),
-                k=torch.randn(2, 5, 8),
-                v=torch.randn(2, 5, 6),
-                num_heads=2,
-                alpha=torch.rand(2, 5, 4),
-            ),
+            _packed(v=torch.randn(2, 5, 6), alpha=torch.rand(2, 5, 4)),
             r"alpha: expected shape \[B, T, HV\].*got shape \[2, 5, 4\]",
         ),
         (
             # Packed: HV = alpha.shape[2] = 6 (GVA, V = 1) is a valid reading; beta disagrees.
-            dict(
-                q=torch.randn(2, 5, 8),
-                k=torch.randn(2, 5, 8),
-                v=torch.randn(2, 5, 6),
-                num_heads=2,
-                alpha=torch.rand(2, 5, 6),
-                D=None,
-                initial_state=None,
-            ),
+            _packed(v=torch.randn(2, 5, 6), alpha=torch.rand(2, 5, 6), D=None, initial_state=None),
             r"beta: expected shape \[B, T, HV\] \(HV = alpha.shape\[2\].*got shape \[2, 5, 2\]",
         ),
         (dict(num_heads=0, q=torch.randn(2, 5, 8)), "num_heads"),
