@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hdgsa_core import runnable_backends, triton_unavailable_reason
+from hdgsa_core import HAS_TRITON, runnable_backends, triton_unavailable_reason
 from hdgsa_core.testing import DEFAULT_TOLERANCE, assert_matches_reference, make_tensor, strided_rows
 from hdgsa_rmsnorm import api, rms_norm, rms_norm_reference
 
@@ -498,6 +498,10 @@ def test_bad_inputs_raise_before_computing(case, monkeypatch):
         raise AssertionError("a backend ran with bad arguments")
 
     monkeypatch.setattr(api, "rms_norm_reference", must_not_run)
+    if HAS_TRITON:
+        from hdgsa_rmsnorm import _triton
+
+        monkeypatch.setattr(_triton, "rms_norm_triton", must_not_run)
     call, error, pattern = BAD_CALLS[case]
     with pytest.raises(error, match=pattern):
         call(torch.randn(4, 8))
