@@ -75,6 +75,7 @@ def test_non_contiguous(device, backend, n):
     _check(strided_rows(base, pad=3), 20, backend)  # padded rows
     _check(make_tensor(n, n, 6, device=device, seed=8).permute(2, 0, 1), 20, backend)  # batch innermost
     _check(make_tensor(12, n, n, device=device, seed=9)[::2], 20, backend)  # every other matrix
+    _check(make_tensor(1, n, n, device=device, seed=10).expand(3, n, n), 20, backend)  # broadcast batch
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)

@@ -501,11 +501,13 @@ class SinkhornKnoppFunction(torch.autograd.Function):
 
 @torch.library.custom_op(op_name("sinkhorn_knopp_fwd"), mutates_args=())
 def _sinkhorn_knopp_fwd_op(logits: torch.Tensor, num_iters: int, eps: float) -> torch.Tensor:
+    """``hdgsa::sinkhorn_knopp_fwd``: :func:`sinkhorn_knopp_fwd` for compiled graphs."""
     return sinkhorn_knopp_fwd(logits, num_iters, eps)
 
 
 @_sinkhorn_knopp_fwd_op.register_fake
 def _(logits: torch.Tensor, num_iters: int, eps: float) -> torch.Tensor:
+    # The launcher always returns a new contiguous tensor: so does the fake.
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
@@ -513,6 +515,8 @@ def _(logits: torch.Tensor, num_iters: int, eps: float) -> torch.Tensor:
 def _sinkhorn_knopp_bwd_op(
     logits: torch.Tensor, grad_probs: torch.Tensor, num_iters: int, eps: float
 ) -> torch.Tensor:
+    """``hdgsa::sinkhorn_knopp_bwd``: :func:`sinkhorn_knopp_bwd`, the custom op's backward. It has no
+    autograd formula of its own: a second derivative through it raises."""
     return sinkhorn_knopp_bwd(logits, grad_probs, num_iters, eps)
 
 
@@ -522,6 +526,7 @@ def _(logits: torch.Tensor, grad_probs: torch.Tensor, num_iters: int, eps: float
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    """What ``hdgsa::sinkhorn_knopp_fwd``'s backward needs: the logits (P is recomputed)."""
     logits, num_iters, eps = inputs
     ctx.save_for_backward(logits)
     ctx.num_iters = num_iters
@@ -529,6 +534,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_probs: torch.Tensor):
+    """``hdgsa::sinkhorn_knopp_fwd``'s backward: d logits; num_iters and eps get none."""
     (logits,) = ctx.saved_tensors
     return _sinkhorn_knopp_bwd_op(logits, grad_probs, ctx.num_iters, ctx.eps), None, None
 
