@@ -65,8 +65,13 @@ def resolve_backend(
             # "triton" is accepted for every op, so one setting covers the whole library.
             override = accelerated if override in ("triton", accelerated) else override
             if override not in (accelerated, "torch"):
+                names = (
+                    "'torch' or 'triton'"
+                    if accelerated == "triton"
+                    else f"'torch', 'triton' or {accelerated!r}"
+                )
                 raise ValueError(
-                    f"{op}: {BACKEND_ENV_VAR} must be 'torch' or 'triton', got {os.environ[BACKEND_ENV_VAR]!r}"
+                    f"{op}: {BACKEND_ENV_VAR} must be {names}, got {os.environ[BACKEND_ENV_VAR]!r}"
                 )
             backend = override
         else:
