@@ -262,23 +262,26 @@ def test_large_n_beyond_the_triton_limit(device):
     _check(make_tensor(2, TRITON_MAX_N + 1, TRITON_MAX_N + 1, device=device, seed=100), 5, "torch")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_torch_backend_under_torch_compile(device):
-    """fullgraph tracing through the PyTorch backend (argument checks, backend choice, autocast
-    guard); "aot_eager" keeps Inductor's compile time out of the suite."""
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_torch_compile_dynamic_shapes(device, backend):
+    """fullgraph tracing through either backend (argument checks, backend choice, autocast guard,
+    custom op) with dynamic shapes, bitwise equal to eager; "aot_eager" keeps Inductor's compile
+    time out of the suite (test_torch_compile_fullgraph runs Inductor on CUDA)."""
     torch._dynamo.reset()
 
-    def step(x):
-        return sinkhorn_knopp(x.mT, 5, backend="torch").square().sum()
+    def step(x, eps):
+        return sinkhorn_knopp(x.mT, 5, eps, backend=backend)
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    logits = make_tensor(2, 3, 4, 4, device=device, seed=90, requires_grad=True)
-    loss = compiled(logits)
-    (grad,) = torch.autograd.grad(loss, logits)
-    expected = step(logits)
-    (expected_grad,) = torch.autograd.grad(expected, logits)
-    torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(grad, expected_grad)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=True)
+    for batch, eps in ((2, 1e-8), (3, 1e-3)):
+        logits = make_tensor(batch, 4, 4, device=device, seed=90 + batch, requires_grad=True)
+        grad_output = make_tensor(batch, 4, 4, device=device, seed=95 + batch)
+        probs = compiled(logits, eps)
+        (grad,) = torch.autograd.grad(probs, logits, grad_output)
+        expected = step(logits, eps)
+        (expected_grad,) = torch.autograd.grad(expected, logits, grad_output)
+        assert torch.equal(probs, expected)
+        assert torch.equal(grad, expected_grad)
 
 
 # ---- bad inputs (SPEC section 2) -------------------------------------------------------------

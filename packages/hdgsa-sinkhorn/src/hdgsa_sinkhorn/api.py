@@ -38,7 +38,9 @@ def _check_inputs(logits: torch.Tensor, num_iters: int, eps: float) -> None:
     if num_iters < 0:
         raise ValueError(f"{_OP}: num_iters must be >= 0, got {num_iters}")
     check_real(f"{_OP}: eps", eps)
-    if not (math.isfinite(eps) and eps >= 0):
+    # Comparisons rather than math.isfinite, which torch.compile(dynamic=True) cannot trace;
+    # NaN fails both.
+    if not 0 <= eps < math.inf:
         raise ValueError(f"{_OP}: eps must be finite and >= 0, got {eps}")
 
 
