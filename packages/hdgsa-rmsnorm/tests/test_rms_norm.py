@@ -767,3 +767,15 @@ def test_tensors_on_another_device_than_the_current_one(hidden):
     """Tensors on cuda:1 while cuda:0 is current: the kernels run on the tensors' device."""
     with torch.cuda.device(0):
         check_against_float64((5, hidden), torch.bfloat16, "cuda:1", "triton", prenorm=True)
+
+
+def test_torch_compile_dynamic_fullgraph_torch_backend():
+    # eps is checked with comparisons: math.isfinite cannot be traced with dynamic=True
+    x, weight = make_tensor(4, 8, seed=901), make_tensor(8, seed=902)
+    compiled = torch.compile(
+        lambda x, w, eps: rms_norm(x, w, eps, backend="torch"),
+        dynamic=True,
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    assert torch.equal(compiled(x, weight, 1e-6), rms_norm(x, weight, 1e-6, backend="torch"))

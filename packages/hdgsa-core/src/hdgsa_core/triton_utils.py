@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TypeVar
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
 
 from .capabilities import interpreter_enabled
 
-__all__ = ["autotune_configs", "next_power_of_2"]
+__all__ = ["autotune_configs", "device_guard", "next_power_of_2", "on_input_device"]
 
 ConfigT = TypeVar("ConfigT")
+LauncherT = TypeVar("LauncherT", bound=Callable[..., Any])
 
 
 def autotune_configs(configs: Sequence[ConfigT]) -> list[ConfigT]:
@@ -24,3 +29,22 @@ def autotune_configs(configs: Sequence[ConfigT]) -> list[ConfigT]:
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current while launching: Triton launches on the current CUDA device,
+    which need not be the tensors' (a model on ``cuda:1`` without ``torch.cuda.set_device``)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def on_input_device(launcher: LauncherT) -> LauncherT:
+    """Run ``launcher(tensor, ...)`` under :func:`device_guard` of its first argument's device."""
+
+    @functools.wraps(launcher)
+    def launch(first: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        with device_guard(first.device):
+            return launcher(first, *args, **kwargs)
+
+    return launch  # type: ignore[return-value]

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hdgsa_core.triton_utils import on_input_device
+
 from ._triton_common import (
     BWD_MAX_FUSED_N,
     BWD_SPLIT_BLOCK_N,
@@ -33,7 +35,6 @@ from ._triton_common import (
     MAX_SPINS,
     RowLayout,
     bwd_row_tile,
-    on_input_device,
     resident_launch_options,
     row_layout,
     sm_count,

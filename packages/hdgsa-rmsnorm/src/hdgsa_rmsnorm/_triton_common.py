@@ -6,12 +6,9 @@ Imports Triton only for its option list (to know whether cooperative launches ex
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import torch
 
@@ -103,28 +100,6 @@ def unit_stride(vector: torch.Tensor) -> torch.Tensor:
     if vector.shape[-1] > 1 and vector.stride(-1) != 1:
         return vector.contiguous()
     return vector
-
-
-def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
-    """Make ``device`` current while launching: Triton launches on the current CUDA device,
-    which need not be the tensors' (a model on ``cuda:1`` without ``torch.cuda.set_device``)."""
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
-
-
-LauncherT = TypeVar("LauncherT", bound=Callable[..., Any])
-
-
-def on_input_device(launcher: LauncherT) -> LauncherT:
-    """Run ``launcher(tensor, ...)`` under :func:`device_guard` of its first argument's device."""
-
-    @functools.wraps(launcher)
-    def launch(first: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        with device_guard(first.device):
-            return launcher(first, *args, **kwargs)
-
-    return launch  # type: ignore[return-value]
 
 
 def contiguous_layout(tensor: torch.Tensor) -> RowLayout:

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hdgsa_core.triton_utils import on_input_device
+
 from ._triton_common import (
     MAX_FUSED_N,
     MAX_SPINS,
@@ -25,7 +27,6 @@ from ._triton_common import (
     SPLIT_NUM_WARPS,
     SPLIT_PROGRAMS_PER_SM,
     contiguous_layout,
-    on_input_device,
     row_layout,
     row_tile,
     sm_count,

@@ -26,7 +26,8 @@ _TRITON_IMPLEMENTED = True
 def check_eps(eps: object) -> None:
     """``eps`` must be a finite real number ``>= 0`` (TypeError / ValueError otherwise)."""
     check_real("eps", eps)
-    if not (eps >= 0.0 and math.isfinite(eps)):
+    # comparisons, not math.isfinite, which torch.compile(dynamic=True) cannot trace (NaN fails both)
+    if not (0.0 <= eps < math.inf):
         raise ValueError(f"eps: expected a finite number >= 0, got {eps}")
 
 

@@ -37,8 +37,6 @@ normalizers would cost more bytes than the logits themselves (160 floats against
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -46,7 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from hdgsa_core.capabilities import interpreter_enabled
 from hdgsa_core.custom_ops import is_compiling, op_name
-from hdgsa_core.triton_utils import next_power_of_2
+from hdgsa_core.triton_utils import device_guard, next_power_of_2
 
 __all__ = ["sinkhorn_knopp_bwd", "sinkhorn_knopp_fwd", "sinkhorn_knopp_triton"]
 
@@ -380,14 +378,6 @@ def _fwd_config(bn: int, count: int) -> tuple[int, int]:
     return _FWD_CONFIGS[bn]
 
 
-def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """Make ``device`` current while launching: Triton launches on the current CUDA device and
-    stream, not on the tensors' (a tensor on ``cuda:1`` while ``cuda:0`` is current)."""
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
-
-
 def sinkhorn_knopp_fwd(
     logits: torch.Tensor, num_iters: int, eps: float, *, config: tuple[int, int] | None = None
 ) -> torch.Tensor:
@@ -400,7 +390,7 @@ def sinkhorn_knopp_fwd(
         return out
     bn = next_power_of_2(n)
     block, num_warps = config or _fwd_config(bn, count)
-    with _on_device(logits.device):
+    with device_guard(logits.device):
         _sinkhorn_fwd_kernel[(triton.cdiv(count, block),)](
             x=x,
             p=out,
@@ -446,7 +436,7 @@ def sinkhorn_knopp_bwd(
         # threads: half the segment keeps them out of local memory (ptxas -v, sm_90).
         seg = num_iters if _INTERPRETER else min(_SEG[bn] if n == bn else max(1, _SEG[bn] // 2), num_iters)
     seg = max(1, min(seg, num_iters))
-    with _on_device(logits.device):
+    with device_guard(logits.device):
         _sinkhorn_bwd_kernel[(triton.cdiv(count, block),)](
             x=x,
             dp=g,
