@@ -22,16 +22,21 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 if [[ $STAGES == *tests* ]]; then
   say "tests on CUDA, one process per package"
+  # Logs stay outside $OUT (the device tool returns 8 files at most); their ends go to one file.
+  logs=/tmp/gpu-session-tests
+  mkdir -p "$logs"
   for package in packages/*/; do
     name=$(basename "$package")
-    (cd "$package" && timeout "$TEST_TIMEOUT" python3 -m pytest -q -p no:cacheprovider tests \
-      >"$OUT/tests-$name.log" 2>&1; echo "$name exit=$?" >>"$OUT/tests-summary.txt") &
+    (cd "$package" && timeout "$TEST_TIMEOUT" python3 -m pytest -q -p no:cacheprovider -rfE tests \
+      >"$logs/$name.log" 2>&1; echo "$name exit=$?" >>"$logs/summary.txt") &
   done
   wait
-  for log in "$OUT"/tests-hdgsa-*.log; do
+  for log in "$logs"/hdgsa-*.log; do
+    { printf '\n===== %s\n' "$(basename "$log" .log)"; tail -n 150 "$log"; } >>"$OUT/tests.log"
     grep -E "^(FAILED|ERROR)" "$log" | head -n 8
-    printf '%-28s %s\n' "$(basename "$log" .log)" "$(tail -n 1 "$log")"
+    printf '%-24s %s\n' "$(basename "$log" .log)" "$(tail -n 1 "$log")"
   done
+  cat "$logs/summary.txt"
 fi
 
 if [[ $STAGES == *check* ]]; then
