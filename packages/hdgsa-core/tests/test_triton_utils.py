@@ -26,3 +26,100 @@ def test_device_guard_is_a_no_op_off_cuda():
         return tensor * scale
 
     assert torch.equal(launcher(torch.ones(2), 3.0), torch.full((2,), 3.0))
+
+
+class _FakeCompiled:
+    """What Triton's launch returns: launches through ``run`` with the full argument list."""
+
+    def __init__(self, calls):
+        self.function, self.packed_metadata, self._calls = "function", "metadata", calls
+
+    def run(self, *launch):
+        self._calls.append(("direct", launch))
+
+
+class _FakeKernel:
+    """A stand-in for a ``@triton.jit`` function with parameters ``x`` (tensor), ``n`` (int),
+    ``scale`` (float) and ``BLOCK`` (constexpr)."""
+
+    class _Param:
+        def __init__(self, name, is_constexpr=False):
+            self.name, self.is_constexpr = name, is_constexpr
+
+    params = [_Param("x"), _Param("n"), _Param("scale"), _Param("BLOCK", is_constexpr=True)]
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def launch(**arguments):
+            self.calls.append(("triton", grid, arguments))
+            return _FakeCompiled(self.calls)
+
+        return launch
+
+
+@pytest.fixture
+def fake_triton(monkeypatch):
+    from types import SimpleNamespace
+
+    from hdgsa_core import launch
+
+    runtime = SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(launch, "_runtime_knobs", lambda: runtime)
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(launch, "_current_stream", lambda device: 1234)
+    return runtime
+
+
+def test_cached_launcher_keys_every_specialization(fake_triton):
+    from hdgsa_core.launch import CachedLauncher
+
+    kernel = _FakeKernel()
+    launcher = CachedLauncher(kernel)
+    x = torch.randn(64)
+    launcher((3,), x=x, n=32, scale=0.5, BLOCK=16, num_warps=4)
+    launcher((5,), x=x, n=48, scale=2.0, BLOCK=16, num_warps=4)  # same key: direct
+    assert [call[0] for call in kernel.calls] == ["triton", "direct"]
+    assert kernel.calls[1][1] == (5, 1, 1, 1234, "function", "metadata", None, None, None, x, 48, 2.0, 16)
+    # Each of these differs from the first launch in one thing Triton specializes on.
+    variants = [
+        dict(x=x, n=32, scale=0.5, BLOCK=32, num_warps=4),  # a constexpr value
+        dict(x=x, n=32, scale=0.5, BLOCK=16, num_warps=8),  # a launch option
+        dict(x=x.double(), n=32, scale=0.5, BLOCK=16, num_warps=4),  # a dtype
+        dict(x=x[1:], n=32, scale=0.5, BLOCK=16, num_warps=4),  # pointer alignment
+        dict(x=x, n=33, scale=0.5, BLOCK=16, num_warps=4),  # divisibility by 16
+        dict(x=x, n=1, scale=0.5, BLOCK=16, num_warps=4),  # the value 1
+        dict(x=x, n=2**40, scale=0.5, BLOCK=16, num_warps=4),  # 64-bit ints
+    ]
+    for arguments in variants:
+        kernel.calls.clear()
+        launcher((1,), **arguments)
+        launcher((1,), **arguments)
+        assert [call[0] for call in kernel.calls] == ["triton", "direct"], arguments
+
+
+def test_cached_launcher_goes_through_triton_when_it_cannot_key(fake_triton):
+    from hdgsa_core.launch import CachedLauncher
+
+    kernel = _FakeKernel()
+    launcher = CachedLauncher(kernel)
+    for _ in range(2):  # n left to a default, then None: never cached
+        launcher((1,), x=torch.randn(4), scale=1.0, BLOCK=4)
+        launcher((1,), x=torch.randn(4), n=None, scale=1.0, BLOCK=4)
+    fake_triton.launch_enter_hook = print  # a profiler's hook: Triton must call it
+    launcher((1,), x=torch.randn(4), n=4, scale=1.0, BLOCK=4)
+    launcher((1,), x=torch.randn(4), n=4, scale=1.0, BLOCK=4)
+    assert [call[0] for call in kernel.calls] == ["triton"] * 6
+
+
+def test_cached_launcher_always_goes_through_triton_under_the_interpreter(fake_triton, monkeypatch):
+    from hdgsa_core.launch import CachedLauncher
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernel = _FakeKernel()
+    launcher = CachedLauncher(kernel)
+    for _ in range(2):
+        launcher((1,), x=torch.randn(4), n=4, scale=1.0, BLOCK=4)
+    assert [call[0] for call in kernel.calls] == ["triton", "triton"]
