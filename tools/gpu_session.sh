@@ -4,12 +4,18 @@
 # packages or peers: build our wheels first (python3 tools/build_all.py --outdir .whl/hdgsa) and
 # carry .whl (with fla-core, einops, liger-kernel wheels) along:
 #   STAGES=tests,check,bench BENCH_OPS="rmsnorm sinkhorn" bash tools/gpu_session.sh
+# Stages: tests (each package's suite on CUDA; with pytest-xdist among the wheels, TEST_WORKERS
+# processes per package so Triton compiles in parallel), check, profile (tools/host_profile.py
+# with PROFILE_ARGS), bench. quack (a peer of rmsnorm) travels as .whl/quack/: its unpacked wheels
+# (CUTLASS DSL libraries included) as an xz tar, split in parts (see below).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-session}
 STAGES=${STAGES:-tests,check,bench}
 BENCH_OPS=${BENCH_OPS:-}
 BENCH_ARGS=${BENCH_ARGS:---warmup-ms 10 --rep-ms 50}
 TEST_TIMEOUT=${TEST_TIMEOUT:-240}
+TEST_WORKERS=${TEST_WORKERS:-3}
+PROFILE_ARGS=${PROFILE_ARGS:-sinkhorn --filter M=65536}
 mkdir -p "$OUT"
 start=$SECONDS
 say() { printf '[%4ds] %s\n' "$((SECONDS - start))" "$*"; }
@@ -17,6 +23,20 @@ say() { printf '[%4ds] %s\n' "$((SECONDS - start))" "$*"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl .whl/pytest/*.whl .whl/hdgsa/*.whl || exit 1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+# quack's archive is over one call's carry limit: it travels as parts (split -b), one per call,
+# gathered in /tmp/quack-parts while the machine stays warm; unpacked once they are all there.
+mkdir -p /tmp/quack-parts
+cp .whl/quack/quack_site.tar.xz.part* /tmp/quack-parts/ 2>/dev/null
+if [[ ! -d /tmp/quack-site ]] && compgen -G "/tmp/quack-parts/*" >/dev/null && cat /tmp/quack-parts/* | xz -t 2>/dev/null; then
+  mkdir -p /tmp/quack-site && cat /tmp/quack-parts/* | xz -d | tar -C /tmp/quack-site -xf - || exit 1
+fi
+if [[ -d /tmp/quack-site ]]; then
+  # What nvidia_cutlass_dsl's .pth file would add (PYTHONPATH entries do not process .pth files).
+  export PYTHONPATH=$PYTHONPATH:/tmp/quack-site:/tmp/quack-site/nvidia_cutlass_dsl/dsl_packages
+  echo "quack unpacked"
+else
+  echo "quack parts here: $(ls /tmp/quack-parts | tr '\n' ' ')"
+fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
@@ -24,10 +44,12 @@ if [[ $STAGES == *tests* ]]; then
   say "tests on CUDA, one process per package"
   # Logs stay outside $OUT (the device tool returns 8 files at most); their ends go to one file.
   logs=/tmp/gpu-session-tests
+  xdist=""
+  if python3 -c "import xdist" 2>/dev/null; then xdist="-n $TEST_WORKERS"; fi
   mkdir -p "$logs"
   for package in packages/*/; do
     name=$(basename "$package")
-    (cd "$package" && timeout "$TEST_TIMEOUT" python3 -m pytest -q -p no:cacheprovider -rfE tests \
+    (cd "$package" && timeout "$TEST_TIMEOUT" python3 -m pytest -q -p no:cacheprovider -rfE $xdist tests \
       >"$logs/$name.log" 2>&1; echo "$name exit=$?" >>"$logs/summary.txt") &
   done
   wait
@@ -45,6 +67,12 @@ if [[ $STAGES == *check* ]]; then
   echo "check exit=$?"
   grep -E "FAIL|ERROR" "$OUT/check.log" | head -n 20
   tail -n 1 "$OUT/check.log"
+fi
+
+if [[ $STAGES == *profile* ]]; then
+  say "host profile: $PROFILE_ARGS"
+  # shellcheck disable=SC2086  # word splitting of the arguments is intended
+  python3 tools/host_profile.py $PROFILE_ARGS 2>&1 | tee "$OUT/profile.log" | grep -E "do_bench|unavailable"
 fi
 
 if [[ $STAGES == *bench* ]]; then

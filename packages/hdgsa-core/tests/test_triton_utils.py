@@ -46,9 +46,8 @@ class _FakeKernel:
         def __init__(self, name, is_constexpr=False):
             self.name, self.is_constexpr = name, is_constexpr
 
-    params = [_Param("x"), _Param("n"), _Param("scale"), _Param("BLOCK", is_constexpr=True)]
-
     def __init__(self):
+        self.params = [self._Param("x"), self._Param("n"), self._Param("scale"), self._Param("BLOCK", True)]
         self.calls = []
 
     def __getitem__(self, grid):

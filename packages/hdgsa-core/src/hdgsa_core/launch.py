@@ -131,5 +131,14 @@ class CachedLauncher:
         grid_2 = grid[2] if len(grid) > 2 else 1
         stream = _current_stream(key[0])
         compiled.run(
-            grid_0, grid_1, grid_2, stream, compiled.function, compiled.packed_metadata, None, None, None, *values
+            grid_0,
+            grid_1,
+            grid_2,
+            stream,
+            compiled.function,
+            compiled.packed_metadata,
+            None,
+            None,
+            None,
+            *values,
         )

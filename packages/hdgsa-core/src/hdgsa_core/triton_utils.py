@@ -33,8 +33,9 @@ def next_power_of_2(n: int) -> int:
 
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     """Make ``device`` current while launching: Triton launches on the current CUDA device,
-    which need not be the tensors' (a model on ``cuda:1`` without ``torch.cuda.set_device``)."""
-    if device.type == "cuda":
+    which need not be the tensors' (a model on ``cuda:1`` without ``torch.cuda.set_device``).
+    A no-op when ``device`` is already current (the common case: costs no device switch)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
     return contextlib.nullcontext()
 
