@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import torch
 
@@ -29,6 +30,8 @@ _FLA_MODULE = "fla.ops.gated_delta_rule"
 def _import_fla_error() -> str | None:
     """None when ``fla.ops.gated_delta_rule`` imports, else why not. A module that imported
     once is a ``sys.modules`` lookup; a broken install is retried (and fails) each call."""
+    if _FLA_MODULE in sys.modules:
+        return None
     try:
         importlib.import_module(_FLA_MODULE)
     except Exception as error:
@@ -102,8 +105,6 @@ def fla_unavailable_reason(device: torch.device, *, head_dim_k: int, needs_backw
             f"the tensors are on {device.type}; fla's kernels run on CUDA tensors only "
             "(backend='torch' runs anywhere)"
         )
-    if not torch.cuda.is_available():
-        return "CUDA is not available on this machine"
     import_error = _import_fla_error()
     if import_error is not None:
         return import_error

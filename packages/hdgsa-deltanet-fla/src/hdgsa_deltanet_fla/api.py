@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import types
 import warnings
 
 import torch
@@ -16,16 +18,17 @@ from hdgsa_core import (
     check_real,
     check_same_device,
     check_shape,
-    check_tensor,
     resolve_backend,
 )
 
+from . import _fla
 from ._fla import fla_unavailable_reason
 from .reference import ALPHA_MIN, chunk_gated_delta_rule_torch
 
 __all__ = ["ALPHA_MIN", "gated_delta_rule", "gated_delta_rule_backends"]
 
 _OP = "gated_delta_rule"
+_FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)
 
 
 def _per_step(
@@ -144,15 +147,33 @@ def gated_delta_rule(
         >>> o.shape, state.shape
         (torch.Size([2, 100, 128]), torch.Size([2, 4, 32, 32]))
     """
-    for name, tensor in (("q", q), ("k", k), ("v", v), ("alpha", alpha), ("beta", beta)):
-        check_dtype(name, tensor)
-    if D is not None:
+    # Every check below is a cheap test first; the hdgsa_core checker (which raises with the
+    # SPEC message) runs only when that test fails. fla's forward at B4 T4096 H16 D128 is
+    # host-bound, so each microsecond of Python here shows in eager timings.
+    if not (
+        type(q) is torch.Tensor
+        and type(k) is torch.Tensor
+        and type(v) is torch.Tensor
+        and type(alpha) is torch.Tensor
+        and type(beta) is torch.Tensor
+        and q.dtype in _FLOAT_DTYPE_SET
+        and k.dtype in _FLOAT_DTYPE_SET
+        and v.dtype in _FLOAT_DTYPE_SET
+        and alpha.dtype in _FLOAT_DTYPE_SET
+        and beta.dtype in _FLOAT_DTYPE_SET
+    ):
+        for name, tensor in (("q", q), ("k", k), ("v", v), ("alpha", alpha), ("beta", beta)):
+            check_dtype(name, tensor)
+    if D is not None and (type(D) is not torch.Tensor or D.dtype not in _FLOAT_DTYPE_SET):
         check_dtype("D", D)
-    if initial_state is not None:
+    if initial_state is not None and (
+        type(initial_state) is not torch.Tensor or initial_state.dtype not in _FLOAT_DTYPE_SET
+    ):
         check_dtype("initial_state", initial_state)
-    for name, tensor in (("k", k), ("v", v)):
-        if tensor.dtype != q.dtype:
-            raise TypeError(f"{name}: dtype {tensor.dtype} must match q's dtype {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        for name, tensor in (("k", k), ("v", v)):
+            if tensor.dtype != q.dtype:
+                raise TypeError(f"{name}: dtype {tensor.dtype} must match q's dtype {q.dtype}")
     if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
         raise TypeError(f"compute_dtype: expected None or one of {FLOAT_DTYPES}, got {compute_dtype!r}")
     if num_heads is not None:
@@ -160,17 +181,29 @@ def gated_delta_rule(
         num_heads = int(num_heads)
     if scale is not None:
         check_real("scale", scale)
-    check_bool("output_final_state", output_final_state)
+    if output_final_state is not False and output_final_state is not True:
+        check_bool("output_final_state", output_final_state)
     if backend == "triton":
         raise ValueError(
             f"{_OP}: backend must be one of ('auto', 'fla', 'torch'), got 'triton': this op's "
             "accelerated backend is fla's Triton kernels, named backend='fla' "
             "(HDGSA_BACKEND=triton selects it too)"
         )
-    device = check_same_device(q=q, k=k, v=v, alpha=alpha, beta=beta, D=D, initial_state=initial_state)
+    device = q.device
+    if (
+        k.device != device
+        or v.device != device
+        or alpha.device != device
+        or beta.device != device
+        or (D is not None and D.device != device)
+        or (initial_state is not None and initial_state.device != device)
+    ):
+        device = check_same_device(q=q, k=k, v=v, alpha=alpha, beta=beta, D=D, initial_state=initial_state)
 
-    check_ndim("q", q, (3, 4), "[B, T, H, K] or [B, T, H*K] (with num_heads)")
-    packed = q.dim() == 3
+    q_dims = q.dim()
+    if q_dims != 4 and q_dims != 3:
+        check_ndim("q", q, (3, 4), "[B, T, H, K] or [B, T, H*K] (with num_heads)")
+    packed = q_dims == 3
     batch, seq_len = q.shape[:2]
     if packed:
         if num_heads is None:
@@ -179,11 +212,15 @@ def gated_delta_rule(
         if q.shape[2] % num_heads:
             raise ValueError(f"q: last dimension {q.shape[2]} is not divisible by num_heads={num_heads}")
         heads, head_dim_k = num_heads, q.shape[2] // num_heads
-        check_shape("k", k, tuple(q.shape), "[B, T, H*K]")
-        check_ndim("v", v, 3, "[B, T, HV*V] (packed, like q)")
-        check_shape("v", v, (batch, seq_len, None), "[B, T, HV*V]")
+        if k.shape != q.shape:
+            check_shape("k", k, tuple(q.shape), "[B, T, H*K]")
+        if v.dim() != 3:
+            check_ndim("v", v, 3, "[B, T, HV*V] (packed, like q)")
+        if v.shape[0] != batch or v.shape[1] != seq_len:
+            check_shape("v", v, (batch, seq_len, None), "[B, T, HV*V]")
         # The number of value heads HV is alpha's third dimension (HV = H but for GVA).
-        check_ndim("alpha", check_tensor("alpha", alpha), (3, 4), "[B, T, HV] or [B, T, HV, 1]")
+        if alpha.dim() != 3 and alpha.dim() != 4:
+            check_ndim("alpha", alpha, (3, 4), "[B, T, HV] or [B, T, HV, 1]")
         v_heads = alpha.shape[2]
         _positive("alpha", v_heads, "the number of value heads (alpha.shape[2])")
         if v_heads == heads and v.shape[2] % v_heads:
@@ -198,54 +235,74 @@ def gated_delta_rule(
                 f"dimension {v.shape[2]}, got shape {list(alpha.shape)}"
             )
         head_dim_v = v.shape[2] // v_heads
-        q4 = q.unflatten(-1, (heads, head_dim_k))
-        k4 = k.unflatten(-1, (heads, head_dim_k))
-        v4 = v.unflatten(-1, (v_heads, head_dim_v))
+        # Splitting one dimension is always a view (unflatten does the same, with more Python).
+        q4 = q.view(batch, seq_len, heads, head_dim_k)
+        k4 = k.view(batch, seq_len, heads, head_dim_k)
+        v4 = v.view(batch, seq_len, v_heads, head_dim_v)
     else:
         heads, head_dim_k = q.shape[2], q.shape[3]
         if num_heads is not None and num_heads != heads:
             raise ValueError(
                 f"num_heads: {num_heads} does not match q's head dimension {heads} ([B, T, H, K])"
             )
-        check_shape("k", k, tuple(q.shape), "[B, T, H, K]")
-        check_ndim("v", v, 4, "[B, T, HV, V] (unpacked, like q)")
-        check_shape("v", v, (batch, seq_len, None, None), "[B, T, HV, V]")
+        if k.shape != q.shape:
+            check_shape("k", k, tuple(q.shape), "[B, T, H, K]")
+        if v.dim() != 4:
+            check_ndim("v", v, 4, "[B, T, HV, V] (unpacked, like q)")
+        if v.shape[0] != batch or v.shape[1] != seq_len:
+            check_shape("v", v, (batch, seq_len, None, None), "[B, T, HV, V]")
         v_heads, head_dim_v = v.shape[2], v.shape[3]
         q4, k4, v4 = q, k, v
-    _positive("q", heads, "the number of heads H")
-    _positive("q", head_dim_k, "the head dimension K")
-    _positive("v", v_heads, "the number of value heads HV")
-    _positive("v", head_dim_v, "the head dimension V")
+    if heads <= 0 or head_dim_k <= 0 or v_heads <= 0 or head_dim_v <= 0:
+        _positive("q", heads, "the number of heads H")
+        _positive("q", head_dim_k, "the head dimension K")
+        _positive("v", v_heads, "the number of value heads HV")
+        _positive("v", head_dim_v, "the head dimension V")
     if v_heads % heads:
         raise ValueError(
             f"v: the number of value heads HV={v_heads} must be a multiple of the number of "
             f"query/key heads H={heads} (GVA)"
         )
+    per_step_shape = (batch, seq_len, v_heads)
     # In the packed layout HV and V come from alpha: say so where a mismatch may be alpha's fault.
     note = " (HV = alpha.shape[2], V = v.shape[2] // HV)" if packed else ""
-    alpha3 = _per_step("alpha", alpha, batch, seq_len, v_heads)
-    beta3 = _per_step("beta", beta, batch, seq_len, v_heads, note)
-    if D is not None:
+    alpha3 = alpha if alpha.shape == per_step_shape else _per_step("alpha", alpha, batch, seq_len, v_heads)
+    beta3 = beta if beta.shape == per_step_shape else _per_step("beta", beta, batch, seq_len, v_heads, note)
+    if D is not None and D.shape != (v_heads,):
         check_shape("D", D, (v_heads,), f"[HV]{note}")
-    if initial_state is not None:
+    if initial_state is not None and initial_state.shape != (batch, v_heads, head_dim_k, head_dim_v):
         check_shape(
             "initial_state", initial_state, (batch, v_heads, head_dim_k, head_dim_v), f"[B, HV, K, V]{note}"
         )
     scale = head_dim_k**-0.5 if scale is None else float(scale)
 
-    needs_backward = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, alpha, beta, D, initial_state)
+    needs_backward = torch.is_grad_enabled() and (
+        q.requires_grad
+        or k.requires_grad
+        or v.requires_grad
+        or alpha.requires_grad
+        or beta.requires_grad
+        or (D is not None and D.requires_grad)
+        or (initial_state is not None and initial_state.requires_grad)
     )
-    fla_reasons: list[str | None] = []
+    if backend == "fla":
+        # What resolve_backend does for an explicit backend="fla", without its generality.
+        reason = fla_unavailable_reason(device, head_dim_k=head_dim_k, needs_backward=needs_backward)
+        if reason is not None:
+            raise RuntimeError(f"{_OP}: backend='fla' cannot run here: {reason}")
+        chosen, fla_reason = "fla", None
+    else:
+        fla_reasons: list[str | None] = []
 
-    def unavailable_reason(dev: torch.device) -> str | None:
-        reason = fla_unavailable_reason(dev, head_dim_k=head_dim_k, needs_backward=needs_backward)
-        fla_reasons.append(reason)
-        return reason
+        def unavailable_reason(dev: torch.device) -> str | None:
+            reason = fla_unavailable_reason(dev, head_dim_k=head_dim_k, needs_backward=needs_backward)
+            fla_reasons.append(reason)
+            return reason
 
-    chosen = resolve_backend(
-        backend, device, op=_OP, accelerated="fla", unavailable_reason=unavailable_reason
-    )
+        chosen = resolve_backend(
+            backend, device, op=_OP, accelerated="fla", unavailable_reason=unavailable_reason
+        )
+        fla_reason = fla_reasons[-1] if fla_reasons else None
     if batch == 0 or seq_len == 0:
         # After the backend choice: a backend that cannot run raises even for empty inputs.
         return _empty_result(
@@ -256,10 +313,10 @@ def gated_delta_rule(
             q4, k4, v4, alpha3, beta3, D, scale, initial_state, output_final_state, compute_dtype
         )
     else:
-        if backend == "auto" and device.type == "cuda" and fla_reasons and fla_reasons[-1] is not None:
+        if backend == "auto" and device.type == "cuda" and fla_reason is not None:
             warnings.warn(
                 f"{_OP}: backend='auto' runs the (slower) PyTorch backend because fla cannot run this "
-                f"call: {fla_reasons[-1]}",
+                f"call: {fla_reason}",
                 stacklevel=2,
             )
         o, final_state = _run_torch_path(q4, k4, v4, alpha3, beta3, D, scale, initial_state, q.dtype)
@@ -329,6 +386,14 @@ def _empty_result(
     return o, final_state
 
 
+@functools.cache
+def _triton_module() -> types.ModuleType:
+    """``._triton``, imported on the first fla call (it imports Triton); then a cached lookup."""
+    from . import _triton
+
+    return _triton
+
+
 def _run_fla_path(
     q4: torch.Tensor,
     k4: torch.Tensor,
@@ -341,8 +406,7 @@ def _run_fla_path(
     output_final_state: bool,
     compute_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from . import _fla, _triton
-
+    _triton = _triton_module()
     out_dtype = q4.dtype
     q_in, k_in, v_in, beta_in = q4, k4, v4, beta3
     if compute_dtype is not None and compute_dtype != q4.dtype:
