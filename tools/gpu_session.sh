@@ -6,8 +6,8 @@
 #   STAGES=tests,check,bench BENCH_OPS="rmsnorm sinkhorn" bash tools/gpu_session.sh
 # Stages: tests (each package's suite on CUDA; with pytest-xdist among the wheels, TEST_WORKERS
 # processes per package so Triton compiles in parallel), check, profile (tools/host_profile.py
-# with PROFILE_ARGS), bench. quack (a peer of rmsnorm) travels as .whl/quack/: its unpacked wheels
-# (CUTLASS DSL libraries included) as an xz tar, split in parts (see below).
+# with PROFILE_ARGS), bench. quack (a peer of rmsnorm) travels as .quack-part0/, .quack-part1/ (one
+# carried per call): its unpacked wheels (CUTLASS DSL libraries included) as an xz tar in parts.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-session}
 STAGES=${STAGES:-tests,check,bench}
@@ -15,6 +15,7 @@ BENCH_OPS=${BENCH_OPS:-}
 BENCH_ARGS=${BENCH_ARGS:---warmup-ms 10 --rep-ms 50}
 TEST_TIMEOUT=${TEST_TIMEOUT:-240}
 TEST_WORKERS=${TEST_WORKERS:-3}
+TEST_PACKAGES=${TEST_PACKAGES:-}
 PROFILE_ARGS=${PROFILE_ARGS:-sinkhorn --filter M=65536}
 mkdir -p "$OUT"
 start=$SECONDS
@@ -26,7 +27,7 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 # quack's archive is over one call's carry limit: it travels as parts (split -b), one per call,
 # gathered in /tmp/quack-parts while the machine stays warm; unpacked once they are all there.
 mkdir -p /tmp/quack-parts
-cp .whl/quack/quack_site.tar.xz.part* /tmp/quack-parts/ 2>/dev/null
+cp .quack-part*/quack_site.tar.xz.part* /tmp/quack-parts/ 2>/dev/null
 if [[ ! -d /tmp/quack-site ]] && compgen -G "/tmp/quack-parts/*" >/dev/null && cat /tmp/quack-parts/* | xz -t 2>/dev/null; then
   mkdir -p /tmp/quack-site && cat /tmp/quack-parts/* | xz -d | tar -C /tmp/quack-site -xf - || exit 1
 fi
@@ -46,10 +47,15 @@ if [[ $STAGES == *tests* ]]; then
   logs=/tmp/gpu-session-tests
   xdist=""
   if python3 -c "import xdist" 2>/dev/null; then xdist="-n $TEST_WORKERS"; fi
+  rm -rf "$logs"
   mkdir -p "$logs"
-  for package in packages/*/; do
-    name=$(basename "$package")
-    (cd "$package" && timeout "$TEST_TIMEOUT" python3 -m pytest -q -p no:cacheprovider -rfE $xdist tests \
+  # TEST_PACKAGES: a space-separated subset (default: every package).
+  for name in ${TEST_PACKAGES:-$(ls packages)}; do
+    package=packages/$name
+    workers=$xdist
+    # Sinkhorn compiles a kernel per (n, iterations, dtype): twice the processes.
+    [[ -n $xdist && $name == *sinkhorn* ]] && workers="-n $((2 * TEST_WORKERS))"
+    (cd "$package" && timeout "$TEST_TIMEOUT" python3 -m pytest -q -p no:cacheprovider -rfE $workers tests \
       >"$logs/$name.log" 2>&1; echo "$name exit=$?" >>"$logs/summary.txt") &
   done
   wait

@@ -64,7 +64,8 @@ def fake_triton(monkeypatch):
 
     from hdgsa_core import launch
 
-    runtime = SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)
+    # Triton 3.6's hooks: chains of callables, empty when none is set.
+    runtime = SimpleNamespace(launch_enter_hook=SimpleNamespace(calls=[]), launch_exit_hook=None)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(launch, "_runtime_knobs", lambda: runtime)
     monkeypatch.setattr(launch, "_current_device", lambda: 0)
@@ -107,7 +108,7 @@ def test_cached_launcher_goes_through_triton_when_it_cannot_key(fake_triton):
     for _ in range(2):  # n left to a default, then None: never cached
         launcher((1,), x=torch.randn(4), scale=1.0, BLOCK=4)
         launcher((1,), x=torch.randn(4), n=None, scale=1.0, BLOCK=4)
-    fake_triton.launch_enter_hook = print  # a profiler's hook: Triton must call it
+    fake_triton.launch_enter_hook.calls.append(print)  # a profiler's hook: Triton must call it
     launcher((1,), x=torch.randn(4), n=4, scale=1.0, BLOCK=4)
     launcher((1,), x=torch.randn(4), n=4, scale=1.0, BLOCK=4)
     assert [call[0] for call in kernel.calls] == ["triton"] * 6

@@ -33,6 +33,7 @@ def main() -> None:
     logits = torch.randn(16, 4096, 4, 4, device="cuda")
     leaf = logits.clone().requires_grad_()
     grad = torch.randn_like(logits)
+    leaf_cpu, grad_cpu = leaf.detach().cpu().requires_grad_(), grad.cpu()
     rows = {
         "fwd launcher": lambda: sinkhorn_knopp_fwd(logits, 20, 1e-8),
         "bwd launcher": lambda: sinkhorn_knopp_bwd(logits, grad, 20, 1e-8),
@@ -41,6 +42,12 @@ def main() -> None:
         "sinkhorn_knopp, leaf needs grad": lambda: sinkhorn_knopp(leaf, 20),
         "fwd + autograd.grad": lambda: torch.autograd.grad(sinkhorn_knopp(leaf, 20), leaf, grad),
         "fwd + .backward()": lambda: sinkhorn_knopp(leaf, 20).backward(grad),
+        "fwd + bwd launchers, no autograd": lambda: sinkhorn_knopp_bwd(
+            logits, sinkhorn_knopp_fwd(logits, 20, 1e-8), 20, 1e-8
+        ),
+        # The autograd engine alone, on the same tensors: one multiply and its backward.
+        "x * 2 + autograd.grad (CUDA)": lambda: torch.autograd.grad(leaf * 2, leaf, grad),
+        "x * 2 + autograd.grad (CPU)": lambda: torch.autograd.grad(leaf_cpu * 2, leaf_cpu, grad_cpu),
     }
     print(f"{'path':<34} {'do_bench us':>12} {'host us/call':>13}")
     for name, fn in rows.items():

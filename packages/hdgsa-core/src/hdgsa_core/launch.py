@@ -15,7 +15,9 @@ Two launches with equal keys get the same compiled kernel from Triton, so the fi
 key goes through Triton (which compiles, or finds its cached kernel) and records what it returns.
 
 Not taken (every launch goes through Triton): under ``TRITON_INTERPRET=1`` and while a Triton
-launch hook is set (profilers such as proton rely on it).
+launch hook is set (profilers such as proton rely on it). Skipping the binding also skips
+Triton's launch-metadata object and its empty hook chain calls (Triton 3.6 makes both on every
+launch even with no hook set).
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ def _runtime_knobs() -> Any:
     except ImportError:
         return None
     return knobs.runtime
+
+
+def _hook_set(hook: Any) -> bool:
+    """Whether a Triton launch hook is set: ``None`` (Triton 3.4, 3.5) or an empty ``HookChain``
+    (3.6 and later) means none."""
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def _current_device() -> int:
@@ -99,7 +107,7 @@ class CachedLauncher:
             self._kernel[tuple(grid)](**arguments)
             return
         runtime = self._runtime
-        if runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None:
+        if _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook):
             self._kernel[tuple(grid)](**arguments)
             return
         values = []

@@ -7,6 +7,9 @@ backward also reads dP and writes d logits (``4 * n * n * 4``).
 
 Providers:
 - ``hdgsa``: :func:`sinkhorn_knopp` with ``backend="auto"`` (Triton on CUDA), eager path.
+- ``hdgsa-direct``: our forward and backward launchers called directly, no autograd (as the
+  ``liger`` row calls Liger's kernels); what an eager step costs without the autograd engine's
+  per-call host time.
 - ``torch``: the PyTorch reference, eager. ``torch.compile``: the reference compiled (Inductor,
   default dynamic-shape policy).
 - ``fla``: ``fla.ops.utils.sinkhorn.sinkhorn(logits, num_iters)`` from fla-core (Triton, one
@@ -79,6 +82,27 @@ def _hdgsa(count: int, n: int, backward: bool) -> Callable[[], object]:
     return _timed(lambda x: sinkhorn_knopp(x, NUM_ITERS), count, n, backward)
 
 
+def _hdgsa_launchers(count: int, n: int, backward: bool) -> Callable[[], object]:
+    """Our forward and backward launchers called directly, without autograd: how the Liger row
+    calls its kernels, so the two compare like for like."""
+    from ._triton import sinkhorn_knopp_bwd, sinkhorn_knopp_fwd
+
+    logits = _logits(count, n, False)
+    if backward:
+        grad_output = torch.randn_like(logits)
+
+        def run() -> object:
+            sinkhorn_knopp_fwd(logits, NUM_ITERS, 1e-8)
+            return sinkhorn_knopp_bwd(logits, grad_output, NUM_ITERS, 1e-8)
+    else:
+
+        def run() -> object:
+            return sinkhorn_knopp_fwd(logits, NUM_ITERS, 1e-8)
+
+    run()
+    return run
+
+
 def _torch_eager(count: int, n: int, backward: bool) -> Callable[[], object]:
     from .reference import sinkhorn_knopp_reference
 
@@ -143,6 +167,7 @@ def bench_cases(ops_filter: Iterable[str] | None = None) -> list[BenchCase]:
         for mode, backward in (("fwd", False), ("fwd+bwd", True)):
             providers: dict[str, Setup] = {
                 "hdgsa": lambda c=count, m=n, b=backward: _hdgsa(c, m, b),
+                "hdgsa-direct": lambda c=count, m=n, b=backward: _hdgsa_launchers(c, m, b),
                 "torch": lambda c=count, m=n, b=backward: _torch_eager(c, m, b),
                 "torch.compile": lambda c=count, m=n, b=backward: _torch_compile(c, m, b),
                 "fla": lambda c=count, m=n, b=backward: _fla(c, m, b),
