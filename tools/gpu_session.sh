@@ -16,6 +16,7 @@ BENCH_ARGS=${BENCH_ARGS:---warmup-ms 10 --rep-ms 50}
 TEST_TIMEOUT=${TEST_TIMEOUT:-240}
 TEST_WORKERS=${TEST_WORKERS:-3}
 TEST_PACKAGES=${TEST_PACKAGES:-}
+TEST_ARGS=${TEST_ARGS:-}
 PROFILE_ARGS=${PROFILE_ARGS:-sinkhorn --filter M=65536}
 mkdir -p "$OUT"
 start=$SECONDS
@@ -32,8 +33,9 @@ if [[ ! -d /tmp/quack-site ]] && compgen -G "/tmp/quack-parts/*" >/dev/null && c
   mkdir -p /tmp/quack-site && cat /tmp/quack-parts/* | xz -d | tar -C /tmp/quack-site -xf - || exit 1
 fi
 if [[ -d /tmp/quack-site ]]; then
-  # What nvidia_cutlass_dsl's .pth file would add (PYTHONPATH entries do not process .pth files).
-  export PYTHONPATH=$PYTHONPATH:/tmp/quack-site:/tmp/quack-site/nvidia_cutlass_dsl/dsl_packages
+  # What nvidia_cutlass_dsl's .pth file would put first on sys.path (PYTHONPATH entries do not
+  # process .pth files); first, since the machine's image has another package named cutlass.
+  export PYTHONPATH=/tmp/quack-site/nvidia_cutlass_dsl/dsl_packages:/tmp/quack-site:$PYTHONPATH
   echo "quack unpacked"
 else
   echo "quack parts here: $(ls /tmp/quack-parts | tr '\n' ' ')"
@@ -55,7 +57,7 @@ if [[ $STAGES == *tests* ]]; then
     workers=$xdist
     # Sinkhorn compiles a kernel per (n, iterations, dtype): twice the processes.
     [[ -n $xdist && $name == *sinkhorn* ]] && workers="-n $((2 * TEST_WORKERS))"
-    (cd "$package" && timeout "$TEST_TIMEOUT" python3 -m pytest -q -p no:cacheprovider -rfE $workers tests \
+    (cd "$package" && timeout "$TEST_TIMEOUT" python3 -m pytest -q -p no:cacheprovider -rfE $workers ${TEST_ARGS:-} tests \
       >"$logs/$name.log" 2>&1; echo "$name exit=$?" >>"$logs/summary.txt") &
   done
   wait
@@ -65,6 +67,7 @@ if [[ $STAGES == *tests* ]]; then
     printf '%-24s %s\n' "$(basename "$log" .log)" "$(tail -n 1 "$log")"
   done
   cat "$logs/summary.txt"
+  tar -C "$logs" -czf "$OUT/test-logs.tar.gz" .  # the full logs, as one returned file
 fi
 
 if [[ $STAGES == *check* ]]; then

@@ -3,7 +3,8 @@
     python3 tools/host_profile.py sinkhorn --filter "M=65536 " --providers hdgsa liger
 
 For every matching case and provider of ``hdgsa-kernels bench``: the do_bench median, the GPU
-time of one call replayed from a CUDA graph (when the call can be captured), the host time per
+time of one call replayed from a CUDA graph (when the call can be captured) and the sum of its
+kernels' times (PyTorch profiler), the host time per
 call (many calls back to back, without synchronising, while the GPU keeps up), and a cProfile
 of those calls (the functions with the most own time). A do_bench median well above the GPU
 time is host time; the profile says whose.
@@ -48,6 +49,22 @@ def _graph_ms(run, replays: int = 20) -> float | None:
     return start.elapsed_time(end) / replays
 
 
+def _kernel_ms(run, calls: int = 20) -> float:
+    """GPU milliseconds of one ``run()``: the sum of its kernels' times in the PyTorch profiler
+    (for calls a CUDA graph cannot capture, such as a backward through the autograd engine)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    events = profiler.key_averages()
+    total_us = sum(
+        getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in events
+    )
+    return total_us / calls / 1e3
+
+
 def _host_us(run, calls: int) -> float:
     torch.cuda.synchronize()
     begin = time.perf_counter()
@@ -90,9 +107,10 @@ def main() -> None:
                 torch.cuda.synchronize()
                 graph_ms = _graph_ms(run)
                 graph = "-" if graph_ms is None else f"{graph_ms * 1e3:.1f} us"
+                kernels = f"{_kernel_ms(run) * 1e3:.1f} us"
                 print(
                     f"\n{case.op} {case.name} [{provider}]: do_bench {bench_ms * 1e3:.1f} us, "
-                    f"GPU (graph) {graph}, host {host_us:.1f} us/call"
+                    f"GPU (graph) {graph}, kernels {kernels}, host {host_us:.1f} us/call"
                 )
                 text = io.StringIO()
                 pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.top)

@@ -11,7 +11,7 @@ import torch
 
 from .capabilities import interpreter_enabled
 
-__all__ = ["autotune_configs", "device_guard", "next_power_of_2", "on_input_device"]
+__all__ = ["autotune_configs", "cdiv", "device_guard", "next_power_of_2", "on_input_device"]
 
 ConfigT = TypeVar("ConfigT")
 LauncherT = TypeVar("LauncherT", bound=Callable[..., Any])
@@ -24,6 +24,12 @@ def autotune_configs(configs: Sequence[ConfigT]) -> list[ConfigT]:
     list the config that suits small test inputs first.
     """
     return list(configs[:1]) if interpreter_enabled() else list(configs)
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints, on the host. (``triton.cdiv`` is a ``@triton.jit`` function:
+    calling it from Python costs microseconds per launch.)"""
+    return -(-a // b)
 
 
 def next_power_of_2(n: int) -> int:

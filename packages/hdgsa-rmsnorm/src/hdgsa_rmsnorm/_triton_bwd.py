@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hdgsa_core.triton_utils import on_input_device
+from hdgsa_core.launch import CachedLauncher
+from hdgsa_core.triton_utils import cdiv, next_power_of_2, on_input_device
 
 from ._triton_common import (
     BWD_MAX_FUSED_N,
@@ -332,10 +333,17 @@ def _rms_norm_dw_reduce_kernel(
     tl.store(DW + o_n, tl.sum(b_acc, axis=0).to(DW.dtype.element_ty), mask=m_n)
 
 
+# Launched without Triton's per-launch argument binding (tens of us of host time per launch).
+_launch_bwd_kernel = CachedLauncher(_rms_norm_bwd_kernel)
+_launch_bwd_split_kernel = CachedLauncher(_rms_norm_bwd_split_kernel)
+_launch_dw_reduce_kernel = CachedLauncher(_rms_norm_dw_reduce_kernel)
+
+
 def _reduce_dw(dw_partial: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n_partials, hidden = dw_partial.shape
     dw = torch.empty_like(weight)
-    _rms_norm_dw_reduce_kernel[(triton.cdiv(hidden, _REDUCE_BLOCK_N),)](
+    _launch_dw_reduce_kernel(
+        (cdiv(hidden, _REDUCE_BLOCK_N),),
         DW_PARTIAL=dw_partial,
         DW=dw,
         P=n_partials,
@@ -416,9 +424,10 @@ def rms_norm_bwd(
         block_m = config.get("block_m", tile.block_m)
         num_warps = config.get("num_warps", tile.num_warps)
         programs_per_sm = config.get("programs_per_sm", tile.programs_per_sm)
-        n_programs = max(1, min(triton.cdiv(rows, block_m), sm_count(device) * programs_per_sm))
+        n_programs = max(1, min(cdiv(rows, block_m), sm_count(device) * programs_per_sm))
         dw_partial = torch.empty((n_programs, hidden), dtype=torch.float32, device=device) if need_dw else dx
-        _rms_norm_bwd_kernel[(n_programs,)](
+        _launch_bwd_kernel(
+            (n_programs,),
             **common,
             DW_PARTIAL=dw_partial,
             PREFETCH=bool(config.get("prefetch", tile.prefetch)),
@@ -432,7 +441,7 @@ def rms_norm_bwd(
     block_n = config.get("split_block_n", BWD_SPLIT_BLOCK_N)
     num_warps = config.get("split_num_warps", BWD_SPLIT_NUM_WARPS)
     programs_per_sm = config.get("split_programs_per_sm", BWD_SPLIT_PROGRAMS_PER_SM)
-    n_chunks = triton.cdiv(hidden, block_n)
+    n_chunks = cdiv(hidden, block_n)
     one_pass = config.get("one_pass", True) and use_one_pass_split(device, n_chunks, programs_per_sm)
     if one_pass:
         n_slots = max(1, min(rows, sm_count(device) * programs_per_sm // n_chunks))
@@ -446,12 +455,13 @@ def rms_norm_bwd(
         PARTIAL=partial,
         NUM_CHUNKS=n_chunks,
         BLOCK_N=block_n,
-        BLOCK_G=triton.next_power_of_2(n_chunks),
+        BLOCK_G=next_power_of_2(n_chunks),
         MAX_SPINS=MAX_SPINS,
     )
     if one_pass:
         counter = torch.zeros(rows, dtype=torch.int32, device=device)
-        _rms_norm_bwd_split_kernel[(n_slots * n_chunks,)](
+        _launch_bwd_split_kernel(
+            (n_slots * n_chunks,),
             **split,
             COUNTER=counter,
             PHASE=0,
@@ -460,7 +470,7 @@ def rms_norm_bwd(
         )
     else:
         for phase in (1, 2):
-            _rms_norm_bwd_split_kernel[(n_slots * n_chunks,)](
-                **split, COUNTER=partial, PHASE=phase, num_warps=num_warps
+            _launch_bwd_split_kernel(
+                (n_slots * n_chunks,), **split, COUNTER=partial, PHASE=phase, num_warps=num_warps
             )
     return dx, (_reduce_dw(dw_partial, weight) if need_dw else None), dres

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hdgsa_core.triton_utils import on_input_device
+from hdgsa_core.launch import CachedLauncher
+from hdgsa_core.triton_utils import cdiv, next_power_of_2, on_input_device
 
 from ._triton_common import (
     MAX_FUSED_N,
@@ -198,6 +199,11 @@ def _rms_norm_fwd_split_kernel(
                     tl.store(RSTD + i_row, b_rstd)
 
 
+# Launched without Triton's per-launch argument binding (tens of us of host time per launch).
+_launch_fwd_kernel = CachedLauncher(_rms_norm_fwd_kernel)
+_launch_fwd_split_kernel = CachedLauncher(_rms_norm_fwd_split_kernel)
+
+
 @on_input_device
 def rms_norm_fwd(
     x: torch.Tensor,
@@ -252,28 +258,29 @@ def rms_norm_fwd(
         tile = row_tile(hidden, rows)
         block_m = config.get("block_m", tile.block_m)
         num_warps = config.get("num_warps", tile.num_warps)
-        _rms_norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
-            **common, BLOCK_M=block_m, BLOCK_N=tile.block_n, num_warps=num_warps
+        _launch_fwd_kernel(
+            (cdiv(rows, block_m),), **common, BLOCK_M=block_m, BLOCK_N=tile.block_n, num_warps=num_warps
         )
         return y, h, rstd
 
     block_n = config.get("split_block_n", SPLIT_BLOCK_N)
     num_warps = config.get("split_num_warps", SPLIT_NUM_WARPS)
     programs_per_sm = config.get("split_programs_per_sm", SPLIT_PROGRAMS_PER_SM)
-    n_chunks = triton.cdiv(hidden, block_n)
+    n_chunks = cdiv(hidden, block_n)
     partial = torch.empty((rows, n_chunks), dtype=torch.float32, device=x.device)
     split = dict(
         common,
         PARTIAL=partial,
         NUM_CHUNKS=n_chunks,
         BLOCK_N=block_n,
-        BLOCK_G=triton.next_power_of_2(n_chunks),
+        BLOCK_G=next_power_of_2(n_chunks),
         MAX_SPINS=MAX_SPINS,
     )
     if config.get("one_pass", True) and use_one_pass_split(x.device, n_chunks, programs_per_sm):
         n_slots = max(1, min(rows, sm_count(x.device) * programs_per_sm // n_chunks))
         counter = torch.zeros(rows, dtype=torch.int32, device=x.device)
-        _rms_norm_fwd_split_kernel[(n_slots * n_chunks,)](
+        _launch_fwd_split_kernel(
+            (n_slots * n_chunks,),
             **split,
             COUNTER=counter,
             PHASE=0,
@@ -283,7 +290,7 @@ def rms_norm_fwd(
         return y, h, rstd
     n_slots = max(1, min(rows, 4 * sm_count(x.device) // n_chunks))
     for phase in (1, 2):
-        _rms_norm_fwd_split_kernel[(n_slots * n_chunks,)](
-            **split, COUNTER=partial, PHASE=phase, num_warps=num_warps
+        _launch_fwd_split_kernel(
+            (n_slots * n_chunks,), **split, COUNTER=partial, PHASE=phase, num_warps=num_warps
         )
     return y, h, rstd

@@ -45,7 +45,7 @@ from torch.autograd.function import once_differentiable
 from hdgsa_core.capabilities import interpreter_enabled
 from hdgsa_core.custom_ops import is_compiling, op_name
 from hdgsa_core.launch import CachedLauncher
-from hdgsa_core.triton_utils import device_guard, next_power_of_2
+from hdgsa_core.triton_utils import cdiv, device_guard, next_power_of_2
 
 __all__ = ["sinkhorn_knopp_bwd", "sinkhorn_knopp_fwd", "sinkhorn_knopp_triton"]
 
@@ -399,7 +399,7 @@ def sinkhorn_knopp_fwd(
     block, num_warps = config or _fwd_config(bn, count)
     with device_guard(logits.device):
         _launch_fwd_kernel(
-            (triton.cdiv(count, block),),
+            (cdiv(count, block),),
             x=x,
             p=out,
             M=count,
@@ -446,12 +446,12 @@ def sinkhorn_knopp_bwd(
     seg = max(1, min(seg, num_iters))
     with device_guard(logits.device):
         _launch_bwd_kernel(
-            (triton.cdiv(count, block),),
+            (cdiv(count, block),),
             x=x,
             dp=g,
             dx=out,
             M=count,
-            num_segs=triton.cdiv(num_iters, seg),
+            num_segs=cdiv(num_iters, seg),
             stride_xb=stride_xb,
             stride_xi=stride_xi,
             stride_xj=stride_xj,
