@@ -61,6 +61,10 @@ if [[ $STAGES == *tests* ]]; then
       >"$logs/$name.log" 2>&1; echo "$name exit=$?" >>"$logs/summary.txt") &
   done
   wait
+  # A timed-out pytest leaves its xdist workers running (compiling, on every core): stop them
+  # before anything is timed.
+  pkill -9 -f "sys.stdin.readline" 2>/dev/null
+  pkill -9 -f "python3 -m pytest" 2>/dev/null
   for log in "$logs"/hdgsa-*.log; do
     { printf '\n===== %s\n' "$(basename "$log" .log)"; tail -n 150 "$log"; } >>"$OUT/tests.log"
     grep -E "^(FAILED|ERROR)" "$log" | head -n 8

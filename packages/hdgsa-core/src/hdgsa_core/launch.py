@@ -37,15 +37,17 @@ _MISSING = object()
 
 def _argument_key(value: Any) -> Any:
     """What Triton's specialization can depend on for one runtime argument (see module
-    docstring), or ``None`` for kinds this launcher does not key (they disable the cache)."""
+    docstring), or ``None`` for kinds this launcher does not key (they disable the cache).
+    Exact type checks first: this runs for every argument of every launch."""
+    kind = type(value)
+    if kind is int:
+        return (value == 1, not value & 15, _I32_MIN <= value <= _I32_MAX)
+    if kind is float:
+        return float
+    if kind is bool:
+        return value
     if isinstance(value, torch.Tensor):
-        return (value.dtype, value.data_ptr() % 16 == 0)
-    if isinstance(value, bool):  # before int: bool is an int
-        return ("bool", value)
-    if isinstance(value, int):
-        return ("int", value == 1, value % 16 == 0, _I32_MIN <= value <= _I32_MAX)
-    if isinstance(value, float):
-        return "float"
+        return (value.dtype, not value.data_ptr() & 15)
     return None
 
 
@@ -97,9 +99,9 @@ class CachedLauncher:
         # ``triton.knobs``) launches compiled kernels differently: launch through Triton always.
         self._runtime = _runtime_knobs() if params is not None and not interpreter_enabled() else None
         self._enabled = self._runtime is not None
-        self._names: tuple[str, ...] = tuple(p.name for p in params) if params else ()
-        self._parameters = frozenset(self._names)
-        self._constexpr = frozenset(p.name for p in params if p.is_constexpr) if params else frozenset()
+        # (name, is_constexpr) per kernel parameter, in signature order.
+        self._plan: tuple[tuple[str, bool], ...] = tuple((p.name, p.is_constexpr) for p in params or ())
+        self._parameters = frozenset(name for name, _ in self._plan)
         self._compiled: dict[tuple, Any] = {}
 
     def __call__(self, grid: Sequence[int], **arguments: Any) -> None:
@@ -112,10 +114,10 @@ class CachedLauncher:
             return
         values = []
         key: list[Any] = [_current_device()]
-        for name in self._names:
+        for name, is_constexpr in self._plan:
             value = arguments.get(name, _MISSING)
             values.append(value)
-            if name in self._constexpr and value is not _MISSING:
+            if is_constexpr and value is not _MISSING:
                 key.append(value)
                 continue
             argument_key = _argument_key(value)
@@ -123,7 +125,8 @@ class CachedLauncher:
                 self._kernel[tuple(grid)](**arguments)
                 return
             key.append(argument_key)
-        key.append(tuple(sorted((k, v) for k, v in arguments.items() if k not in self._parameters)))
+        # Launch options (num_warps, ...), in the caller's order: one order per call site.
+        key.append(tuple((k, v) for k, v in arguments.items() if k not in self._parameters))
         cache_key = tuple(key)
         compiled = self._compiled.get(cache_key)
         if compiled is None:
