@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hdgsa_core.triton_utils import autotune_configs, device_guard, next_power_of_2, on_input_device
+from hdgsa_core.triton_utils import autotune_configs, cdiv, device_guard, next_power_of_2, on_input_device
 
 
 def test_autotune_configs_keeps_one_under_the_interpreter(monkeypatch):
@@ -10,6 +10,13 @@ def test_autotune_configs_keeps_one_under_the_interpreter(monkeypatch):
     assert autotune_configs(configs) == ["small"]
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert autotune_configs(configs) == configs
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"), [(0, 4, 0), (1, 4, 1), (4, 4, 1), (5, 4, 2), (2**40 + 1, 2**20, 2**20 + 1)]
+)
+def test_cdiv(a, b, expected):
+    assert cdiv(a, b) == expected
 
 
 @pytest.mark.parametrize(("n", "expected"), [(0, 1), (1, 1), (2, 2), (3, 4), (64, 64), (65, 128)])

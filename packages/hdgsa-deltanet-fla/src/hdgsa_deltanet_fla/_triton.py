@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from hdgsa_core.launch import CachedLauncher
-from hdgsa_core.triton_utils import device_guard, next_power_of_2
+from hdgsa_core.triton_utils import cdiv, device_guard, next_power_of_2
 
 from .reference import ALPHA_MIN
 
@@ -82,7 +82,7 @@ def log_decay_fwd(alpha: torch.Tensor) -> torch.Tensor:
     if numel:
         with device_guard(alpha.device):
             _log_decay_fwd(
-                (-(-numel // _DECAY_BLOCK),),
+                (cdiv(numel, _DECAY_BLOCK),),
                 alpha=alpha,
                 g=g,
                 stride_b=stride_b,
@@ -107,7 +107,7 @@ def log_decay_bwd(alpha: torch.Tensor, dg: torch.Tensor) -> torch.Tensor:
     if numel:
         with device_guard(alpha.device):
             _log_decay_bwd(
-                (-(-numel // _DECAY_BLOCK),),
+                (cdiv(numel, _DECAY_BLOCK),),
                 alpha=alpha,
                 dg=dg,
                 dalpha=dalpha,
@@ -231,7 +231,7 @@ def d_skip_fwd(o: torch.Tensor, v: torch.Tensor, D: torch.Tensor, out_dtype: tor
     if y.numel():
         with device_guard(v.device):
             _d_skip_fwd(
-                (-(-rows // _SKIP_BLOCK_T), heads),
+                (cdiv(rows, _SKIP_BLOCK_T), heads),
                 o=o,
                 v=v,
                 D=D,
@@ -258,7 +258,7 @@ def d_skip_bwd(dy: torch.Tensor, v: torch.Tensor, D: torch.Tensor) -> tuple[torc
     stride_dy, stride_v = dy.stride(), v.stride()
     batch, seq_len, heads, head_dim_v = v.shape
     rows = batch * seq_len
-    num_row_blocks = -(-rows // _SKIP_BLOCK_T)
+    num_row_blocks = cdiv(rows, _SKIP_BLOCK_T)
     dv = torch.empty(batch, seq_len, heads, head_dim_v, dtype=v.dtype, device=v.device)
     dD_partial = torch.empty(num_row_blocks, heads, dtype=torch.float32, device=v.device)
     if dv.numel():
