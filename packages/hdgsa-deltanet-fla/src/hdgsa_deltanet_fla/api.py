@@ -285,24 +285,17 @@ def gated_delta_rule(
         or (D is not None and D.requires_grad)
         or (initial_state is not None and initial_state.requires_grad)
     )
-    if backend == "fla":
-        # What resolve_backend does for an explicit backend="fla", without its generality.
-        reason = fla_unavailable_reason(device, head_dim_k=head_dim_k, needs_backward=needs_backward)
-        if reason is not None:
-            raise RuntimeError(f"{_OP}: backend='fla' cannot run here: {reason}")
-        chosen, fla_reason = "fla", None
-    else:
-        fla_reasons: list[str | None] = []
+    fla_reasons: list[str | None] = []
 
-        def unavailable_reason(dev: torch.device) -> str | None:
-            reason = fla_unavailable_reason(dev, head_dim_k=head_dim_k, needs_backward=needs_backward)
-            fla_reasons.append(reason)
-            return reason
+    def unavailable_reason(dev: torch.device) -> str | None:
+        reason = fla_unavailable_reason(dev, head_dim_k=head_dim_k, needs_backward=needs_backward)
+        fla_reasons.append(reason)
+        return reason
 
-        chosen = resolve_backend(
-            backend, device, op=_OP, accelerated="fla", unavailable_reason=unavailable_reason
-        )
-        fla_reason = fla_reasons[-1] if fla_reasons else None
+    chosen = resolve_backend(
+        backend, device, op=_OP, accelerated="fla", unavailable_reason=unavailable_reason
+    )
+    fla_reason = fla_reasons[-1] if fla_reasons else None
     if batch == 0 or seq_len == 0:
         # After the backend choice: a backend that cannot run raises even for empty inputs.
         return _empty_result(
