@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hdgsa_core import HAS_CUDA, runnable_backends
-from hdgsa_core.testing import assert_matches_reference, grads_of, make_tensor, strided_rows
+from hdgsa_core.testing import assert_matches_reference, grads_of, make_tensor, must_not_run, strided_rows
 from hdgsa_indexer import gated_indexer
 from hdgsa_indexer.api import TRITON_IMPLEMENTED
 
@@ -252,17 +252,13 @@ def _good():
     ],
 )
 def test_bad_inputs(change, error, pattern, monkeypatch):
-    monkeypatch.setattr("hdgsa_indexer.api.gated_indexer_reference", _must_not_run)
+    monkeypatch.setattr("hdgsa_indexer.api.gated_indexer_reference", must_not_run)
     with pytest.raises(error, match=pattern):
         gated_indexer(*change(*_good()))
 
 
-def _must_not_run(*args, **kwargs):
-    raise AssertionError("computed before the arguments were checked")
-
-
 def test_bad_options(monkeypatch):
-    monkeypatch.setattr("hdgsa_indexer.api.gated_indexer_reference", _must_not_run)
+    monkeypatch.setattr("hdgsa_indexer.api.gated_indexer_reference", must_not_run)
     q, k, w, b = _good()
     with pytest.raises(TypeError, match="scale"):
         gated_indexer(q, k, w, b, scale="1")

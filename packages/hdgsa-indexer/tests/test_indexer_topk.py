@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hdgsa_core import HAS_CUDA, runnable_backends
-from hdgsa_core.testing import make_tensor, strided_rows
+from hdgsa_core.testing import make_tensor, must_not_run, strided_rows
 from hdgsa_indexer import gated_indexer, indexer_topk
 from hdgsa_indexer.api import TRITON_IMPLEMENTED
 from hdgsa_indexer.reference import (
@@ -325,10 +325,6 @@ def test_backend_choice(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(indexer_topk(*inputs, 2), expected, strict=True))
 
 
-def _must_not_run(*args, **kwargs):
-    raise AssertionError("computed before the arguments were checked")
-
-
 @pytest.mark.parametrize(
     ("kwargs", "error", "pattern"),
     [
@@ -349,7 +345,7 @@ def _must_not_run(*args, **kwargs):
     ],
 )  # fmt: skip
 def test_bad_options(kwargs, error, pattern, monkeypatch):
-    monkeypatch.setattr("hdgsa_indexer.api.indexer_topk_reference", _must_not_run)
+    monkeypatch.setattr("hdgsa_indexer.api.indexer_topk_reference", must_not_run)
     with pytest.raises(error, match=pattern):
         indexer_topk(*make_inputs(1, 3, 3, 2, 4), **kwargs)
 
@@ -367,7 +363,7 @@ def test_bad_options(kwargs, error, pattern, monkeypatch):
     ids=["q-rank", "k-dim", "w-heads", "bias-heads", "q-int", "device"],
 )
 def test_bad_inputs(change, error, pattern, monkeypatch):
-    monkeypatch.setattr("hdgsa_indexer.api.indexer_topk_reference", _must_not_run)
+    monkeypatch.setattr("hdgsa_indexer.api.indexer_topk_reference", must_not_run)
     inputs = change(*make_inputs(2, 5, 6, 3, 4))
     with pytest.raises(error, match=pattern):
         indexer_topk(*inputs, 2)

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from hdgsa_core import HAS_TRITON, runnable_backends, triton_unavailable_reason
-from hdgsa_core.testing import DEFAULT_TOLERANCE, assert_matches_reference, make_tensor, strided_rows
+from hdgsa_core.testing import (
+    DEFAULT_TOLERANCE,
+    assert_matches_reference,
+    make_tensor,
+    must_not_run,
+    strided_rows,
+)
 from hdgsa_rmsnorm import api, rms_norm, rms_norm_reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -493,10 +499,6 @@ BAD_CALLS = {
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_inputs_raise_before_computing(case, monkeypatch):
     """Each bad argument gets its error (SPEC section 2) before any backend runs."""
-
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("a backend ran with bad arguments")
-
     monkeypatch.setattr(api, "rms_norm_reference", must_not_run)
     if HAS_TRITON:
         from hdgsa_rmsnorm import _triton

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hdgsa_core import runnable_backends
-from hdgsa_core.testing import DEFAULT_TOLERANCE, assert_close, make_tensor, strided_rows
+from hdgsa_core.testing import DEFAULT_TOLERANCE, assert_close, make_tensor, must_not_run, strided_rows
 from hdgsa_sparse_attn import sparse_attention
 from hdgsa_sparse_attn.api import _TRITON_IMPLEMENTED
 from hdgsa_sparse_attn.reference import (
@@ -381,18 +381,14 @@ def _bad_cases():
 
 @pytest.mark.parametrize("name", list(_bad_cases()))
 def test_bad_inputs(name, monkeypatch):
-    monkeypatch.setattr("hdgsa_sparse_attn.api.sparse_attention_torch", _must_not_run)
+    monkeypatch.setattr("hdgsa_sparse_attn.api.sparse_attention_torch", must_not_run)
     error, message, args = _bad_cases()[name]
     with pytest.raises(error, match=message):
         sparse_attention(*args)
 
 
-def _must_not_run(*args, **kwargs):
-    raise AssertionError("computed before the arguments were checked")
-
-
 def test_bad_scale_and_backend(monkeypatch):
-    monkeypatch.setattr("hdgsa_sparse_attn.api.sparse_attention_torch", _must_not_run)
+    monkeypatch.setattr("hdgsa_sparse_attn.api.sparse_attention_torch", must_not_run)
     q, k, v, idx = _inputs()
     with pytest.raises(TypeError, match="scale"):
         sparse_attention(q, k, v, idx, scale="0.1")

@@ -23,6 +23,7 @@ __all__ = [
     "error_report",
     "grads_of",
     "make_tensor",
+    "must_not_run",
     "poison_empty",
     "poisoned_empty",
     "rel_error",
@@ -105,6 +106,12 @@ def assert_matches_reference(
     if reference_lowp is not None:
         allowed = max(floor, min(factor * rel_error(reference_lowp, reference64), 5 * floor))
     return assert_close(name, actual, reference64, allowed)
+
+
+def must_not_run(*args: object, **kwargs: object) -> None:
+    """Stand-in for a backend in bad-input tests (``monkeypatch.setattr(..., must_not_run)``):
+    the arguments must be rejected before any computation starts."""
+    raise AssertionError("computed before the arguments were checked")
 
 
 def make_tensor(
