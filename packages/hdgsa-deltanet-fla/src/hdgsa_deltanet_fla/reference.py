@@ -92,16 +92,19 @@ def chunk_gated_delta_rule_torch(
 
     - ``A_ij = beta_i <k_i, k_j> exp(G_i - G_j)`` for ``j < i`` (strictly lower), and
       ``T = (I + A)^{-1}`` (unit lower-triangular; inverted with batched matmuls);
-    - ``U = T (beta * V)``, ``W = T (beta * exp(G) * K)``: the WY form of the chunk's updates;
-    - ``U' = U - W S_0`` (the new values once the carried state is accounted for);
-    - ``O = scale * ((exp(G) * Q) S_0 + (Q K^T * M) U')`` with ``M_ij = exp(G_i - G_j)`` for
-      ``j <= i``, else 0;
-    - ``S_C = exp(G_C) S_0 + (exp(G_C - G) * K)^T U'``.
+    - the chunk's new values are ``U' = T R`` with ``R = beta * (V - exp(G) * K S_0)``
+      (the WY form: ``U' = T (beta V) - T (beta exp(G) K) S_0``);
+    - ``S_C = exp(G_C) S_0 + (exp(G_C - G) * K)^T U' = exp(G_C) S_0 + P R`` with
+      ``P = (exp(G_C - G) * K)^T T``;
+    - ``O = scale * ((exp(G) * Q) S_0 + (Q K^T * M) U') = scale * ((exp(G) * Q) S_0 + Z R)``
+      with ``M_ij = exp(G_i - G_j)`` for ``j <= i``, else 0, and ``Z = (Q K^T * M) T``.
 
-    Everything that does not depend on the carried state (``A``, ``T``, ``U``, ``W``,
-    ``Q K^T * M``) is computed for all chunks at once as batched matrix products; only the
-    state update loops over the chunks, and the outputs are formed after the loop in one
-    batched product. Decays enter only as differences of cumulative log-decays inside a
+    Everything that does not depend on the carried state (``A``, ``T``, ``P``, ``Z``) is
+    computed for all chunks at once as batched matrix products. The loop over chunks carries
+    only the state: per chunk one product for ``R`` (``K S_0``) and one for the new state
+    (``P R``); ``T`` enters through ``P`` and ``Z`` rather than through ``U' = T R``, so the
+    loop has no third product. The outputs are formed after the loop, for all chunks, in two
+    batched products. Decays enter only as differences of cumulative log-decays inside a
     chunk (``G_i - G_j`` with ``j <= i``, and ``G_C - G_i``), all ``<= 0``, masked before
     ``exp``: nothing overflows however close to 0 the decay gets. ``T`` is padded at the end
     to a multiple of ``chunk_size`` with ``k = v = q = beta = g = 0`` (no update, no decay).
@@ -132,79 +135,66 @@ def chunk_gated_delta_rule_torch(
     bh = batch * num_v_heads
 
     def to_chunks(x: torch.Tensor) -> torch.Tensor:
-        # [B, T, HV, D] -> [B * HV, N, C, D] in the compute dtype: a view when no cast or pad
-        # is needed (splitting T is a view of the transposed tensor).
+        # [B, T, HV, ...] -> [B * HV, N, C, ...] in the compute dtype, contiguous: one copy
+        # here, so that no later elementwise result inherits the strided layout and no matmul
+        # copies its operands again.
         x = x.to(compute_dtype).transpose(1, 2)
         if pad:
-            x = F.pad(x, (0, 0, 0, pad))
-        return x.reshape(bh, num_chunks, chunk, x.shape[-1])
+            x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
+        return x.reshape(bh, num_chunks, chunk, *x.shape[3:]).contiguous()
 
-    def to_chunks_per_step(x: torch.Tensor) -> torch.Tensor:
-        # [B, T, HV] -> [B * HV, N, C]
-        x = x.to(compute_dtype).transpose(1, 2)
-        if pad:
-            x = F.pad(x, (0, pad))
-        return x.reshape(bh, num_chunks, chunk)
-
-    q_c = to_chunks(q)
-    v_c = to_chunks(v)
-    # k enters two products as k^T and two elementwise products: one copy to the chunked
-    # layout here is cheaper than matmul copying the strided view twice.
-    k_c = to_chunks(k).contiguous()
+    q_c, k_c, v_c = to_chunks(q), to_chunks(k), to_chunks(v)
     k_t = k_c.transpose(-1, -2)
-    beta_c = to_chunks_per_step(beta).unsqueeze(-1)  # [BH, N, C, 1]
-    g_c = to_chunks_per_step(g)
+    beta_c = to_chunks(beta).unsqueeze(-1)  # [BH, N, C, 1]
+    g_c = to_chunks(g)
     g_cum = g_c.cumsum(-1)  # G_i, chunk-local, [BH, N, C]
 
     # M_ij = exp(G_i - G_j) below the diagonal and exactly 1 on it; above it M is never read
     # (A and the scores are cut to their triangles after the product), so it is set finite
-    # there. The difference is replaced *before* exp: above the diagonal G_i - G_j > 0 can be
-    # hundreds (alpha near 0), and on it G_i - G_i = 0 is a constant (as a difference its
-    # gradient would be two O(1) terms cancelling, which swamps the tiny true gradient of a
-    # tiny alpha in float32). Log-decays under -80 are clamped there: exp(-80) ~ 2e-35 is
-    # below float32 resolution of every sum it enters, and keeps exp off its slow path
-    # (underflow to denormals / 0 is several times slower on CPU).
-    strictly_lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril(-1)
-    log_decay_ij = torch.where(strictly_lower, g_cum.unsqueeze(-1) - g_cum.unsqueeze(-2), 0.0)
-    decay_ij = log_decay_ij.clamp_min_(_LOG_DECAY_FLOOR).exp_()
+    # there. The difference is zeroed on and above the diagonal *before* exp: above it
+    # G_i - G_j > 0 can be hundreds (alpha near 0), and on it G_i - G_i = 0 is a constant (as
+    # a difference its gradient would be two O(1) terms cancelling, which swamps the tiny true
+    # gradient of a tiny alpha in float32). Log-decays under -80 are clamped there:
+    # exp(-80) ~ 2e-35 is below float32 resolution of every sum it enters, and keeps exp off
+    # its slow path (underflow to denormals / 0 is several times slower on CPU).
+    decay_ij = (g_cum.unsqueeze(-1) - g_cum.unsqueeze(-2)).tril_(-1).clamp_min_(_LOG_DECAY_FLOOR).exp_()
 
     k_beta = k_c * beta_c
     a_strict = (k_beta @ k_t).mul_(decay_ij).tril_(-1)  # diagonal out too
     t_inv = _unit_lower_inverse(a_strict)  # (I + A)^{-1}
     g_exp = g_cum.exp().unsqueeze(-1)
-
-    u_c = t_inv @ (v_c * beta_c)
-    w_c = t_inv @ (k_beta * g_exp)
-    scores = (q_c @ k_t).mul_(decay_ij).tril_()  # Q K^T * M, diagonal kept
+    v_beta = v_c * beta_c
+    k_beta_decayed = k_beta * g_exp
+    scores_t = (q_c @ k_t).mul_(decay_ij).tril_() @ t_inv  # Z = (Q K^T * M) T
     q_decayed = q_c * g_exp
     # exp(G_C - G_i) = exp(sum_{s > i} g_s): a shifted reverse cumsum, not a difference (the
     # last row's decay is exactly 1, with no gradient).
     g_after = F.pad(g_c.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))
-    k_to_end_t = (k_c * g_after.exp().unsqueeze(-1)).transpose(-1, -2)  # [BH, N, K, C]
+    keys_t = (k_c * g_after.exp().unsqueeze(-1)).transpose(-1, -2) @ t_inv  # P, [BH, N, K, C]
     chunk_decay = g_cum[..., -1:].exp().unsqueeze(-1)  # [BH, N, 1, 1]
 
     if initial_state is None:
         state = q_c.new_zeros(bh, head_dim_k, head_dim_v)
     else:
         state = initial_state.to(compute_dtype).reshape(bh, head_dim_k, head_dim_v)
-    # The only sequential part: two fused products per chunk (per-chunk operands unbound
-    # once, not indexed in the loop).
-    values_per_chunk, corrections_per_chunk = u_c.unbind(1), w_c.unbind(1)
-    keys_per_chunk, decay_per_chunk = k_to_end_t.unbind(1), chunk_decay.unbind(1)
-    states_in, new_values = [], []
+    # The only sequential part (per-chunk operands unbound once, not indexed in the loop).
+    # ``state * decay`` is a fresh tensor that autograd does not keep, so the product is
+    # accumulated into it in place (no copy of the state per chunk).
+    values_per_chunk, keys_per_chunk = v_beta.unbind(1), k_beta_decayed.unbind(1)
+    updates_per_chunk, decay_per_chunk = keys_t.unbind(1), chunk_decay.unbind(1)
+    states_in, residuals = [], []
     for n in range(num_chunks):
         states_in.append(state)
-        u_new = torch.baddbmm(values_per_chunk[n], corrections_per_chunk[n], state, alpha=-1.0)  # U - W S
-        new_values.append(u_new)
-        state = torch.baddbmm(state * decay_per_chunk[n], keys_per_chunk[n], u_new)
+        residual = torch.baddbmm(values_per_chunk[n], keys_per_chunk[n], state, alpha=-1.0)  # R
+        residuals.append(residual)
+        state = (state * decay_per_chunk[n]).baddbmm_(updates_per_chunk[n], residual)
 
-    # O = scale * ((exp(G) Q) S_in + scores U'), all chunks in two batched products.
+    # O = scale * ((exp(G) Q) S_in + Z R), all chunks in two batched products (the second
+    # accumulated in place into the first's fresh result).
     states_in = torch.stack(states_in, dim=1).reshape(bh * num_chunks, head_dim_k, head_dim_v)
-    new_values = torch.stack(new_values, dim=1).reshape(bh * num_chunks, chunk, head_dim_v)
-    o = torch.bmm(scores.reshape(bh * num_chunks, chunk, chunk), new_values)
-    o = torch.baddbmm(
-        o, q_decayed.reshape(bh * num_chunks, chunk, head_dim_k), states_in, beta=scale, alpha=scale
-    )
+    residuals = torch.stack(residuals, dim=1).reshape(bh * num_chunks, chunk, head_dim_v)
+    o = torch.bmm(scores_t.reshape(bh * num_chunks, chunk, chunk), residuals)
+    o = o.baddbmm_(q_decayed.reshape(bh * num_chunks, chunk, head_dim_k), states_in).mul_(scale)
     o = o.reshape(batch, num_v_heads, num_chunks * chunk, head_dim_v)[:, :, :seq_len]
     state = state.reshape(batch, num_v_heads, head_dim_k, head_dim_v)
     return o.transpose(1, 2), state
