@@ -43,6 +43,7 @@ from ._triton_common import (
     unit_stride,
     use_one_pass_split,
 )
+from ._triton_exchange import publish_partial, row_total
 from ._triton_fwd import _row_offsets
 
 __all__ = ["rms_norm_bwd"]
@@ -178,8 +179,7 @@ def _rms_norm_bwd_split_kernel(
     DX,
     DRES,
     DW_PARTIAL,
-    PARTIAL,
-    COUNTER,
+    EXCHANGE,
     M,
     N,
     dy_inner,
@@ -283,23 +283,18 @@ def _rms_norm_bwd_split_kernel(
             b_g = b_dy * b_w
         else:
             b_g = b_dy
-        p_partial = PARTIAL + tl.cast(i_row, tl.int64) * NUM_CHUNKS
         if PHASE != 2:
-            tl.store(p_partial + i_g, tl.sum(b_g * b_n, axis=0))
+            publish_partial(EXCHANGE, i_row, i_g, NUM_CHUNKS, tl.sum(b_g * b_n, axis=0))
         if PHASE != 1:
             if HAS_DH and PHASE == 2:
                 o_dh = _row_offsets(i_row, dh_inner, dh_stride_outer, dh_stride_inner)
                 b_dh = tl.load(DH + o_dh + o_n, mask=m_n, other=0.0).to(tl.float32)
-            if PHASE == 0:
-                tl.debug_barrier()
-                n_done = tl.atomic_add(COUNTER + i_row, 1, sem="release") + 1
-                while (n_done < NUM_CHUNKS) & (n_spins < MAX_SPINS):
-                    n_done = tl.atomic_add(COUNTER + i_row, 0, sem="acquire")
-                    n_spins += 1
-            b_partials = tl.load(p_partial + o_g, mask=m_g, other=0.0, volatile=True)
-            b_c = tl.sum(b_partials, axis=0) / N
-            if PHASE == 0:  # a row whose partial sums never all arrived gives NaN, not a hang
-                b_c = tl.where(n_done >= NUM_CHUNKS, b_c, float("nan"))
+            # one pass: wait for the row's other chunks; a row whose partial sums never all
+            # arrived gives NaN, not a hang
+            b_total, complete, n_spins = row_total(
+                EXCHANGE, i_row, o_g, m_g, NUM_CHUNKS, n_spins, MAX_SPINS, PHASE == 0
+            )
+            b_c = tl.where(complete, b_total / N, float("nan"))
             b_dx = (b_g - b_n * b_c) * b_rstd
             if HAS_DH:
                 b_dx += b_dh
@@ -447,30 +442,26 @@ def rms_norm_bwd(
         n_slots = max(1, min(rows, sm_count(device) * programs_per_sm // n_chunks))
     else:
         n_slots = max(1, min(rows, 4 * sm_count(device) // n_chunks))
-    partial = torch.empty((rows, n_chunks), dtype=torch.float32, device=device)
+    exchange = torch.zeros((rows, n_chunks + 1), dtype=torch.int64, device=device)  # see _triton_exchange
     dw_partial = torch.empty((n_slots, hidden), dtype=torch.float32, device=device) if need_dw else dx
     split = dict(
         common,
         DW_PARTIAL=dw_partial,
-        PARTIAL=partial,
+        EXCHANGE=exchange,
         NUM_CHUNKS=n_chunks,
         BLOCK_N=block_n,
         BLOCK_G=next_power_of_2(n_chunks),
         MAX_SPINS=MAX_SPINS,
     )
     if one_pass:
-        counter = torch.zeros(rows, dtype=torch.int32, device=device)
         _launch_bwd_split_kernel(
             (n_slots * n_chunks,),
             **split,
-            COUNTER=counter,
             PHASE=0,
             num_warps=num_warps,
             **split_launch_options(device, num_warps, programs_per_sm),
         )
     else:
         for phase in (1, 2):
-            _launch_bwd_split_kernel(
-                (n_slots * n_chunks,), **split, COUNTER=partial, PHASE=phase, num_warps=num_warps
-            )
+            _launch_bwd_split_kernel((n_slots * n_chunks,), **split, PHASE=phase, num_warps=num_warps)
     return dx, (_reduce_dw(dw_partial, weight) if need_dw else None), dres

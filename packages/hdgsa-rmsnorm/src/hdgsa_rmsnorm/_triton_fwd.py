@@ -5,7 +5,7 @@ Two kernels, both one read of ``x`` and ``residual`` and one write of ``y`` (and
   ``BLOCK_M`` rows per program.
 - ``_rms_norm_fwd_split_kernel``: longer rows, split over ``NUM_CHUNKS`` programs of
   ``BLOCK_N`` columns each. On a GPU (``PHASE == 0``) the programs of a row exchange their
-  partial sums of squares through a small buffer and a per-row counter, and each keeps its
+  partial sums of squares through a small buffer (``_triton_exchange``), and each keeps its
   chunk in registers meanwhile: still one pass. In the CPU interpreter, which runs programs
   one at a time, the same kernel runs twice: ``PHASE == 1`` writes the partial sums (and ``h``),
   ``PHASE == 2`` reads them and writes ``y``.
@@ -35,6 +35,7 @@ from ._triton_common import (
     unit_stride,
     use_one_pass_split,
 )
+from ._triton_exchange import publish_partial, row_total
 
 __all__ = ["rms_norm_fwd"]
 
@@ -104,8 +105,7 @@ def _rms_norm_fwd_split_kernel(
     Y,
     H,
     RSTD,
-    PARTIAL,
-    COUNTER,
+    EXCHANGE,
     M,
     N,
     eps,
@@ -172,24 +172,17 @@ def _rms_norm_fwd_split_kernel(
                 o_r = _row_offsets(i_row, r_inner, r_stride_outer, r_stride_inner)
                 b_h += tl.load(RES + o_r + o_n, mask=m_n, other=0.0).to(tl.float32)
         o_out = tl.cast(i_row, tl.int64) * N + o_n
-        p_partial = PARTIAL + tl.cast(i_row, tl.int64) * NUM_CHUNKS
         if PHASE != 2:
-            tl.store(p_partial + i_g, tl.sum(b_h * b_h, axis=0))
+            publish_partial(EXCHANGE, i_row, i_g, NUM_CHUNKS, tl.sum(b_h * b_h, axis=0))
             if STORE_H:
                 tl.store(H + o_out, b_h.to(H.dtype.element_ty), mask=m_n)
         if PHASE != 1:
-            if PHASE == 0:
-                # publish this chunk's partial sum, then wait for the row's other chunks
-                tl.debug_barrier()
-                n_done = tl.atomic_add(COUNTER + i_row, 1, sem="release") + 1
-                while (n_done < NUM_CHUNKS) & (n_spins < MAX_SPINS):
-                    n_done = tl.atomic_add(COUNTER + i_row, 0, sem="acquire")
-                    n_spins += 1
-            # every program of the row sums the same partials in the same order: same rstd
-            b_partials = tl.load(p_partial + o_g, mask=m_g, other=0.0, volatile=True)
-            b_rstd = tl.rsqrt(tl.sum(b_partials, axis=0) / N + eps)
-            if PHASE == 0:  # a row whose partial sums never all arrived gives NaN, not a hang
-                b_rstd = tl.where(n_done >= NUM_CHUNKS, b_rstd, float("nan"))
+            # one pass: wait for the row's other chunks; a row whose partial sums never all
+            # arrived gives NaN, not a hang
+            b_total, complete, n_spins = row_total(
+                EXCHANGE, i_row, o_g, m_g, NUM_CHUNKS, n_spins, MAX_SPINS, PHASE == 0
+            )
+            b_rstd = tl.where(complete, tl.rsqrt(b_total / N + eps), float("nan"))
             b_y = b_h * b_rstd
             if HAS_WEIGHT:
                 b_y *= b_w
@@ -267,10 +260,10 @@ def rms_norm_fwd(
     num_warps = config.get("split_num_warps", SPLIT_NUM_WARPS)
     programs_per_sm = config.get("split_programs_per_sm", SPLIT_PROGRAMS_PER_SM)
     n_chunks = cdiv(hidden, block_n)
-    partial = torch.empty((rows, n_chunks), dtype=torch.float32, device=x.device)
+    exchange = torch.zeros((rows, n_chunks + 1), dtype=torch.int64, device=x.device)  # see _triton_exchange
     split = dict(
         common,
-        PARTIAL=partial,
+        EXCHANGE=exchange,
         NUM_CHUNKS=n_chunks,
         BLOCK_N=block_n,
         BLOCK_G=next_power_of_2(n_chunks),
@@ -278,11 +271,9 @@ def rms_norm_fwd(
     )
     if config.get("one_pass", True) and use_one_pass_split(x.device, n_chunks, programs_per_sm):
         n_slots = max(1, min(rows, sm_count(x.device) * programs_per_sm // n_chunks))
-        counter = torch.zeros(rows, dtype=torch.int32, device=x.device)
         _launch_fwd_split_kernel(
             (n_slots * n_chunks,),
             **split,
-            COUNTER=counter,
             PHASE=0,
             num_warps=num_warps,
             **split_launch_options(x.device, num_warps, programs_per_sm),
@@ -290,7 +281,5 @@ def rms_norm_fwd(
         return y, h, rstd
     n_slots = max(1, min(rows, 4 * sm_count(x.device) // n_chunks))
     for phase in (1, 2):
-        _launch_fwd_split_kernel(
-            (n_slots * n_chunks,), **split, COUNTER=partial, PHASE=phase, num_warps=num_warps
-        )
+        _launch_fwd_split_kernel((n_slots * n_chunks,), **split, PHASE=phase, num_warps=num_warps)
     return y, h, rstd
