@@ -7,7 +7,9 @@
 # Stages: tests (each package's suite on CUDA; with pytest-xdist among the wheels, TEST_WORKERS
 # processes per package so Triton compiles in parallel), check, profile (tools/host_profile.py
 # with PROFILE_ARGS), bench. quack (a peer of rmsnorm) travels as .quack-part0/, .quack-part1/ (one
-# carried per call): its unpacked wheels (CUTLASS DSL libraries included) as an xz tar in parts.
+# carried per call): its unpacked wheels as an xz tar in parts: quack-kernels, nvidia-cutlass-dsl
+# with -libs-core (the `cutlass` Python package), -libs-base and -libs-cu13, apache-tvm-ffi (with
+# lib/libtvm_ffi_testing.so, which quack loads), torch-c-dlpack-ext.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-session}
 STAGES=${STAGES:-tests,check,bench}
