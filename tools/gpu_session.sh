@@ -14,7 +14,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu-session}
 STAGES=${STAGES:-tests,check,bench}
 BENCH_OPS=${BENCH_OPS:-}
-BENCH_ARGS=${BENCH_ARGS:---warmup-ms 10 --rep-ms 50}
+BENCH_ARGS=${BENCH_ARGS:---warmup-ms 10 --rep-ms 50 --gpu-time}
 TEST_TIMEOUT=${TEST_TIMEOUT:-240}
 TEST_WORKERS=${TEST_WORKERS:-3}
 TEST_PACKAGES=${TEST_PACKAGES:-}

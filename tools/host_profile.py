@@ -21,32 +21,8 @@ import time
 import torch
 
 from hdgsa_core.registry import ProviderUnavailable
+from hdgsa_kernels.bench import graph_ms
 from hdgsa_kernels.ops import import_op_module, resolve_op_names
-
-
-def _graph_ms(run, replays: int = 20) -> float | None:
-    """GPU milliseconds of one ``run()`` replayed from a CUDA graph, or None if it cannot be captured."""
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
-    except Exception as error:  # not capturable (host syncs, allocator use outside the pool...)
-        print(f"    (no CUDA graph: {type(error).__name__}: {str(error)[:100]})")
-        return None
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays
 
 
 def _kernel_ms(run, calls: int = 20) -> float:
@@ -105,8 +81,8 @@ def main() -> None:
                     run()
                 profile.disable()
                 torch.cuda.synchronize()
-                graph_ms = _graph_ms(run)
-                graph = "-" if graph_ms is None else f"{graph_ms * 1e3:.1f} us"
+                replayed_ms = graph_ms(run)
+                graph = "- (not capturable)" if replayed_ms is None else f"{replayed_ms * 1e3:.1f} us"
                 kernels = f"{_kernel_ms(run) * 1e3:.1f} us"
                 print(
                     f"\n{case.op} {case.name} [{provider}]: do_bench {bench_ms * 1e3:.1f} us, "

@@ -11,6 +11,7 @@ from hdgsa_kernels.bench import (
     Measurement,
     _add_speedups,
     format_results,
+    graph_ms,
     run_benchmarks,
     summarize,
 )
@@ -88,6 +89,31 @@ def test_roofline_and_speedups():
     table = format_results([ours, peer, missing])
     assert "skipped: not installed" in table
     assert "2400" in table
+
+
+def test_gpu_time_column():
+    ours = Measurement("rmsnorm", "fwd", "hdgsa", ms=1.25, gpu_ms=0.8125, ours=True)
+    uncapturable = Measurement("rmsnorm", "fwd", "liger", ms=2.5)
+    table = format_results([ours, uncapturable])
+    header = next(line for line in table.splitlines() if line.startswith("case"))
+    assert "GPU ms" in header
+    row = next(line for line in table.splitlines() if "hdgsa" in line)
+    assert "0.8125" in row
+    assert "1.2500" in row
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_ms_times_a_capturable_call_and_refuses_a_host_sync():
+    x = torch.randn(1 << 20, device="cuda")
+    out = torch.empty_like(x)
+    ms = graph_ms(lambda: torch.mul(x, 2.0, out=out))
+    assert ms is not None
+    assert 0 < ms < 100
+    assert torch.equal(out, x * 2.0)
+    assert graph_ms(lambda: x.sum().item()) is None  # a host read cannot be captured
+    torch.mul(x, 3.0, out=out)  # the GPU is usable after the refused capture
+    torch.cuda.synchronize()
+    assert torch.equal(out, x * 3.0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

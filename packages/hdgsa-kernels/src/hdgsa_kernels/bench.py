@@ -5,6 +5,11 @@ plus written, and the bf16 matmul rate), then times every provider of every regi
 :class:`~hdgsa_core.registry.BenchCase` with ``triton.testing.do_bench`` (median, CUDA events,
 L2 flushed between repeats), and reports ms, GB/s, TFLOP/s, the share of the roofline, peak
 memory and the speed-up of ours over each peer. Results go to a table, a JSON file and a PNG.
+
+With ``gpu_time`` each row also gets the GPU time of one call replayed from a CUDA graph
+(:func:`graph_ms`): no host time in it, so where a call's host time exceeds its GPU time (small
+ops; a backward through the autograd engine on a slow host) the two columns side by side say
+which one the do_bench median measured.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from hdgsa_core.registry import BenchCase, ProviderUnavailable
 
 from .ops import import_op_module
 
-__all__ = ["Ceilings", "Measurement", "measure_ceilings", "run_benchmarks", "summarize"]
+__all__ = ["Ceilings", "Measurement", "graph_ms", "measure_ceilings", "run_benchmarks", "summarize"]
 
 Timer = Callable[[Callable[[], object]], float]  # returns milliseconds
 
@@ -40,6 +45,7 @@ class Measurement:
     case: str
     provider: str
     ms: float | None = None
+    gpu_ms: float | None = None  # one call replayed from a CUDA graph (gpu_time runs only)
     gbps: float | None = None
     tflops: float | None = None
     roofline_pct: float | None = None
@@ -57,6 +63,32 @@ def do_bench_timer(warmup_ms: float, rep_ms: float) -> Timer:
         return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
     return timer
+
+
+def graph_ms(fn: Callable[[], object], replays: int = 20) -> float | None:
+    """GPU milliseconds of one ``fn()`` replayed from a CUDA graph, or None when the call cannot
+    be captured (a host sync, a host-side read of a device value, ...)."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:  # not capturable: the row keeps its do_bench time only
+        torch.cuda.synchronize()
+        return None
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
 
 
 def measure_ceilings(timer: Timer, device: torch.device) -> Ceilings:
@@ -110,7 +142,9 @@ def _add_speedups(case: BenchCase, rows: list[Measurement]) -> None:
         ours.speedup = min(row.ms for row in peers) / ours.ms
 
 
-def _time_provider(case: BenchCase, provider: str, timer: Timer, ceilings: Ceilings) -> Measurement:
+def _time_provider(
+    case: BenchCase, provider: str, timer: Timer, ceilings: Ceilings, gpu_time: bool = False
+) -> Measurement:
     measurement = Measurement(op=case.op, case=case.name, provider=provider, ours=provider == case.ours)
     try:
         torch.cuda.empty_cache()
@@ -121,6 +155,8 @@ def _time_provider(case: BenchCase, provider: str, timer: Timer, ceilings: Ceili
         torch.cuda.synchronize()
         measurement.peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
         measurement.ms = timer(fn)
+        if gpu_time:
+            measurement.gpu_ms = graph_ms(fn)
         summarize(case, measurement, ceilings)
     except ProviderUnavailable as reason:
         measurement.note = f"skipped: {reason}"
@@ -150,7 +186,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def format_results(measurements: Sequence[Measurement]) -> str:
     """One table per op: ms, GB/s, TFLOP/s, % of roofline, peak MiB, speed-up of ours."""
-    headers = ["case", "provider", "ms", "GB/s", "TFLOP/s", "% roof", "peak MiB", "ours x", "note"]
+    headers = ["case", "provider", "ms", "GPU ms", "GB/s", "TFLOP/s", "% roof", "peak MiB", "ours x", "note"]
     out = []
     for op in dict.fromkeys(m.op for m in measurements):
         rows = [
@@ -158,6 +194,7 @@ def format_results(measurements: Sequence[Measurement]) -> str:
                 m.case,
                 m.provider,
                 _fmt(m.ms, ".4f"),
+                _fmt(m.gpu_ms, ".4f"),
                 _fmt(m.gbps, ".0f"),
                 _fmt(m.tflops, ".1f"),
                 _fmt(m.roofline_pct, ".1f"),
@@ -174,6 +211,9 @@ def format_results(measurements: Sequence[Measurement]) -> str:
         out.append("-|-".join("-" * w for w in widths))
         out += [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     out.append("\n'ours x' on a peer row: peer ms / ours ms; on ours: best peer ms / ours ms.")
+    out.append(
+        "'GPU ms' (with --gpu-time): one call replayed from a CUDA graph, no host time; '-' if not capturable."
+    )
     return "\n".join(out)
 
 
@@ -214,9 +254,11 @@ def run_benchmarks(
     warmup_ms: float = 25.0,
     rep_ms: float = 100.0,
     timer: Timer | None = None,
+    gpu_time: bool = False,
 ) -> int:
     """Time the cases of ``ops``; print the table; write JSON and PNG. Returns an exit code:
-    1 if one of our providers failed, else 0 (peers that are missing or fail are listed)."""
+    1 if one of our providers failed, else 0 (peers that are missing or fail are listed).
+    ``gpu_time`` adds each call's CUDA-graph GPU time (:func:`graph_ms`)."""
     if not torch.cuda.is_available():
         print("hdgsa-kernels bench: needs a CUDA GPU (none found)", file=sys.stderr)
         return 1
@@ -249,10 +291,12 @@ def run_benchmarks(
     measurements: list[Measurement] = []
     for done, (case, name) in enumerate(work):
         _progress(done, len(work), f"{case.op}: {case.name} / {name}")
-        measurement = _time_provider(case, name, timer, ceilings)
+        measurement = _time_provider(case, name, timer, ceilings, gpu_time)
         measurements.append(measurement)
         # one line and a JSON rewrite per measurement: a run cut short keeps what it measured
         line = f"[{done + 1}/{len(work)}] {case.op} | {case.name} | {name} | {_fmt(measurement.ms, '.4f')} ms"
+        if gpu_time:
+            line += f" (GPU {_fmt(measurement.gpu_ms, '.4f')} ms)"
         print(f"\r{line} {measurement.note}", flush=True)
         record["results"] = [asdict(m) for m in measurements]
         json_path.write_text(json.dumps(record, indent=1, default=str))

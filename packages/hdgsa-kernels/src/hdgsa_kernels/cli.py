@@ -99,6 +99,7 @@ def _bench(args: argparse.Namespace) -> int:
         case_filter=args.filter,
         warmup_ms=args.warmup_ms,
         rep_ms=args.rep_ms,
+        gpu_time=args.gpu_time,
     )
 
 
@@ -122,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--filter", default=None, help="only cases whose name contains this text")
     bench.add_argument("--warmup-ms", type=float, default=25.0)
     bench.add_argument("--rep-ms", type=float, default=100.0)
+    bench.add_argument(
+        "--gpu-time",
+        action="store_true",
+        help="also time one call replayed from a CUDA graph (GPU time without host time)",
+    )
     bench.set_defaults(run=_bench)
     return parser
 
