@@ -308,14 +308,18 @@ def main() -> None:
     if os.environ.get("SKIP_TUNE") != "1":
         best = tune()
         say("best:", best)
+        # The forward table has two n = 4 entries: below and from _FWD_LARGE_COUNT matrices.
+        if ("fwd", 65_536) in best:
+            K._FWD_CONFIGS[4] = best[("fwd", 65_536)]
         if ("fwd", 1_048_576) in best:
-            K._FWD_CONFIGS[4] = best[("fwd", 1_048_576)]
+            K._FWD_CONFIG_N4_LARGE = best[("fwd", 1_048_576)]
         if ("bwd", 1_048_576) in best:
             seg, b, w = best[("bwd", 1_048_576)]
             K._BWD_CONFIGS[4] = (b, w)
             K._SEG[4] = seg
         say(
-            f"tuned at {time.time() - T0:.0f}s; using fwd {K._FWD_CONFIGS[4]} bwd {K._BWD_CONFIGS[4]} seg {K._SEG[4]}"
+            f"tuned at {time.time() - T0:.0f}s; using fwd {K._FWD_CONFIGS[4]} (>= {K._FWD_LARGE_COUNT} matrices:"
+            f" {K._FWD_CONFIG_N4_LARGE}) bwd {K._BWD_CONFIGS[4]} seg {K._SEG[4]}"
         )
     overhead()
     results: dict[str, dict] = {}

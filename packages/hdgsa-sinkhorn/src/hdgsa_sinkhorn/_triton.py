@@ -8,15 +8,6 @@ sums and column sums (the sum of the row blocks) never leave the thread, no shuf
 memory. For ``n = 8`` a row spans two threads (one shuffle per row sum). Logits are read once and
 ``P`` written once; every iteration runs in registers.
 
-Scaling form. ``P_k = K / (u_k v_k^T)`` with ``K = P_0``; an iteration is ``u = K (1 / v) + eps u``
-(rows), then ``v = K^T (1 / u) + eps v`` (columns), and ``P`` is formed once at the end. It is the
-same sequence as dividing ``P`` in place (``u_k / u_{k-1}`` is the row sum + eps the plain form
-divides by), with the same 2 n reciprocals per iteration but no pass that rescales the matrix.
-The reciprocals (MUFU, 16 per SM per clock on an H100) bound the n = 4 forward: 8 per matrix
-per iteration, 40-45 us of the 1M-matrix forward (63 us). The forward and the backward's
-recomputation use this form; the backward's segments (below) keep the plain form, which holds
-fewer registers.
-
 Backward. ``P_k`` is the matrix after iteration ``k``; ``Z_k = P_{k-1} / (r_k + eps)`` the matrix
 after its row step, ``re_k = r_k + eps``, ``ce_k = c_k + eps`` its normalizers. With
 ``Q_k = dP_k * P_k`` (the gradient times the value, elementwise), one iteration backwards is::
@@ -39,7 +30,7 @@ matrix (8 for n = 4, 160 for 20 iterations) fit, 2 n * 50 for n = 32 do not. So 
 cut into segments of ``SEG`` (chosen on the host from n): the backward runs the segments last to
 first, each time recomputing the forward from ``P_0`` up to the segment's start (a plain loop), then
 the segment's ``SEG`` iterations keeping their normalizers, then the segment backwards. With one
-segment (n <= 2 and 20 iterations) that is one forward recompute and one backward sweep; ``S``
+segment (n = 4 and 20 iterations) that is one forward recompute and one backward sweep; ``S``
 segments cost ``S (S - 1) / 2 * SEG`` extra forward iterations. A global-memory scratch for the
 normalizers would cost more bytes than the logits themselves (160 floats against 16 per matrix).
 """
@@ -161,52 +152,10 @@ def _reciprocal(x, FAST_DIV: tl.constexpr):
         return 1.0 / x
 
 
-# Below FLT_MIN a normalizer's reciprocal would overflow (or flush to 0 and give inf).
-_FLT_MIN = tl.constexpr(1.1754943508222875e-38)
-
-
 @triton.jit
-def _safe_reciprocal(x, FAST_DIV: tl.constexpr):
-    # The normalizer of a zero row (or column) shrinks by eps per iteration until it underflows.
-    # Its entries are 0, and 0 * (1 / FLT_MIN) stays 0 where 0 * (1 / 0) would be NaN; a NaN
-    # normalizer stays NaN (max.NaN), so a NaN still spreads as it does in the plain form.
-    return _reciprocal(tl.maximum(x, _FLT_MIN, propagate_nan=tl.PropagateNan.ALL), FAST_DIV)
-
-
-@triton.jit
-def _unit_scalings(kern, N: tl.constexpr):
-    """``(u, 1 / u, v, 1 / v)`` before the first iteration: all ones."""
-    rows = ()
-    for _ in tl.static_range(N):
-        rows = rows + (tl.full([kern[0].shape[0]], 1.0, tl.float32),)  # noqa: RUF005
-    cols = tl.full(kern[0].shape, 1.0, tl.float32)
-    return rows, rows, cols, cols
-
-
-@triton.jit
-def _iteration(kern, u, inv_u, v, inv_v, eps, N: tl.constexpr, FAST_DIV: tl.constexpr):
-    """One Sinkhorn iteration (rows, then columns) in scaling form, ``P = kern / (u v^T)``: returns
-    the new ``(u, 1 / u, v, 1 / v)``. ``u`` is a tuple of N [BLOCK] (one per row), ``v`` a
-    [BLOCK, BN] block (one per column)."""
-    new_u = ()
-    new_inv_u = ()
-    for i in tl.static_range(N):
-        b_u = tl.sum(kern[i] * inv_v, axis=1) + eps * u[i]
-        new_u = new_u + (b_u,)  # noqa: RUF005
-        new_inv_u = new_inv_u + (_safe_reciprocal(b_u, FAST_DIV),)  # noqa: RUF005
-    b_v = kern[0] * new_inv_u[0][:, None]
-    for i in tl.static_range(1, N):
-        b_v = b_v + kern[i] * new_inv_u[i][:, None]
-    b_v = b_v + eps * v
-    return new_u, new_inv_u, b_v, _safe_reciprocal(b_v, FAST_DIV)
-
-
-@triton.jit
-def _plain_iteration(rows, eps, N: tl.constexpr, FAST_DIV: tl.constexpr):
-    """One iteration in the plain form (P divided in place), for the backward's segments: returns
-    the new rows and both normalizers, ``re`` (tuple of N [BLOCK], row sum + eps) and ``ce``
-    ([BLOCK, BN], column sum + eps). Fewer live registers than the scaling form, which matters
-    while a segment's normalizers are held."""
+def _iteration(rows, eps, N: tl.constexpr, FAST_DIV: tl.constexpr):
+    """One Sinkhorn iteration (rows, then columns); returns the new rows and both normalizers:
+    ``re`` (tuple of N [BLOCK], row sum + eps) and ``ce`` ([BLOCK, BN], column sum + eps)."""
     normalized = ()
     row_norms = ()
     for i in tl.static_range(N):
@@ -225,22 +174,11 @@ def _plain_iteration(rows, eps, N: tl.constexpr, FAST_DIV: tl.constexpr):
 
 
 @triton.jit
-def _scaled(kern, inv_u, inv_v, N: tl.constexpr):
-    """``P = kern / (u v^T)`` as N row blocks."""
-    probs = ()
-    for i in tl.static_range(N):
-        probs = probs + (kern[i] * inv_u[i][:, None] * inv_v,)  # noqa: RUF005
-    return probs
-
-
-@triton.jit
-def _iterations(kern, eps, count, N: tl.constexpr, FAST_DIV: tl.constexpr):
-    """P after ``count`` iterations from ``kern``, nothing kept (a plain loop: the trip count may
-    be large)."""
-    u, inv_u, v, inv_v = _unit_scalings(kern, N)
+def _iterations(rows, eps, count, N: tl.constexpr, FAST_DIV: tl.constexpr):
+    """``count`` iterations, nothing kept (a plain loop: the trip count may be large)."""
     for _ in range(count):
-        u, inv_u, v, inv_v = _iteration(kern, u, inv_u, v, inv_v, eps, N, FAST_DIV)
-    return _scaled(kern, inv_u, inv_v, N)
+        rows, _row_norms, _col_norms = _iteration(rows, eps, N, FAST_DIV)
+    return rows
 
 
 @triton.jit
@@ -290,9 +228,9 @@ def _segment_adjoint(
         if PADDED:
             row_norms, b_ce = _ones_like_norms(probs, N)
             if start + step >= 0:
-                probs, row_norms, b_ce = _plain_iteration(probs, eps, N, FAST_DIV)
+                probs, row_norms, b_ce = _iteration(probs, eps, N, FAST_DIV)
         else:
-            probs, row_norms, b_ce = _plain_iteration(probs, eps, N, FAST_DIV)
+            probs, row_norms, b_ce = _iteration(probs, eps, N, FAST_DIV)
         history = history + ((row_norms, b_ce),)  # noqa: RUF005
     if last:
         # Q_K = dP * P_K, with P_K in float32 (the cast to the output dtype passes dP through).
@@ -405,7 +343,6 @@ def _sinkhorn_bwd_kernel(
 # normalizers the backward keeps in registers at once (2 n floats each per matrix, spread over
 # the threads that hold the matrix). Thread-per-matrix sizes (n <= 4) want one or two matrices
 # per thread; larger n spread a matrix over 2-8 threads and take fewer matrices per program.
-# n = 4, scaling form, H100: (128, 4) 6.2 us at 65,536 matrices and 63.1 at 1M; (256, 4) 8.7 / 67.5.
 _FWD_CONFIGS = {1: (256, 4), 2: (256, 4), 4: (128, 4), 8: (64, 4), 16: (16, 2), 32: (4, 4), 64: (2, 4)}
 _BWD_CONFIGS = {1: (128, 4), 2: (128, 4), 4: (32, 1), 8: (32, 2), 16: (16, 4), 32: (4, 4), 64: (2, 4)}
 _INTERPRETER = interpreter_enabled()
@@ -430,6 +367,18 @@ def _matrices(tensor: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int, 
     return batched, batched.shape[0], (stride_b, stride_i, stride_j), packed
 
 
+# n = 4 on an H100: 128 matrices a program until the grid covers the machine several times
+# over, then 256 (65,536: 6.0 us against 8.6; 1M: 64.0 against 65.8).
+_FWD_CONFIG_N4_LARGE = (256, 4)
+_FWD_LARGE_COUNT = 2**19
+
+
+def _fwd_config(bn: int, count: int) -> tuple[int, int]:
+    if bn == 4 and count >= _FWD_LARGE_COUNT:
+        return _FWD_CONFIG_N4_LARGE
+    return _FWD_CONFIGS[bn]
+
+
 # Launched without Triton's per-launch argument binding (~36 us of host time on an H100 machine,
 # six times the forward kernel at 65,536 matrices).
 _launch_fwd_kernel = CachedLauncher(_sinkhorn_fwd_kernel)
@@ -447,7 +396,7 @@ def sinkhorn_knopp_fwd(
     if count == 0:
         return out
     bn = next_power_of_2(n)
-    block, num_warps = config or _FWD_CONFIGS[bn]
+    block, num_warps = config or _fwd_config(bn, count)
     with device_guard(logits.device):
         _launch_fwd_kernel(
             (cdiv(count, block),),
