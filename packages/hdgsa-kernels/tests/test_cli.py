@@ -89,6 +89,7 @@ def test_roofline_and_speedups():
     table = format_results([ours, peer, missing])
     assert "skipped: not installed" in table
     assert "2400" in table
+    assert "GPU ms" not in table  # no --gpu-time: no column
 
 
 def test_gpu_time_column():
@@ -110,7 +111,9 @@ def test_graph_ms_times_a_capturable_call_and_refuses_a_host_sync():
     assert ms is not None
     assert 0 < ms < 100
     assert torch.equal(out, x * 2.0)
+    stream = torch.cuda.current_stream()
     assert graph_ms(lambda: x.sum().item()) is None  # a host read cannot be captured
+    assert torch.cuda.current_stream() == stream  # the failed capture gave the stream back
     torch.mul(x, 3.0, out=out)  # the GPU is usable after the refused capture
     torch.cuda.synchronize()
     assert torch.equal(out, x * 3.0)
