@@ -30,7 +30,8 @@ BWD_MAX_FUSED_N = 8192
 # Measured on an H100, bf16 (benchmarks/split_sweep.py, 2026-11-27, fence-free exchange): forward
 # 0.736 ms at [4096 x 65536] and 0.741 at [1024 x 262144] with 8192/4/2 (16384/8/1: 0.734 / 0.739;
 # 4096/2/4: 0.742 / 0.761; 8192/2/2 and 16384/4/1 spill: 1.19-1.25); backward 0.835 / 0.967 with
-# 8192/8/1 (4096/4/2: 0.816 / 1.109; 2048/2/4: 0.846 / 1.125; 8192/16/1: 0.943 / 1.207).
+# 8192/8/1 (4096/4/2: 0.816 / 1.109; 2048/2/4: 0.846 / 1.125; 8192/16/1: 0.943 / 1.207). The
+# forward's 16384/8/1 is within 0.3% of 8192/4/2 (noise between runs): the default stays.
 SPLIT_BLOCK_N = 8192
 SPLIT_NUM_WARPS = 4
 SPLIT_PROGRAMS_PER_SM = 2

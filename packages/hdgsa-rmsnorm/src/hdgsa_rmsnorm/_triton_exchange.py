@@ -4,7 +4,7 @@ The launcher allocates ``EXCHANGE``, int64 zeros ``[rows, NUM_CHUNKS + 1]``: per
 chunk and a counter. A program publishes its partial sum as its word (the float's bits with a
 "published" flag above them, one relaxed atomic exchange), then counts itself in (a relaxed
 atomic add). A waiting program polls the counter (one scalar atomic per poll), then reads the
-row's words and sums the values in chunk order, so every program of a row gets the same total,
+row's words and sums the values in one fixed order, so every program of a row gets the same total,
 deterministically. No fences: the partial sums are the only data exchanged, and a release fence
 would make the program wait for all its loads and stores in flight (the next row's prefetch)
 before publishing. Without one a word may become visible after the count; the flags catch that
@@ -35,7 +35,7 @@ def publish_partial(EXCHANGE, i_row, i_g, NUM_CHUNKS, value):
 
 @triton.jit
 def row_total(EXCHANGE, i_row, o_g, m_g, NUM_CHUNKS, n_spins, MAX_SPINS: tl.constexpr, WAIT: tl.constexpr):
-    """Sum of row ``i_row``'s ``NUM_CHUNKS`` partial sums, in chunk order: ``(total, complete,
+    """Sum of row ``i_row``'s ``NUM_CHUNKS`` partial sums, in a fixed order: ``(total, complete,
     n_spins)``. With ``WAIT``, spins until all are published or this program's spin budget
     (``MAX_SPINS`` over all its rows) runs out; ``complete`` is false then."""
     p_row = EXCHANGE + tl.cast(i_row, tl.int64) * (NUM_CHUNKS + 1)
