@@ -121,6 +121,28 @@ def test_extreme_logits_stay_finite(device, backend, n, dtype):
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
+@pytest.mark.parametrize("gap", [88.0, 90.0])
+def test_row_far_below_the_max(device, backend, gap):
+    """A row whose logits sit ~90 below the matrix max: exp gives float32 subnormals, and the
+    iterations still normalize the row as float64 does (a scaling form that keeps exp(L - max)
+    and clamps its normalizers at FLT_MIN got such rows wrong by 0.02 at 90). Further down,
+    subnormals keep too few bits for float32 to match float64 (gap 95: 2e-4 relative)."""
+    logits = make_tensor(4, 4, 4, device=device, seed=int(gap))
+    logits[:, 1] -= gap
+    _check(logits, 20, backend)
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_eps_zero_zero_row_is_nan_as_the_formula(device, backend):
+    """With eps = 0 a row of -inf is 0 / 0 at the first row step: NaN, then every column."""
+    logits = make_tensor(3, 4, 4, device=device, seed=21)
+    logits[0, 2] = float("-inf")
+    probs = sinkhorn_knopp(logits, 3, 0.0, backend=backend)
+    assert probs[0].isnan().all()
+    assert torch.isfinite(probs[1:]).all()
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
 def test_empty_batch(device, backend):
     logits = torch.randn(0, 3, 4, 4, device=device, requires_grad=True)
     probs = sinkhorn_knopp(logits, 20, backend=backend)
