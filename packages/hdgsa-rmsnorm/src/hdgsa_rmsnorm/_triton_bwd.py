@@ -43,7 +43,7 @@ from ._triton_common import (
     unit_stride,
     use_one_pass_split,
 )
-from ._triton_exchange import publish_partial, row_total
+from ._triton_exchange import new_exchange, publish_partial, row_total
 from ._triton_fwd import _row_offsets
 
 __all__ = ["rms_norm_bwd"]
@@ -442,7 +442,7 @@ def rms_norm_bwd(
         n_slots = max(1, min(rows, sm_count(device) * programs_per_sm // n_chunks))
     else:
         n_slots = max(1, min(rows, 4 * sm_count(device) // n_chunks))
-    exchange = torch.zeros((rows, n_chunks + 1), dtype=torch.int64, device=device)  # see _triton_exchange
+    exchange = new_exchange(rows, n_chunks, device)
     dw_partial = torch.empty((n_slots, hidden), dtype=torch.float32, device=device) if need_dw else dx
     split = dict(
         common,

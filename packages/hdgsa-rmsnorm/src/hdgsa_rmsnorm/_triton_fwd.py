@@ -35,7 +35,7 @@ from ._triton_common import (
     unit_stride,
     use_one_pass_split,
 )
-from ._triton_exchange import publish_partial, row_total
+from ._triton_exchange import new_exchange, publish_partial, row_total
 
 __all__ = ["rms_norm_fwd"]
 
@@ -260,7 +260,7 @@ def rms_norm_fwd(
     num_warps = config.get("split_num_warps", SPLIT_NUM_WARPS)
     programs_per_sm = config.get("split_programs_per_sm", SPLIT_PROGRAMS_PER_SM)
     n_chunks = cdiv(hidden, block_n)
-    exchange = torch.zeros((rows, n_chunks + 1), dtype=torch.int64, device=x.device)  # see _triton_exchange
+    exchange = new_exchange(rows, n_chunks, x.device)
     split = dict(
         common,
         EXCHANGE=exchange,
