@@ -87,8 +87,9 @@ def test_low_precision(device, backend, dtype, n):
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
-@pytest.mark.parametrize("eps", [0.0, 1e-3])
+@pytest.mark.parametrize("eps", [0.0, 1e-9, 1e-8, 1e-3, 1.0, 10.0])
 def test_eps(device, backend, eps):
+    """Both sides of the Triton kernels' scaling-form range (eps in [1e-8, 1]) and its edges."""
     _check(make_tensor(4, 4, 4, device=device, seed=12), 10, backend, eps=eps)
 
 
@@ -222,7 +223,7 @@ def test_output_is_contiguous(device, backend, layout):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
 @pytest.mark.parametrize(("device", "backend"), CASES)
-@pytest.mark.parametrize("num_iters", [0, 3])
+@pytest.mark.parametrize("num_iters", [0, 3, 20, 50])
 def test_special_values(device, backend, num_iters):
     """What the formula gives, on both backends: -inf logits give P = 0 (a -inf row a zero row)
     and zero gradient; a NaN, or a matrix that is -inf everywhere, makes its whole matrix NaN; a
@@ -465,6 +466,29 @@ def test_triton_backward_segments(device, n, num_iters, seg):
     grad_output = make_tensor(5, n, n, device=device, seed=42)
     grad = sinkhorn_knopp_bwd(logits, grad_output, num_iters, 1e-8, seg=seg)
     _, grad64 = _run(logits.double(), grad_output.double(), num_iters, 1e-8, None)
+    assert_matches_reference("d logits", grad, grad64)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+@pytest.mark.parametrize("num_iters", [4, 7, 20])
+@pytest.mark.parametrize(("restart", "pair_rows"), [(1, False), (2, False), (3, True), (4, False), (4, True)])
+def test_triton_scaling_form_choices(device, n, num_iters, restart, pair_rows):
+    """Every scaling-form choice (restart 1 is the plain form; blocks that do or do not divide
+    num_iters; paired row reciprocals, ignored for odd n) gives the float64 values, forward and in
+    the backward's recomputation, here with a zero row whose factor grows 1 / eps a step."""
+    from hdgsa_sinkhorn._triton import sinkhorn_knopp_bwd, sinkhorn_knopp_fwd
+
+    logits = make_tensor(5, n, n, device=device, seed=43, scale=2.0)
+    logits[1, n - 1] = float("-inf")
+    grad_output = make_tensor(5, n, n, device=device, seed=44)
+    probs = sinkhorn_knopp_fwd(logits, num_iters, 1e-8, restart=restart, pair_rows=pair_rows)
+    grad = sinkhorn_knopp_bwd(
+        logits, grad_output, num_iters, 1e-8, seg=3, restart=restart, pair_rows=pair_rows
+    )
+    probs64, grad64 = _run(logits.double(), grad_output.double(), num_iters, 1e-8, None)
+    assert (probs[1, n - 1] == 0).all()
+    assert_matches_reference("P", probs, probs64)
     assert_matches_reference("d logits", grad, grad64)
 
 

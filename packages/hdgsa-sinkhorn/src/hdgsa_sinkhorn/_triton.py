@@ -174,8 +174,68 @@ def _iteration(rows, eps, N: tl.constexpr, FAST_DIV: tl.constexpr):
 
 
 @triton.jit
-def _iterations(rows, eps, count, N: tl.constexpr, FAST_DIV: tl.constexpr):
-    """``count`` iterations, nothing kept (a plain loop: the trip count may be large)."""
+def _ones_like_norms(rows, N: tl.constexpr):
+    """Row factors (tuple of N [BLOCK]) and column factors ([BLOCK, BN]), all 1."""
+    row_norms = ()
+    for _ in tl.static_range(N):
+        row_norms = row_norms + (tl.full([rows[0].shape[0]], 1.0, tl.float32),)  # noqa: RUF005
+    return row_norms, tl.full(rows[0].shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _row_reciprocals(denoms, N: tl.constexpr, FAST_DIV: tl.constexpr, PAIR_ROWS: tl.constexpr):
+    """``1 / d`` for the N row denominators. With PAIR_ROWS, two rows share one reciprocal
+    (``1 / a = b / (a b)``): one MUFU op and three FMA-pipe ops instead of two MUFU ops. Only for
+    denominators in [eps, n + eps] with eps >= 1e-8, so that ``a b`` stays a normal float."""
+    inv = ()
+    if PAIR_ROWS:
+        for i in tl.static_range(0, N, 2):
+            b_inv_ab = _reciprocal(denoms[i] * denoms[i + 1], FAST_DIV)
+            inv = inv + (b_inv_ab * denoms[i + 1], b_inv_ab * denoms[i])  # noqa: RUF005
+    else:
+        for i in tl.static_range(N):
+            inv = inv + (_reciprocal(denoms[i], FAST_DIV),)  # noqa: RUF005
+    return inv
+
+
+@triton.jit
+def _scaled_iteration(kern, u, v, eps, N: tl.constexpr, FAST_DIV: tl.constexpr, PAIR_ROWS: tl.constexpr):
+    """One iteration in scaling form, ``P = diag(u) kern diag(v)``: the same row and column sums
+    as :func:`_iteration` (``u_i (kern v)_i`` is row i's sum), but only u and v are updated."""
+    denoms = ()
+    for i in tl.static_range(N):
+        denoms = denoms + (u[i] * tl.sum(kern[i] * v, axis=1) + eps,)  # noqa: RUF005
+    inv = _row_reciprocals(denoms, N, FAST_DIV, PAIR_ROWS)
+    new_u = ()
+    for i in tl.static_range(N):
+        new_u = new_u + (u[i] * inv[i],)  # noqa: RUF005
+    b_c = kern[0] * new_u[0][:, None]
+    for i in tl.static_range(1, N):
+        b_c = b_c + kern[i] * new_u[i][:, None]
+    return new_u, v * _reciprocal(v * b_c + eps, FAST_DIV)
+
+
+@triton.jit
+def _iterations(
+    rows, eps, count, N: tl.constexpr, FAST_DIV: tl.constexpr, RESTART: tl.constexpr, PAIR_ROWS: tl.constexpr
+):
+    """``count`` iterations, nothing kept (loops, not unrolled: the trip count may be large).
+
+    With RESTART > 1, blocks of RESTART iterations run in scaling form from the block's first
+    matrix, which is then rescaled once (:func:`_scaled_iteration`: half the multiplies of
+    dividing P in place each step). Within a block ``u`` grows at most ``1 / eps`` a step and
+    shrinks at most ``1 / (n + eps)``, so the host picks RESTART to keep both factors finite and
+    normal (``eps ** -RESTART <= 1e32``); the rest of ``count`` runs in the plain form."""
+    if RESTART > 1:
+        for _ in range(count // RESTART):
+            u, v = _ones_like_norms(rows, N)
+            for _step in tl.static_range(RESTART):
+                u, v = _scaled_iteration(rows, u, v, eps, N, FAST_DIV, PAIR_ROWS)
+            scaled = ()
+            for i in tl.static_range(N):
+                scaled = scaled + (rows[i] * v * u[i][:, None],)  # noqa: RUF005
+            rows = scaled
+        count = count % RESTART
     for _ in range(count):
         rows, _row_norms, _col_norms = _iteration(rows, eps, N, FAST_DIV)
     return rows
@@ -199,14 +259,6 @@ def _iteration_adjoint(grads, probs, row_norms, b_ce, N: tl.constexpr):
 
 
 @triton.jit
-def _ones_like_norms(rows, N: tl.constexpr):
-    row_norms = ()
-    for _ in tl.static_range(N):
-        row_norms = row_norms + (tl.full([rows[0].shape[0]], 1.0, tl.float32),)  # noqa: RUF005
-    return row_norms, tl.full(rows[0].shape, 1.0, tl.float32)
-
-
-@triton.jit
 def _segment_adjoint(
     probs0,
     grads,
@@ -217,12 +269,14 @@ def _segment_adjoint(
     PADDED: tl.constexpr,
     N: tl.constexpr,
     FAST_DIV: tl.constexpr,
+    RESTART: tl.constexpr,
+    PAIR_ROWS: tl.constexpr,
 ):
     """Iterations [start, start + SEG) backwards: recompute P_start from P_0 (a plain loop), run
     the segment forward keeping its normalizers, then take ``grads`` (Q at the segment's end, or
     dP itself when ``last``) back to Q at its start. With PADDED, ``start`` may be negative and the
     iterations before 0 are skipped (the first segment of a count that SEG does not divide)."""
-    probs = _iterations(probs0, eps, start, N, FAST_DIV)
+    probs = _iterations(probs0, eps, tl.maximum(start, 0), N, FAST_DIV, RESTART, PAIR_ROWS)
     history = ()
     for step in tl.static_range(SEG):
         if PADDED:
@@ -267,10 +321,12 @@ def _sinkhorn_fwd_kernel(
     NUM_ITERS: tl.constexpr,
     X_CONTIGUOUS: tl.constexpr,
     FAST_DIV: tl.constexpr,
+    RESTART: tl.constexpr,
+    PAIR_ROWS: tl.constexpr,
 ):
     o_b, o_j, m_bj, rows = _load_logits(x, M, stride_xb, stride_xi, stride_xj, N, BN, BLOCK, X_CONTIGUOUS)
     probs, _b_max = _exp_minus_max(rows, N)
-    probs = _iterations(probs, eps, NUM_ITERS, N, FAST_DIV)
+    probs = _iterations(probs, eps, NUM_ITERS, N, FAST_DIV, RESTART, PAIR_ROWS)
     _store_rows(p, probs, o_b, o_j, m_bj, N)
 
 
@@ -296,6 +352,8 @@ def _sinkhorn_bwd_kernel(
     X_CONTIGUOUS: tl.constexpr,
     G_CONTIGUOUS: tl.constexpr,
     FAST_DIV: tl.constexpr,
+    RESTART: tl.constexpr,
+    PAIR_ROWS: tl.constexpr,
 ):
     o_b, o_j, m_bj, logits = _load_logits(x, M, stride_xb, stride_xi, stride_xj, N, BN, BLOCK, X_CONTIGUOUS)
     probs0, b_max = _exp_minus_max(logits, N)
@@ -320,6 +378,8 @@ def _sinkhorn_bwd_kernel(
             NUM_ITERS % SEG != 0,
             N,
             FAST_DIV,
+            RESTART,
+            PAIR_ROWS,
         )
     # Path through the max: d max = -sum(Q_0), shared evenly by the entries equal to the max
     # (what autograd gives for amax).
@@ -354,6 +414,24 @@ _FAST_DIV = not _INTERPRETER  # the interpreter runs no inline PTX
 _SEG = {1: 32, 2: 32, 4: 10, 8: 10, 16: 4, 32: 2, 64: 1}
 
 
+# Scaling-form blocks (see _iterations): within RESTART iterations u and v stay within
+# eps ** -RESTART (<= 1e32 for SPEC's default eps = 1e-8) and (n + eps) ** -RESTART; outside the
+# eps range below, every iteration divides P in place. PAIR_ROWS: see _row_reciprocals.
+_RESTART = 4
+_SCALING_EPS_RANGE = (1e-8, 1.0)
+_PAIR_ROWS = False
+
+
+def _scaling(n: int, eps: float, restart: int | None, pair_rows: bool | None) -> tuple[int, bool]:
+    """``(RESTART, PAIR_ROWS)`` for the kernels; the arguments override the defaults (tuning, tests)."""
+    low, high = _SCALING_EPS_RANGE
+    if restart is None:
+        restart = _RESTART if low <= eps <= high else 1
+    if pair_rows is None:
+        pair_rows = _PAIR_ROWS
+    return restart, pair_rows and restart > 1 and n % 2 == 0
+
+
 def _matrices(tensor: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int, int], bool]:
     """``[..., n, n]`` as ``(tensor, M, (stride_b, stride_i, stride_j), packed)`` for the kernels.
     Packed tensors go as they are; others as a ``[M, n, n]`` view when the leading dims flatten
@@ -386,10 +464,17 @@ _launch_bwd_kernel = CachedLauncher(_sinkhorn_bwd_kernel)
 
 
 def sinkhorn_knopp_fwd(
-    logits: torch.Tensor, num_iters: int, eps: float, *, config: tuple[int, int] | None = None
+    logits: torch.Tensor,
+    num_iters: int,
+    eps: float,
+    *,
+    config: tuple[int, int] | None = None,
+    restart: int | None = None,
+    pair_rows: bool | None = None,
 ) -> torch.Tensor:
     """Forward launcher: ``P`` ``[..., n, n]`` contiguous, in ``logits.dtype``. One launch.
-    ``config`` = ``(BLOCK, num_warps)`` overrides the table (for tuning)."""
+    ``config`` = ``(BLOCK, num_warps)`` overrides the table, ``restart`` and ``pair_rows`` the
+    scaling form's choices (for tuning and tests; ``restart=1`` is the plain form)."""
     n = logits.shape[-1]
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     x, count, (stride_b, stride_i, stride_j), packed = _matrices(logits)
@@ -397,6 +482,7 @@ def sinkhorn_knopp_fwd(
         return out
     bn = next_power_of_2(n)
     block, num_warps = config or _fwd_config(bn, count)
+    restart, pair_rows = _scaling(n, eps, restart, pair_rows)
     with device_guard(logits.device):
         _launch_fwd_kernel(
             (cdiv(count, block),),
@@ -413,6 +499,8 @@ def sinkhorn_knopp_fwd(
             NUM_ITERS=num_iters,
             X_CONTIGUOUS=packed,
             FAST_DIV=_FAST_DIV,
+            RESTART=restart,
+            PAIR_ROWS=pair_rows,
             num_warps=num_warps,
         )
     return out
@@ -426,11 +514,14 @@ def sinkhorn_knopp_bwd(
     *,
     seg: int | None = None,
     config: tuple[int, int] | None = None,
+    restart: int | None = None,
+    pair_rows: bool | None = None,
 ) -> torch.Tensor:
     """Backward launcher: ``d logits`` ``[..., n, n]`` contiguous, in ``logits.dtype``. One launch
     that recomputes the forward and runs the iterations backwards. ``seg`` overrides the segment
     length (tests use it to cover several and padded segments), ``config`` = ``(BLOCK,
-    num_warps)`` the table (for tuning)."""
+    num_warps)`` the table, ``restart`` and ``pair_rows`` the scaling form's choices for the
+    recomputation up to each segment (see :func:`sinkhorn_knopp_fwd`)."""
     n = logits.shape[-1]
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     x, count, (stride_xb, stride_xi, stride_xj), x_packed = _matrices(logits)
@@ -444,6 +535,7 @@ def sinkhorn_knopp_bwd(
         # threads: half the segment keeps them out of local memory (ptxas -v, sm_90).
         seg = num_iters if _INTERPRETER else min(_SEG[bn] if n == bn else max(1, _SEG[bn] // 2), num_iters)
     seg = max(1, min(seg, num_iters))
+    restart, pair_rows = _scaling(n, eps, restart, pair_rows)
     with device_guard(logits.device):
         _launch_bwd_kernel(
             (cdiv(count, block),),
@@ -467,6 +559,8 @@ def sinkhorn_knopp_bwd(
             X_CONTIGUOUS=x_packed,
             G_CONTIGUOUS=g_packed,
             FAST_DIV=_FAST_DIV,
+            RESTART=restart,
+            PAIR_ROWS=pair_rows,
             num_warps=num_warps,
         )
     return out
