@@ -41,10 +41,8 @@ SCALINGS = [(1, False), (4, False), (4, True)]
 FWD_VARIANTS = [
     (b, w, r, p) for (b, w) in ((64, 2), (128, 4), (128, 2), (256, 4), (256, 8)) for (r, p) in SCALINGS
 ]
-BWD_VARIANTS = [
-    (seg, b, w, r, p) for (seg, b, w) in ((10, 32, 1), (20, 32, 1), (10, 64, 2)) for (r, p) in SCALINGS
-]
-# Other sizes: plain against scaling form at the default tiles, forward and backward.
+BWD_VARIANTS = [(10, 32, 1), (20, 32, 1), (10, 64, 2)]
+# Other sizes: the forward in plain against scaling form at the default tiles.
 OTHER_N = [(8, 65_536), (16, 65_536), (32, 16_384)]
 
 WARM_SNIPPET = """
@@ -55,11 +53,9 @@ x = torch.randn(1024, 4, 4, device="cuda")
 if kind == "fwd":
     sinkhorn_knopp_fwd(x, 20, 1e-8, config=(a, b), restart=r, pair_rows=bool(p))
 elif kind == "bwd":
-    sinkhorn_knopp_bwd(x, torch.randn_like(x), 20, 1e-8, seg=a, config=(b, c), restart=r, pair_rows=bool(p))
-else:  # "n": another size, both kernels at their default tiles
-    y = torch.randn(64, a, a, device="cuda")
-    sinkhorn_knopp_fwd(y, 20, 1e-8, restart=r)
-    sinkhorn_knopp_bwd(y, torch.randn_like(y), 20, 1e-8, restart=r)
+    sinkhorn_knopp_bwd(x, torch.randn_like(x), 20, 1e-8, seg=a, config=(b, c))
+else:  # "n": another size at its default tile
+    sinkhorn_knopp_fwd(torch.randn(64, a, a, device="cuda"), 20, 1e-8, restart=r)
 torch.cuda.synchronize()
 """
 
@@ -91,7 +87,7 @@ def start_tests() -> list[subprocess.Popen]:
 
 def precompile() -> None:
     jobs = [("fwd", b, w, 0, r, int(p)) for (b, w, r, p) in FWD_VARIANTS]
-    jobs += [("bwd", s, b, w, r, int(p)) for (s, b, w, r, p) in BWD_VARIANTS]
+    jobs += [("bwd", s, b, w, 1, 0) for (s, b, w) in BWD_VARIANTS]
     jobs += [("n", n, 0, 0, r, 0) for (n, _) in OTHER_N for r in (1, 4)]
     running: list[subprocess.Popen] = []
     for job in jobs:
@@ -201,35 +197,34 @@ def tune() -> dict:
         say(f"tune fwd M={count}: " + ", ".join(f"{c}:{t:.1f}us" for t, c in rows))
         best[("fwd", count)] = rows[0][1]
         rows = []
-        for seg, b, w, r, p in BWD_VARIANTS:
+        for seg, b, w in BWD_VARIANTS:
             if left() < 150:
                 break
             try:
                 rows.append(
                     (
                         graph_us(
-                            lambda seg=seg, b=b, w=w, r=r, p=p, x=x, g=g: K.sinkhorn_knopp_bwd(
-                                x, g, 20, 1e-8, seg=seg, config=(b, w), restart=r, pair_rows=p
+                            lambda seg=seg, b=b, w=w, x=x, g=g: K.sinkhorn_knopp_bwd(
+                                x, g, 20, 1e-8, seg=seg, config=(b, w)
                             )
                         ),
-                        (seg, b, w, r, p),
+                        (seg, b, w),
                     )
                 )
             except Exception as error:
-                say("bwd", (seg, b, w, r, p), "failed:", repr(error)[:200])
+                say("bwd", (seg, b, w), "failed:", repr(error)[:200])
         rows.sort()
         say(f"tune bwd M={count}: " + ", ".join(f"{c}:{t:.1f}us" for t, c in rows))
         if rows:
             best[("bwd", count)] = rows[0][1]
     for n, count in OTHER_N:
         x = torch.randn(16, count // 16, n, n, device="cuda")
-        g = torch.randn_like(x)
         cells = []
         for r in (1, 4):
-            fwd = graph_us(lambda r=r, x=x: K.sinkhorn_knopp_fwd(x, 20, 1e-8, restart=r))
-            bwd = graph_us(lambda r=r, x=x, g=g: K.sinkhorn_knopp_bwd(x, g, 20, 1e-8, restart=r))
-            cells.append(f"restart {r}: fwd {fwd:.1f} us, bwd {bwd:.1f} us")
-        say(f"n={n} M={count}: " + "; ".join(cells))
+            cells.append(
+                f"restart {r}: {graph_us(lambda r=r, x=x: K.sinkhorn_knopp_fwd(x, 20, 1e-8, restart=r)):.1f} us"
+            )
+        say(f"fwd n={n} M={count}: " + "; ".join(cells))
     return best
 
 
@@ -337,22 +332,18 @@ def main() -> None:
     if os.environ.get("SKIP_TUNE") != "1":
         best = tune()
         say("best:", best)
-        # The forward table has two n = 4 entries: below and from _FWD_LARGE_COUNT matrices.
-        # One RESTART / PAIR_ROWS for both kernels: the 1M forward's choice.
-        if ("fwd", 65_536) in best:
-            K._FWD_CONFIGS[4] = best[("fwd", 65_536)][:2]
+        # The 1M forward's choice of tile, RESTART and PAIR_ROWS for every n = 4 forward.
         if ("fwd", 1_048_576) in best:
             b, w, r, p = best[("fwd", 1_048_576)]
-            K._FWD_CONFIG_N4_LARGE = (b, w)
+            K._FWD_CONFIGS[4] = (b, w)
             K._RESTART, K._PAIR_ROWS = r, p
         if ("bwd", 1_048_576) in best:
-            seg, b, w, _r, _p = best[("bwd", 1_048_576)]
+            seg, b, w = best[("bwd", 1_048_576)]
             K._BWD_CONFIGS[4] = (b, w)
             K._SEG[4] = seg
         say(
-            f"tuned at {time.time() - T0:.0f}s; using fwd {K._FWD_CONFIGS[4]} (>= {K._FWD_LARGE_COUNT} matrices:"
-            f" {K._FWD_CONFIG_N4_LARGE}) bwd {K._BWD_CONFIGS[4]} seg {K._SEG[4]}"
-            f" restart {K._RESTART} pair_rows {K._PAIR_ROWS}"
+            f"tuned at {time.time() - T0:.0f}s; using fwd {K._FWD_CONFIGS[4]} restart {K._RESTART}"
+            f" pair_rows {K._PAIR_ROWS}, bwd {K._BWD_CONFIGS[4]} seg {K._SEG[4]}"
         )
     overhead()
     results: dict[str, dict] = {}

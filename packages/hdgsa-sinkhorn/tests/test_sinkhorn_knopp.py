@@ -474,22 +474,17 @@ def test_triton_backward_segments(device, n, num_iters, seg):
 @pytest.mark.parametrize("num_iters", [4, 7, 20])
 @pytest.mark.parametrize(("restart", "pair_rows"), [(1, False), (2, False), (3, True), (4, False), (4, True)])
 def test_triton_scaling_form_choices(device, n, num_iters, restart, pair_rows):
-    """Every scaling-form choice (restart 1 is the plain form; blocks that do or do not divide
-    num_iters; paired row reciprocals, ignored for odd n) gives the float64 values, forward and in
-    the backward's recomputation, here with a zero row whose factor grows 1 / eps a step."""
-    from hdgsa_sinkhorn._triton import sinkhorn_knopp_bwd, sinkhorn_knopp_fwd
+    """Every choice of the forward's scaling form (restart 1 is the plain form; blocks that do or
+    do not divide num_iters; paired row reciprocals, ignored for odd n) gives the float64 values,
+    here with a zero row whose factor grows 1 / eps a step."""
+    from hdgsa_sinkhorn._triton import sinkhorn_knopp_fwd
 
     logits = make_tensor(5, n, n, device=device, seed=43, scale=2.0)
     logits[1, n - 1] = float("-inf")
-    grad_output = make_tensor(5, n, n, device=device, seed=44)
     probs = sinkhorn_knopp_fwd(logits, num_iters, 1e-8, restart=restart, pair_rows=pair_rows)
-    grad = sinkhorn_knopp_bwd(
-        logits, grad_output, num_iters, 1e-8, seg=3, restart=restart, pair_rows=pair_rows
-    )
-    probs64, grad64 = _run(logits.double(), grad_output.double(), num_iters, 1e-8, None)
+    probs64 = sinkhorn_knopp_reference(logits.double(), num_iters, 1e-8)
     assert (probs[1, n - 1] == 0).all()
     assert_matches_reference("P", probs, probs64)
-    assert_matches_reference("d logits", grad, grad64)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

@@ -8,6 +8,14 @@ sums and column sums (the sum of the row blocks) never leave the thread, no shuf
 memory. For ``n = 8`` a row spans two threads (one shuffle per row sum). Logits are read once and
 ``P`` written once; every iteration runs in registers.
 
+Scaling form (forward, n <= 8). ``P = diag(u) K diag(v)``: a row step is ``u_i <- u_i / (u_i (K
+v)_i + eps)`` (``u_i (K v)_i`` is row i's sum), a column step likewise for ``v``, so an iteration
+multiplies the matrix only inside the two matrix-vector sums, and ``P`` is formed once per block
+of 4 iterations (``K <- P``, ``u = v = 1``), which bounds ``u`` and ``v`` (see ``_iterations``).
+Its 8 reciprocals per iteration (n = 4) run on the MUFU unit, 16 per SM per clock on an H100, and
+bound the n = 4 forward (about 45 us of the 1M-matrix forward's 64); pairing rows
+(``1 / a = b / (a b)``) moves a quarter of them to the FMA pipe.
+
 Backward. ``P_k`` is the matrix after iteration ``k``; ``Z_k = P_{k-1} / (r_k + eps)`` the matrix
 after its row step, ``re_k = r_k + eps``, ``ce_k = c_k + eps`` its normalizers. With
 ``Q_k = dP_k * P_k`` (the gradient times the value, elementwise), one iteration backwards is::
@@ -269,14 +277,13 @@ def _segment_adjoint(
     PADDED: tl.constexpr,
     N: tl.constexpr,
     FAST_DIV: tl.constexpr,
-    RESTART: tl.constexpr,
-    PAIR_ROWS: tl.constexpr,
 ):
     """Iterations [start, start + SEG) backwards: recompute P_start from P_0 (a plain loop), run
     the segment forward keeping its normalizers, then take ``grads`` (Q at the segment's end, or
     dP itself when ``last``) back to Q at its start. With PADDED, ``start`` may be negative and the
     iterations before 0 are skipped (the first segment of a count that SEG does not divide)."""
-    probs = _iterations(probs0, eps, tl.maximum(start, 0), N, FAST_DIV, RESTART, PAIR_ROWS)
+    # The plain form here: the scaling form measured 1% slower in this kernel (n = 4 and 8, H100).
+    probs = _iterations(probs0, eps, start, N, FAST_DIV, 1, False)
     history = ()
     for step in tl.static_range(SEG):
         if PADDED:
@@ -352,8 +359,6 @@ def _sinkhorn_bwd_kernel(
     X_CONTIGUOUS: tl.constexpr,
     G_CONTIGUOUS: tl.constexpr,
     FAST_DIV: tl.constexpr,
-    RESTART: tl.constexpr,
-    PAIR_ROWS: tl.constexpr,
 ):
     o_b, o_j, m_bj, logits = _load_logits(x, M, stride_xb, stride_xi, stride_xj, N, BN, BLOCK, X_CONTIGUOUS)
     probs0, b_max = _exp_minus_max(logits, N)
@@ -378,8 +383,6 @@ def _sinkhorn_bwd_kernel(
             NUM_ITERS % SEG != 0,
             N,
             FAST_DIV,
-            RESTART,
-            PAIR_ROWS,
         )
     # Path through the max: d max = -sum(Q_0), shared evenly by the entries equal to the max
     # (what autograd gives for amax).
@@ -414,19 +417,23 @@ _FAST_DIV = not _INTERPRETER  # the interpreter runs no inline PTX
 _SEG = {1: 32, 2: 32, 4: 10, 8: 10, 16: 4, 32: 2, 64: 1}
 
 
-# Scaling-form blocks (see _iterations): within RESTART iterations u and v stay within
-# eps ** -RESTART (<= 1e32 for SPEC's default eps = 1e-8) and (n + eps) ** -RESTART; outside the
-# eps range below, every iteration divides P in place. PAIR_ROWS: see _row_reciprocals.
+# The forward's scaling-form blocks (see _iterations): within RESTART iterations u and v stay
+# within eps ** -RESTART (<= 1e32 for SPEC's default eps = 1e-8) and (n + eps) ** -RESTART; outside
+# the eps range below, every iteration divides P in place. H100, 20 iterations, CUDA-graph time:
+# n = 4 at 1M matrices 64.1 us against 65.7 (plain form, best tile), n = 8 at 65,536 20.7 against
+# 21.6, n = 16 even (75.7 / 76.2), n = 32 slower (291 / 267 at 16,384): up to n = 8 only.
+# PAIR_ROWS (see _row_reciprocals): 0.3-2 us less at 1M in every tile.
 _RESTART = 4
+_SCALING_MAX_N = 8
 _SCALING_EPS_RANGE = (1e-8, 1.0)
-_PAIR_ROWS = False
+_PAIR_ROWS = True
 
 
 def _scaling(n: int, eps: float, restart: int | None, pair_rows: bool | None) -> tuple[int, bool]:
-    """``(RESTART, PAIR_ROWS)`` for the kernels; the arguments override the defaults (tuning, tests)."""
+    """The forward's ``(RESTART, PAIR_ROWS)``; the arguments override the defaults (tuning, tests)."""
     low, high = _SCALING_EPS_RANGE
     if restart is None:
-        restart = _RESTART if low <= eps <= high else 1
+        restart = _RESTART if n <= _SCALING_MAX_N and low <= eps <= high else 1
     if pair_rows is None:
         pair_rows = _PAIR_ROWS
     return restart, pair_rows and restart > 1 and n % 2 == 0
@@ -443,18 +450,6 @@ def _matrices(tensor: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int, 
     stride_b, stride_i, stride_j = batched.stride()
     packed = stride_j == 1 and stride_i == n and (batched.shape[0] <= 1 or stride_b == n * n)
     return batched, batched.shape[0], (stride_b, stride_i, stride_j), packed
-
-
-# n = 4 on an H100: 128 matrices a program until the grid covers the machine several times
-# over, then 256 (65,536: 6.0 us against 8.6; 1M: 64.0 against 65.8).
-_FWD_CONFIG_N4_LARGE = (256, 4)
-_FWD_LARGE_COUNT = 2**19
-
-
-def _fwd_config(bn: int, count: int) -> tuple[int, int]:
-    if bn == 4 and count >= _FWD_LARGE_COUNT:
-        return _FWD_CONFIG_N4_LARGE
-    return _FWD_CONFIGS[bn]
 
 
 # Launched without Triton's per-launch argument binding (~36 us of host time on an H100 machine,
@@ -481,7 +476,7 @@ def sinkhorn_knopp_fwd(
     if count == 0:
         return out
     bn = next_power_of_2(n)
-    block, num_warps = config or _fwd_config(bn, count)
+    block, num_warps = config or _FWD_CONFIGS[bn]
     restart, pair_rows = _scaling(n, eps, restart, pair_rows)
     with device_guard(logits.device):
         _launch_fwd_kernel(
@@ -514,14 +509,11 @@ def sinkhorn_knopp_bwd(
     *,
     seg: int | None = None,
     config: tuple[int, int] | None = None,
-    restart: int | None = None,
-    pair_rows: bool | None = None,
 ) -> torch.Tensor:
     """Backward launcher: ``d logits`` ``[..., n, n]`` contiguous, in ``logits.dtype``. One launch
     that recomputes the forward and runs the iterations backwards. ``seg`` overrides the segment
     length (tests use it to cover several and padded segments), ``config`` = ``(BLOCK,
-    num_warps)`` the table, ``restart`` and ``pair_rows`` the scaling form's choices for the
-    recomputation up to each segment (see :func:`sinkhorn_knopp_fwd`)."""
+    num_warps)`` the table (for tuning)."""
     n = logits.shape[-1]
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     x, count, (stride_xb, stride_xi, stride_xj), x_packed = _matrices(logits)
@@ -535,7 +527,6 @@ def sinkhorn_knopp_bwd(
         # threads: half the segment keeps them out of local memory (ptxas -v, sm_90).
         seg = num_iters if _INTERPRETER else min(_SEG[bn] if n == bn else max(1, _SEG[bn] // 2), num_iters)
     seg = max(1, min(seg, num_iters))
-    restart, pair_rows = _scaling(n, eps, restart, pair_rows)
     with device_guard(logits.device):
         _launch_bwd_kernel(
             (cdiv(count, block),),
@@ -559,8 +550,6 @@ def sinkhorn_knopp_bwd(
             X_CONTIGUOUS=x_packed,
             G_CONTIGUOUS=g_packed,
             FAST_DIV=_FAST_DIV,
-            RESTART=restart,
-            PAIR_ROWS=pair_rows,
             num_warps=num_warps,
         )
     return out
