@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import hdgsa_deltanet_fla.api as api
+import hdgsa_deltanet_fla.reference as reference
 from hdgsa_core.testing import DEFAULT_TOLERANCE, assert_close, make_tensor, strided_rows
 from hdgsa_deltanet_fla import _fla, gated_delta_rule, gated_delta_rule_backends
 from hdgsa_deltanet_fla.reference import (
@@ -229,6 +230,62 @@ def test_chunked_form_matches_per_step_in_float64():
     grads_ref = torch.autograd.grad(o_ref.sum() + s_ref.square().sum(), leaves)
     for name, grad, grad_ref in zip(("q", "k", "v", "alpha", "beta", "S0"), grads, grads_ref, strict=True):
         assert_close(f"d{name}", grad, grad_ref, 1e-11)
+
+
+def _spy_on_buffer_choice(monkeypatch) -> list[bool]:
+    """Record what chunk_gated_delta_rule_torch decides (buffers or autograd's path) per call."""
+    choices: list[bool] = []
+    decide = reference._writes_into_buffers
+
+    def spy(*tensors):
+        choices.append(decide(*tensors))
+        return choices[-1]
+
+    monkeypatch.setattr(reference, "_writes_into_buffers", spy)
+    return choices
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seq_len", [1, 64, 70])
+def test_buffered_forward_equals_the_autograd_forward(device, seq_len, monkeypatch):
+    """Where autograd records nothing the chunked forward writes into preallocated buffers
+    (out=, poisoned with NaN here); it must give exactly the values of the path autograd
+    records (padding, GVA, batch > 1 and an initial state included) and leave its inputs alone."""
+    choices = _spy_on_buffer_choice(monkeypatch)
+    inputs = make_inputs(2, seq_len, 2, 16, 8, v_heads=4, device=device, seed=41)
+    q, k, v, alpha, beta, _, state = inputs.tensors()
+    args = [q, k, v, alpha.clamp(min=ALPHA_MIN).log(), beta, state]
+    saved = [t.clone() for t in args]
+    o, final_state = chunk_gated_delta_rule_torch(*args[:5], 0.3, args[5])
+    leaves = [t.clone().requires_grad_() for t in args]
+    o_recorded, final_recorded = chunk_gated_delta_rule_torch(*leaves[:5], 0.3, leaves[5])
+    assert choices == [True, False]
+    assert o_recorded.requires_grad
+    assert not o.requires_grad
+    assert torch.equal(o, o_recorded.detach())
+    assert torch.equal(final_state, final_recorded.detach())
+    assert all(torch.equal(t, t_saved) for t, t_saved in zip(args, saved, strict=True))
+
+
+def test_buffers_only_where_autograd_records_nothing(monkeypatch):
+    plain, leaf = torch.zeros(2), torch.zeros(2, requires_grad=True)
+    assert reference._writes_into_buffers(plain, None, plain)
+    assert not reference._writes_into_buffers(plain, leaf, None)
+    with torch.no_grad():
+        assert reference._writes_into_buffers(plain, leaf)
+    with torch.inference_mode():
+        assert reference._writes_into_buffers(leaf)
+    # Through the op: plain tensors (a forward-only call, as benchmarks/cpu_speed.py times it)
+    # and no_grad take the buffers; inputs that need a gradient do not.
+    choices = _spy_on_buffer_choice(monkeypatch)
+    inputs = make_inputs(1, 40, 2, 8, 8, seed=43)
+    tensors = inputs.tensors()[:5]
+    expected = gated_delta_rule(*tensors, backend="torch")
+    with torch.no_grad():
+        gated_delta_rule(*(t.clone().requires_grad_() for t in tensors), backend="torch")
+    recorded = gated_delta_rule(*(t.clone().requires_grad_() for t in tensors), backend="torch")
+    assert choices == [True, True, False]
+    torch.testing.assert_close(recorded.detach(), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

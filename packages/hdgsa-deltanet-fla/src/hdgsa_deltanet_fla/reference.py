@@ -42,6 +42,19 @@ _LOG_DECAY_FLOOR = -80.0
 _INVERSE_LEAF = 16
 
 
+def _writes_into_buffers(*tensors: torch.Tensor | None) -> bool:
+    """Whether the chunked forward may write its results into preallocated buffers (``out=``).
+
+    Only where autograd records nothing (grad mode off, or no input requires a gradient):
+    ``out=`` is not differentiable. And not under ``torch.compile``, which plans its own buffers
+    (and whose functionalization of ``out=`` on strided inputs gets the result's strides wrong
+    in torch 2.13).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
 def _unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
     """``(I + a)^{-1}`` for strictly lower-triangular ``a`` ``[..., n, n]``, by batched matmuls.
 
@@ -126,6 +139,10 @@ def chunk_gated_delta_rule_torch(
     """
     batch, seq_len, _, head_dim_k = q.shape
     num_v_heads, head_dim_v = v.shape[2], v.shape[3]
+    # Where autograd records nothing, each chunk's state and residual go straight into
+    # preallocated [N, ...] buffers (no lists, no stacks) and beta V is formed in the pass
+    # that lays it out.
+    buffered = _writes_into_buffers(q, k, v, g, beta, initial_state)
     q = _expand_qk_heads(q, num_v_heads)
     k = _expand_qk_heads(k, num_v_heads)
 
@@ -134,20 +151,25 @@ def chunk_gated_delta_rule_torch(
     pad = num_chunks * chunk - seq_len
     bh = batch * num_v_heads
 
-    def to_chunks(x: torch.Tensor) -> torch.Tensor:
-        # [B, T, HV, ...] -> [B * HV, N, C, ...] in the compute dtype, contiguous: one copy
-        # here, so that no later elementwise result inherits the strided layout and no matmul
-        # copies its operands again.
-        x = x.to(compute_dtype).transpose(1, 2)
+    def chunked(x: torch.Tensor) -> torch.Tensor:
+        # [B, T, HV, ...] -> [N, B, HV, C, ...] in the compute dtype: chunk-major, so that each
+        # chunk's operands and buffers in the loop are contiguous (a product into a strided
+        # out= slice takes twice as long). A view where it can be.
+        x = x.to(compute_dtype)
         if pad:
-            x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
-        return x.reshape(bh, num_chunks, chunk, *x.shape[3:]).contiguous()
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+        return x.unflatten(1, (num_chunks, chunk)).permute(1, 0, 3, 2, *range(4, x.dim() + 1))
 
-    q_c, k_c, v_c = to_chunks(q), to_chunks(k), to_chunks(v)
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:
+        # [N, B * HV, C, ...], contiguous: one copy here, so that no later elementwise result
+        # inherits a strided layout and no product copies its operands again.
+        return chunked(x).reshape(num_chunks, bh, chunk, *x.shape[3:]).contiguous()
+
+    q_c, k_c = to_chunks(q), to_chunks(k)
     k_t = k_c.transpose(-1, -2)
-    beta_c = to_chunks(beta).unsqueeze(-1)  # [BH, N, C, 1]
+    beta_c = to_chunks(beta).unsqueeze(-1)  # [N, BH, C, 1]
     g_c = to_chunks(g)
-    g_cum = g_c.cumsum(-1)  # G_i, chunk-local, [BH, N, C]
+    g_cum = g_c.cumsum(-1)  # G_i, chunk-local, [N, BH, C]
 
     # M_ij = exp(G_i - G_j) below the diagonal and exactly 1 on it; above it M is never read
     # (A and the scores are cut to their triangles after the product), so it is set finite
@@ -163,41 +185,64 @@ def chunk_gated_delta_rule_torch(
     a_strict = (k_beta @ k_t).mul_(decay_ij).tril_(-1)  # diagonal out too
     t_inv = _unit_lower_inverse(a_strict)  # (I + A)^{-1}
     g_exp = g_cum.exp().unsqueeze(-1)
-    v_beta = v_c * beta_c
+    if buffered:  # beta V straight from v's strided view: one pass, not a copy and a product
+        v_beta = torch.empty(num_chunks, bh, chunk, head_dim_v, dtype=compute_dtype, device=q.device)
+        v_beta_view = v_beta.view(num_chunks, batch, num_v_heads, chunk, head_dim_v)
+        torch.mul(chunked(v), chunked(beta).unsqueeze(-1), out=v_beta_view)
+    else:
+        v_beta = to_chunks(v) * beta_c
     k_beta_decayed = k_beta * g_exp
     scores_t = (q_c @ k_t).mul_(decay_ij).tril_() @ t_inv  # Z = (Q K^T * M) T
     q_decayed = q_c * g_exp
     # exp(G_C - G_i) = exp(sum_{s > i} g_s): a shifted reverse cumsum, not a difference (the
     # last row's decay is exactly 1, with no gradient).
     g_after = F.pad(g_c.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))
-    keys_t = (k_c * g_after.exp().unsqueeze(-1)).transpose(-1, -2) @ t_inv  # P, [BH, N, K, C]
-    chunk_decay = g_cum[..., -1:].exp().unsqueeze(-1)  # [BH, N, 1, 1]
+    keys_t = (k_c * g_after.exp().unsqueeze(-1)).transpose(-1, -2) @ t_inv  # P, [N, BH, K, C]
+    chunk_decay = g_cum[..., -1:].exp().unsqueeze(-1)  # [N, BH, 1, 1]
 
     if initial_state is None:
         state = q_c.new_zeros(bh, head_dim_k, head_dim_v)
     else:
         state = initial_state.to(compute_dtype).reshape(bh, head_dim_k, head_dim_v)
+    if buffered:
+        # Chunk n's input state goes to states_in[n] and its residual to residuals[n]; the
+        # final state gets its own tensor (not a view that would keep the buffer alive).
+        states_in = torch.empty(num_chunks, bh, head_dim_k, head_dim_v, dtype=compute_dtype, device=q.device)
+        residuals = torch.empty(num_chunks, bh, chunk, head_dim_v, dtype=compute_dtype, device=q.device)
+        state = states_in[0].copy_(state)
+        state_slots: list[torch.Tensor | None] = [*states_in.unbind(0)[1:], torch.empty_like(state)]
+        residual_slots: list[torch.Tensor | None] = list(residuals.unbind(0))
+    else:
+        # Autograd keeps every chunk's state and residual: fresh tensors (out=None), listed
+        # here and stacked after the loop.
+        states_in, residuals = [], []
+        state_slots = residual_slots = [None] * num_chunks
     # The only sequential part (per-chunk operands unbound once, not indexed in the loop).
-    # ``state * decay`` is a fresh tensor that autograd does not keep, so the product is
-    # accumulated into it in place (no copy of the state per chunk).
-    values_per_chunk, keys_per_chunk = v_beta.unbind(1), k_beta_decayed.unbind(1)
-    updates_per_chunk, decay_per_chunk = keys_t.unbind(1), chunk_decay.unbind(1)
-    states_in, residuals = [], []
+    # ``state * decay`` is a fresh tensor (or a buffer slot) that autograd does not keep, so the
+    # product is accumulated into it in place (no copy of the state per chunk).
+    values_per_chunk, keys_per_chunk = v_beta.unbind(0), k_beta_decayed.unbind(0)
+    updates_per_chunk, decay_per_chunk = keys_t.unbind(0), chunk_decay.unbind(0)
     for n in range(num_chunks):
-        states_in.append(state)
-        residual = torch.baddbmm(values_per_chunk[n], keys_per_chunk[n], state, alpha=-1.0)  # R
-        residuals.append(residual)
-        state = (state * decay_per_chunk[n]).baddbmm_(updates_per_chunk[n], residual)
+        residual = torch.baddbmm(  # R
+            values_per_chunk[n], keys_per_chunk[n], state, alpha=-1.0, out=residual_slots[n]
+        )
+        decayed = torch.mul(state, decay_per_chunk[n], out=state_slots[n])
+        if not buffered:
+            states_in.append(state)
+            residuals.append(residual)
+        state = decayed.baddbmm_(updates_per_chunk[n], residual)
+    if not buffered:
+        states_in, residuals = torch.stack(states_in), torch.stack(residuals)
 
     # O = scale * ((exp(G) Q) S_in + Z R), all chunks in two batched products (the second
-    # accumulated in place into the first's fresh result).
-    states_in = torch.stack(states_in, dim=1).reshape(bh * num_chunks, head_dim_k, head_dim_v)
-    residuals = torch.stack(residuals, dim=1).reshape(bh * num_chunks, chunk, head_dim_v)
-    o = torch.bmm(scores_t.reshape(bh * num_chunks, chunk, chunk), residuals)
-    o = o.baddbmm_(q_decayed.reshape(bh * num_chunks, chunk, head_dim_k), states_in).mul_(scale)
-    o = o.reshape(batch, num_v_heads, num_chunks * chunk, head_dim_v)[:, :, :seq_len]
-    state = state.reshape(batch, num_v_heads, head_dim_k, head_dim_v)
-    return o.transpose(1, 2), state
+    # accumulated in place into the first's fresh result). Not baddbmm_'s beta = alpha =
+    # scale: its backward then scales all three gradients (forward + backward +25% measured).
+    o = torch.bmm(scores_t.flatten(0, 1), residuals.flatten(0, 1))
+    o = o.baddbmm_(q_decayed.flatten(0, 1), states_in.flatten(0, 1)).mul_(scale)
+    # [N, B, HV, C, V] -> [B, T, HV, V]: one copy (the caller's contiguous() is then free).
+    o = o.view(num_chunks, batch, num_v_heads, chunk, head_dim_v).permute(1, 0, 3, 2, 4)
+    o = o.reshape(batch, num_chunks * chunk, num_v_heads, head_dim_v)[:, :seq_len]
+    return o, state.reshape(batch, num_v_heads, head_dim_k, head_dim_v)
 
 
 def recurrent_gated_delta_rule_reference(
