@@ -42,6 +42,19 @@ if [[ -d /tmp/quack-site ]]; then
 else
   echo "quack parts here: $(ls /tmp/quack-parts | tr '\n' ' ')"
 fi
+# A newer Triton than the machine's (fla 0.6 runs the gated backward on Hopper only with Triton
+# >= 3.7.1; the machine has 3.6) travels the same way: .triton-part0/, .triton-part1/, an xz tar
+# of the wheel's files (AMD backend, CUPTI and Blackwell ptxas left out), put first on PYTHONPATH.
+mkdir -p /tmp/triton-parts
+cp .triton-part*/triton*.tar.xz.part* /tmp/triton-parts/ 2>/dev/null
+if [[ ! -d /tmp/triton-site ]] && compgen -G "/tmp/triton-parts/*" >/dev/null && cat /tmp/triton-parts/* | xz -t 2>/dev/null; then
+  mkdir -p /tmp/triton-site && cat /tmp/triton-parts/* | xz -d | tar -C /tmp/triton-site -xf - || exit 1
+fi
+if [[ -d /tmp/triton-site ]]; then
+  export PYTHONPATH=/tmp/triton-site:$PYTHONPATH
+elif compgen -G "/tmp/triton-parts/*" >/dev/null; then
+  echo "triton parts here: $(ls /tmp/triton-parts | tr '\n' ' ')"
+fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
