@@ -51,6 +51,9 @@ if [[ ! -d /tmp/triton-site ]] && compgen -G "/tmp/triton-parts/*" >/dev/null &&
   mkdir -p /tmp/triton-site && cat /tmp/triton-parts/* | xz -d | tar -C /tmp/triton-site -xf - || exit 1
 fi
 if [[ -d /tmp/triton-site ]]; then
+  sed -i "/^amd = /d" /tmp/triton-site/triton-*.dist-info/entry_points.txt  # its backend was left out
+  # Triton 3.9 looks for ptxas-blackwell on every GPU; Hopper builds need only ptxas.
+  bin=/tmp/triton-site/triton/backends/nvidia/bin; [[ -e $bin/ptxas-blackwell ]] || ln -s ptxas "$bin/ptxas-blackwell"
   export PYTHONPATH=/tmp/triton-site:$PYTHONPATH
 elif compgen -G "/tmp/triton-parts/*" >/dev/null; then
   echo "triton parts here: $(ls /tmp/triton-parts | tr '\n' ' ')"

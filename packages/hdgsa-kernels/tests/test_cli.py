@@ -119,6 +119,24 @@ def test_graph_ms_times_a_capturable_call_and_refuses_a_host_sync():
     assert torch.equal(out, x * 3.0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_ms_failed_capture_leaves_the_random_generator_usable():
+    """A call that draws random numbers and breaks the capture itself (it syncs only while
+    capturing, so the warm-up passes) returns None, and random ops work afterwards, from the
+    generator's state before graph_ms was called."""
+
+    def breaks_capture() -> None:
+        torch.randn(64, device="cuda")
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
+
+    torch.cuda.manual_seed(5)
+    expected = torch.randn(8, device="cuda")
+    torch.cuda.manual_seed(5)
+    assert graph_ms(breaks_capture) is None
+    assert torch.equal(torch.randn(8, device="cuda"), expected)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_bench_without_gpu_says_so(capsys):
     assert run_benchmarks(["rmsnorm"]) == 1

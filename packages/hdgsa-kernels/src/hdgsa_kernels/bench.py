@@ -70,18 +70,27 @@ def graph_ms(fn: Callable[[], object], replays: int = 20) -> float | None:
     be captured (a host sync, a host-side read of a device value, ...). The replays run back to
     back, so inputs that fit in L2 stay there (do_bench flushes L2 between calls)."""
     previous_stream = torch.cuda.current_stream()
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    rng_state = generator.get_state()
+    previous_sync_mode = torch.cuda.get_sync_debug_mode()
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+        # Warm-up on a side stream, as capture requires; a call that syncs with the host raises
+        # here, before a capture it would break.
+        torch.cuda.set_sync_debug_mode("error")
+        with torch.cuda.stream(stream):
             fn()
+        torch.cuda.set_sync_debug_mode(previous_sync_mode)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
     except Exception:  # not capturable: the row keeps its do_bench time only
+        torch.cuda.set_sync_debug_mode(previous_sync_mode)
         # torch.cuda.graph leaves its capture stream current when the capture fails
         torch.cuda.set_stream(previous_stream)
+        _reset_generator(generator, rng_state)
         torch.cuda.synchronize()
         return None
     graph.replay()
@@ -93,6 +102,19 @@ def graph_ms(fn: Callable[[], object], replays: int = 20) -> float | None:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / replays
+
+
+def _reset_generator(generator: torch.Generator, state: torch.Tensor) -> None:
+    """Undo a failed capture's hold on the CUDA generator. The capture marks the generator's state
+    as capturing and only a successful end unmarks it; left so, its next random op raises
+    ("Offset increment outside graph capture encountered unexpectedly"), which broke every later
+    row of a bench run. A fresh state object, holding the state from before graph_ms, replaces
+    it (torch >= 2.4 has graph-safe generator states)."""
+    if not hasattr(generator, "graphsafe_set_state"):
+        return
+    fresh = torch.Generator(device=generator.device)
+    fresh.set_state(state)
+    generator.graphsafe_set_state(fresh.graphsafe_get_state())
 
 
 def measure_ceilings(timer: Timer, device: torch.device) -> Ceilings:
