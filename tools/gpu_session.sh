@@ -32,7 +32,8 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p /tmp/quack-parts
 cp .quack-part*/quack_site.tar.xz.part* /tmp/quack-parts/ 2>/dev/null
 if [[ ! -d /tmp/quack-site ]] && compgen -G "/tmp/quack-parts/*" >/dev/null && cat /tmp/quack-parts/* | xz -t 2>/dev/null; then
-  mkdir -p /tmp/quack-site && cat /tmp/quack-parts/* | xz -d | tar -C /tmp/quack-site -xf - || exit 1
+  # Into a scratch folder first: a half-unpacked site must not be taken for a whole one later.
+  rm -rf /tmp/quack-site.part && mkdir -p /tmp/quack-site.part && cat /tmp/quack-parts/* | xz -d | tar -C /tmp/quack-site.part -xf - && mv /tmp/quack-site.part /tmp/quack-site || exit 1
 fi
 if [[ -d /tmp/quack-site ]]; then
   # What nvidia_cutlass_dsl's .pth file would put first on sys.path (PYTHONPATH entries do not
@@ -48,7 +49,7 @@ fi
 mkdir -p /tmp/triton-parts
 cp .triton-part*/triton*.tar.xz.part* /tmp/triton-parts/ 2>/dev/null
 if [[ ! -d /tmp/triton-site ]] && compgen -G "/tmp/triton-parts/*" >/dev/null && cat /tmp/triton-parts/* | xz -t 2>/dev/null; then
-  mkdir -p /tmp/triton-site && cat /tmp/triton-parts/* | xz -d | tar -C /tmp/triton-site -xf - || exit 1
+  rm -rf /tmp/triton-site.part && mkdir -p /tmp/triton-site.part && cat /tmp/triton-parts/* | xz -d | tar -C /tmp/triton-site.part -xf - && mv /tmp/triton-site.part /tmp/triton-site || exit 1
 fi
 if [[ -d /tmp/triton-site ]]; then
   sed -i "/^amd = /d" /tmp/triton-site/triton-*.dist-info/entry_points.txt  # its backend was left out

@@ -288,6 +288,27 @@ def test_buffers_only_where_autograd_records_nothing(monkeypatch):
     torch.testing.assert_close(recorded.detach(), expected, rtol=0, atol=0)
 
 
+def test_forward_mode_ad_and_vmap_through_the_torch_backend():
+    """jvp, jacfwd and vmap take the recording path (out= ops have no forward derivative or
+    batching rule; dual and batched tensors do not require grad), and agree with reverse mode
+    and with plain calls."""
+    inputs = make_inputs(1, 20, 1, 4, 4, seed=47)
+    q, k, v, alpha, beta = inputs.tensors()[:5]
+
+    def op(q_: torch.Tensor) -> torch.Tensor:
+        return gated_delta_rule(q_, k, v, alpha, beta, backend="torch")
+
+    jacobian = torch.func.jacrev(op)(q)  # reverse mode: the recording path
+    tangent = make_tensor(*q.shape, seed=48)
+    out, out_tangent = torch.func.jvp(op, (q,), (tangent,))
+    torch.testing.assert_close(out, op(q))
+    expected_tangent = (jacobian.reshape(out.numel(), q.numel()) @ tangent.flatten()).view_as(out)
+    torch.testing.assert_close(out_tangent, expected_tangent, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.func.jacfwd(op)(q), jacobian, rtol=1e-4, atol=1e-5)
+    batched = torch.stack([q, 2 * q])
+    torch.testing.assert_close(torch.func.vmap(op)(batched), torch.stack([op(q), op(2 * q)]))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_overflow_when_alpha_underflows(device):
     """alpha at the clamp for a whole chunk: cumulative log-decay near -880, never exp(+880)."""

@@ -487,6 +487,19 @@ def test_triton_scaling_form_choices(device, n, num_iters, restart, pair_rows):
     assert_matches_reference("P", probs, probs64)
 
 
+@pytest.mark.parametrize(("restart", "eps"), [(4, 1e-9), (5, 1e-8), (2, 2.0), (4, 0.0)])
+def test_triton_scaling_form_refuses_unsafe_blocks(restart, eps):
+    """A block length whose factors could overflow (eps ** -restart > 1e32), or eps outside
+    [1e-8, 1], is refused before any launch (the kernels would give NaN for a zero row)."""
+    from hdgsa_sinkhorn._triton import _scaling
+
+    with pytest.raises(ValueError, match="restart"):
+        _scaling(4, eps, restart, None)
+    # The default: blocks of 4 inside [1e-8, 1], the plain form outside.
+    assert _scaling(4, eps, None, None)[0] == (4 if 1e-8 <= eps <= 1 else 1)
+    assert _scaling(4, 1e-8, 4, None) == (4, True)
+
+
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_custom_op_opcheck(device):
     import hdgsa_sinkhorn._triton  # noqa: F401  (registers the ops)

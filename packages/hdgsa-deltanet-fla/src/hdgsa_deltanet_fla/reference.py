@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 __all__ = ["ALPHA_MIN", "CHUNK_SIZE", "chunk_gated_delta_rule_torch", "recurrent_gated_delta_rule_reference"]
 
@@ -46,11 +47,15 @@ def _writes_into_buffers(*tensors: torch.Tensor | None) -> bool:
     """Whether the chunked forward may write its results into preallocated buffers (``out=``).
 
     Only where autograd records nothing (grad mode off, or no input requires a gradient):
-    ``out=`` is not differentiable. And not under ``torch.compile``, which plans its own buffers
-    (and whose functionalization of ``out=`` on strided inputs gets the result's strides wrong
-    in torch 2.13).
+    ``out=`` is not differentiable. Not inside forward-mode AD or a functorch transform
+    (``jvp``, ``jacfwd``, ``vmap``): ``out=`` ops have no forward derivative or batching rule,
+    and dual or batched tensors do not require grad. And not under ``torch.compile``, which
+    plans its own buffers (and whose functionalization of ``out=`` on strided inputs gets the
+    result's strides wrong in torch 2.13).
     """
     if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
         return False
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
@@ -239,7 +244,8 @@ def chunk_gated_delta_rule_torch(
     # scale: its backward then scales all three gradients (forward + backward +25% measured).
     o = torch.bmm(scores_t.flatten(0, 1), residuals.flatten(0, 1))
     o = o.baddbmm_(q_decayed.flatten(0, 1), states_in.flatten(0, 1)).mul_(scale)
-    # [N, B, HV, C, V] -> [B, T, HV, V]: one copy (the caller's contiguous() is then free).
+    # [N, B, HV, C, V] -> [B, T, HV, V]: one copy (contiguous unless T was padded and B > 1, where
+    # the slice below leaves a gap between batches).
     o = o.view(num_chunks, batch, num_v_heads, chunk, head_dim_v).permute(1, 0, 3, 2, 4)
     o = o.reshape(batch, num_chunks * chunk, num_v_heads, head_dim_v)[:, :seq_len]
     return o, state.reshape(batch, num_v_heads, head_dim_k, head_dim_v)

@@ -68,26 +68,30 @@ def do_bench_timer(warmup_ms: float, rep_ms: float) -> Timer:
 def graph_ms(fn: Callable[[], object], replays: int = 20) -> float | None:
     """GPU milliseconds of one ``fn()`` replayed from a CUDA graph, or None when the call cannot
     be captured (a host sync, a host-side read of a device value, ...). The replays run back to
-    back, so inputs that fit in L2 stay there (do_bench flushes L2 between calls)."""
+    back, so inputs that fit in L2 stay there (do_bench flushes L2 between calls). Random numbers
+    drawn by the warm-up, the capture and the replays advance the CUDA generator as calls would;
+    after a refused capture it is back where it was before this call."""
     previous_stream = torch.cuda.current_stream()
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
     rng_state = generator.get_state()
-    previous_sync_mode = torch.cuda.get_sync_debug_mode()
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        # Warm-up on a side stream, as capture requires; a call that syncs with the host raises
-        # here, before a capture it would break.
+        # Warm-up on a side stream, as capture requires. Most host syncs (a device value read on
+        # the host) raise here under sync debug mode, before a capture they would break; others
+        # (torch.cuda.synchronize) break the capture and are handled below.
+        previous_sync_mode = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.set_sync_debug_mode(previous_sync_mode)
+        try:
+            with torch.cuda.stream(stream):
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous_sync_mode)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
     except Exception:  # not capturable: the row keeps its do_bench time only
-        torch.cuda.set_sync_debug_mode(previous_sync_mode)
         # torch.cuda.graph leaves its capture stream current when the capture fails
         torch.cuda.set_stream(previous_stream)
         _reset_generator(generator, rng_state)

@@ -232,8 +232,9 @@ def _iterations(
     With RESTART > 1, blocks of RESTART iterations run in scaling form from the block's first
     matrix, which is then rescaled once (:func:`_scaled_iteration`: half the multiplies of
     dividing P in place each step). Within a block ``u`` grows at most ``1 / eps`` a step and
-    shrinks at most ``1 / (n + eps)``, so the host picks RESTART to keep both factors finite and
-    normal (``eps ** -RESTART <= 1e32``); the rest of ``count`` runs in the plain form."""
+    shrinks at most ``1 / (n + eps)``; the host uses blocks only where both stay finite and
+    normal (RESTART = 4 for eps in [1e-8, 1]: ``eps ** -4 <= 1e32``). The rest of ``count`` runs
+    in the plain form."""
     if RESTART > 1:
         for _ in range(count // RESTART):
             u, v = _ones_like_norms(rows, N)
@@ -434,6 +435,11 @@ def _scaling(n: int, eps: float, restart: int | None, pair_rows: bool | None) ->
     low, high = _SCALING_EPS_RANGE
     if restart is None:
         restart = _RESTART if n <= _SCALING_MAX_N and low <= eps <= high else 1
+    elif restart > 1 and not (low <= eps <= high and eps**-restart <= 1e32):
+        raise ValueError(
+            f"restart={restart}: the scaling form needs eps in [{low}, {high}] and "
+            f"eps ** -restart <= 1e32 (u and v grow by up to 1 / eps a step), got eps={eps}"
+        )
     if pair_rows is None:
         pair_rows = _PAIR_ROWS
     return restart, pair_rows and restart > 1 and n % 2 == 0
