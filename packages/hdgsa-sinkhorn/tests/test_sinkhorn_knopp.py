@@ -491,6 +491,7 @@ def test_triton_scaling_form_choices(device, n, num_iters, restart, pair_rows):
 def test_triton_scaling_form_refuses_unsafe_blocks(restart, eps):
     """A block length whose factors could overflow (eps ** -restart > 1e32), or eps outside
     [1e-8, 1], is refused before any launch (the kernels would give NaN for a zero row)."""
+    pytest.importorskip("triton")  # host code of the Triton backend, imported with it
     from hdgsa_sinkhorn._triton import _scaling
 
     with pytest.raises(ValueError, match="restart"):
