@@ -132,31 +132,14 @@ def finish_tests(procs: list[subprocess.Popen], budget: float) -> None:
 # ---- timing helpers ----------------------------------------------------------------------------
 
 
-def graph_us(fn, reps: int = 20) -> float:
-    """Kernel time per call (us) from replaying a CUDA graph of ``reps`` calls."""
-    import torch
+def graph_us(fn) -> float:
+    """Kernel time per call (us), replayed from a CUDA graph (hdgsa-kernels' ``graph_ms``)."""
+    from hdgsa_kernels.bench import graph_ms
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / reps)
-    return sorted(times)[len(times) // 2]
+    ms = graph_ms(fn)
+    if ms is None:
+        raise RuntimeError("not capturable in a CUDA graph")
+    return ms * 1e3
 
 
 def bench_ms(fn) -> float:
