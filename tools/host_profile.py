@@ -21,24 +21,8 @@ import time
 import torch
 
 from hdgsa_core.registry import ProviderUnavailable
-from hdgsa_kernels.bench import graph_ms
+from hdgsa_kernels.bench import graph_ms, kernel_ms
 from hdgsa_kernels.ops import import_op_module, resolve_op_names
-
-
-def _kernel_ms(run, calls: int = 20) -> float:
-    """GPU milliseconds of one ``run()``: the sum of its kernels' times in the PyTorch profiler
-    (for calls a CUDA graph cannot capture, such as a backward through the autograd engine)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
-        for _ in range(calls):
-            run()
-        torch.cuda.synchronize()
-    events = profiler.key_averages()
-    total_us = sum(
-        getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in events
-    )
-    return total_us / calls / 1e3
 
 
 def _host_us(run, calls: int) -> float:
@@ -83,7 +67,8 @@ def main() -> None:
                 torch.cuda.synchronize()
                 replayed_ms = graph_ms(run)
                 graph = "- (not capturable)" if replayed_ms is None else f"{replayed_ms * 1e3:.1f} us"
-                kernels = f"{_kernel_ms(run) * 1e3:.1f} us"
+                kernel_total = kernel_ms(run, calls=20)
+                kernels = "-" if kernel_total is None else f"{kernel_total * 1e3:.1f} us"
                 print(
                     f"\n{case.op} {case.name} [{provider}]: do_bench {bench_ms * 1e3:.1f} us, "
                     f"GPU (graph) {graph}, kernels {kernels}, host {host_us:.1f} us/call"

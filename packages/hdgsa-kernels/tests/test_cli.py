@@ -12,6 +12,7 @@ from hdgsa_kernels.bench import (
     _add_speedups,
     format_results,
     graph_ms,
+    kernel_ms,
     run_benchmarks,
     summarize,
 )
@@ -94,13 +95,15 @@ def test_roofline_and_speedups():
 
 def test_gpu_time_column():
     ours = Measurement("rmsnorm", "fwd", "hdgsa", ms=1.25, gpu_ms=0.8125, ours=True)
-    uncapturable = Measurement("rmsnorm", "fwd", "liger", ms=2.5)
-    table = format_results([ours, uncapturable])
+    uncapturable = Measurement("rmsnorm", "fwd", "liger", ms=2.5, gpu_ms=1.75, gpu_source="kernels")
+    untimed = Measurement("rmsnorm", "fwd", "torch", ms=3.5)
+    table = format_results([ours, uncapturable, untimed])
     header = next(line for line in table.splitlines() if line.startswith("case"))
     assert "GPU ms" in header
     row = next(line for line in table.splitlines() if "hdgsa" in line)
     assert "0.8125" in row
     assert "1.2500" in row
+    assert "1.7500k" in next(line for line in table.splitlines() if "liger" in line)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -117,6 +120,19 @@ def test_graph_ms_times_a_capturable_call_and_refuses_a_host_sync():
     torch.mul(x, 3.0, out=out)  # the GPU is usable after the refused capture
     torch.cuda.synchronize()
     assert torch.equal(out, x * 3.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the profiler's CUDA times need a GPU")
+def test_kernel_ms_sums_the_kernels_of_an_uncapturable_call():
+    x = torch.randn(1 << 20, device="cuda")
+    out = torch.empty_like(x)
+    one = kernel_ms(lambda: torch.mul(x, 2.0, out=out))
+    two = kernel_ms(lambda: (torch.mul(x, 2.0, out=out), torch.mul(out, 3.0, out=out), out.sum().item()))
+    assert one is not None
+    assert two is not None
+    assert 0 < one < two < 100  # the second call runs the first's kernel and two more
+    assert torch.equal(out, x * 6.0)
+    assert kernel_ms(lambda: None) is None  # no kernel, no time
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -7,9 +7,11 @@ L2 flushed between repeats), and reports ms, GB/s, TFLOP/s, the share of the roo
 memory and the speed-up of ours over each peer. Results go to a table, a JSON file and a PNG.
 
 With ``gpu_time`` each row also gets the GPU time of one call replayed from a CUDA graph
-(:func:`graph_ms`): no host time in it, so where a call's host time exceeds its GPU time (small
-ops; a backward through the autograd engine on a slow host) the two columns side by side say
-which one the do_bench median measured.
+(:func:`graph_ms`), or, for a call that cannot be captured (one that reads a device value on the
+host, as fla's backward does), the sum of its kernels' times under the PyTorch profiler
+(:func:`kernel_ms`). Neither has host time in it, so where a call's host time exceeds its GPU
+time (small ops; a backward through the autograd engine on a slow host) the two columns side by
+side say which one the do_bench median measured.
 """
 
 from __future__ import annotations
@@ -28,7 +30,16 @@ from hdgsa_core.registry import BenchCase, ProviderUnavailable
 
 from .ops import import_op_module
 
-__all__ = ["Ceilings", "Measurement", "graph_ms", "measure_ceilings", "run_benchmarks", "summarize"]
+__all__ = [
+    "Ceilings",
+    "Measurement",
+    "graph_ms",
+    "kernel_ms",
+    "kernel_times",
+    "measure_ceilings",
+    "run_benchmarks",
+    "summarize",
+]
 
 Timer = Callable[[Callable[[], object]], float]  # returns milliseconds
 
@@ -45,7 +56,8 @@ class Measurement:
     case: str
     provider: str
     ms: float | None = None
-    gpu_ms: float | None = None  # one call replayed from a CUDA graph (gpu_time runs only)
+    gpu_ms: float | None = None  # GPU time of one call (gpu_time runs only): graph or kernels
+    gpu_source: str = ""  # "graph" (graph_ms) or "kernels" (kernel_ms, not capturable)
     gbps: float | None = None
     tflops: float | None = None
     roofline_pct: float | None = None
@@ -106,6 +118,30 @@ def graph_ms(fn: Callable[[], object], replays: int = 20) -> float | None:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / replays
+
+
+def kernel_times(fn: Callable[[], object], calls: int = 10) -> dict[str, float]:
+    """GPU milliseconds per ``fn()`` of each kernel it launches (by name; memcpy and memset
+    included), from the PyTorch profiler over ``calls`` calls run back to back."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {
+        event.key: event.self_device_time_total / calls / 1e3
+        for event in profiler.key_averages()
+        if event.self_device_time_total > 0
+    }
+
+
+def kernel_ms(fn: Callable[[], object], calls: int = 10) -> float | None:
+    """GPU milliseconds of one ``fn()``: the sum of its kernels' times (:func:`kernel_times`),
+    for calls that :func:`graph_ms` cannot capture. Gaps between kernels (host time) are not in
+    it. None when ``fn`` launches no kernel."""
+    return sum(kernel_times(fn, calls).values()) or None
 
 
 def _reset_generator(generator: torch.Generator, state: torch.Tensor) -> None:
@@ -186,7 +222,9 @@ def _time_provider(
         measurement.peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
         measurement.ms = timer(fn)
         if gpu_time:
-            measurement.gpu_ms = graph_ms(fn)
+            measurement.gpu_ms, measurement.gpu_source = graph_ms(fn), "graph"
+            if measurement.gpu_ms is None:
+                measurement.gpu_ms, measurement.gpu_source = kernel_ms(fn), "kernels"
         summarize(case, measurement, ceilings)
     except ProviderUnavailable as reason:
         measurement.note = f"skipped: {reason}"
@@ -227,7 +265,11 @@ def format_results(measurements: Sequence[Measurement]) -> str:
                 m.case,
                 m.provider,
                 _fmt(m.ms, ".4f"),
-                *([_fmt(m.gpu_ms, ".4f")] if with_gpu_ms else []),
+                *(
+                    [_fmt(m.gpu_ms, ".4f") + ("k" if m.gpu_source == "kernels" else "")]
+                    if with_gpu_ms
+                    else []
+                ),
                 _fmt(m.gbps, ".0f"),
                 _fmt(m.tflops, ".1f"),
                 _fmt(m.roofline_pct, ".1f"),
@@ -246,8 +288,8 @@ def format_results(measurements: Sequence[Measurement]) -> str:
     out.append("\n'ours x' on a peer row: peer ms / ours ms; on ours: best peer ms / ours ms.")
     if with_gpu_ms:
         out.append(
-            "'GPU ms': one call replayed from a CUDA graph (no host time; L2 stays warm between"
-            " replays); '-' if not capturable."
+            "'GPU ms': one call replayed from a CUDA graph, or, marked k, the sum of its kernels'"
+            " times (profiler) where it cannot be captured; no host time, L2 warm between calls."
         )
     return "\n".join(out)
 
@@ -293,7 +335,7 @@ def run_benchmarks(
 ) -> int:
     """Time the cases of ``ops``; print the table; write JSON and PNG. Returns an exit code:
     1 if one of our providers failed, else 0 (peers that are missing or fail are listed).
-    ``gpu_time`` adds each call's CUDA-graph GPU time (:func:`graph_ms`)."""
+    ``gpu_time`` adds each call's GPU time (:func:`graph_ms`, else :func:`kernel_ms`)."""
     if not torch.cuda.is_available():
         print("hdgsa-kernels bench: needs a CUDA GPU (none found)", file=sys.stderr)
         return 1
@@ -331,7 +373,7 @@ def run_benchmarks(
         # one line and a JSON rewrite per measurement: a run cut short keeps what it measured
         line = f"[{done + 1}/{len(work)}] {case.op} | {case.name} | {name} | {_fmt(measurement.ms, '.4f')} ms"
         if gpu_time:
-            line += f" (GPU {_fmt(measurement.gpu_ms, '.4f')} ms)"
+            line += f" (GPU {_fmt(measurement.gpu_ms, '.4f')} ms, {measurement.gpu_source})"
         print(f"\r{line} {measurement.note}", flush=True)
         record["results"] = [asdict(m) for m in measurements]
         json_path.write_text(json.dumps(record, indent=1, default=str))
