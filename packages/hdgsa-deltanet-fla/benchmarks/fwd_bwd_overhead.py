@@ -5,12 +5,14 @@
 
 fla's backward reads device values on the host, so it cannot be captured in a CUDA graph, and a
 do_bench median of it includes host time. For every ``fwd+bwd`` case of ``hdgsa-kernels bench
-deltanet`` (providers ``hdgsa``, our wrapper, and ``fla``, fla called directly), this prints:
+deltanet`` (providers ``hdgsa``, our wrapper; ``fla``, fla called directly with ``g`` precomputed;
+``fla+log``, fla called directly with ``g = log(clamp(alpha))`` computed in the step, as a user
+holding alpha must), this prints:
 
-- GPU ms: the sum of one call's kernel times (:func:`hdgsa_kernels.bench.kernel_ms`), and their
-  ratio: what the wrapper adds on the GPU;
-- wall ms: ``calls`` calls back to back and a sync, per call, the two providers alternating for
-  ``rounds`` rounds; the median per provider and the median of the per-round ratios: what a
+- GPU ms: the sum of one call's kernel times (:func:`hdgsa_kernels.bench.kernel_times`), and
+  ours over each: what the wrapper adds on the GPU;
+- wall ms: ``calls`` calls back to back and a sync, per call, the two providers taking turns
+  (which goes first alternates) for ``rounds`` rounds; the median per provider and the median of the per-round ratios: what a
   training step pays, host time included;
 - per case, the kernels whose time per call differs between the two by more than 1 us (launched
   by one side only, or more often): where the GPU difference comes from.
@@ -31,7 +33,7 @@ from hdgsa_core.registry import ProviderUnavailable
 from hdgsa_deltanet_fla.bench import bench_cases
 from hdgsa_kernels.bench import kernel_times
 
-_PROVIDERS = ("hdgsa", "fla")
+_PROVIDERS = ("hdgsa", "fla", "fla+log")
 
 
 def _wall_ms(fn: Callable[[], object], calls: int) -> float:
@@ -46,7 +48,7 @@ def _wall_ms(fn: Callable[[], object], calls: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--filter", default=None, help="only cases whose name contains this text")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -64,18 +66,24 @@ def main() -> None:
             fn()
         kernels = {provider: kernel_times(fn) for provider, fn in runs.items()}
         walls: dict[str, list[float]] = {provider: [] for provider in runs}
-        for _ in range(args.rounds):
-            for provider, fn in runs.items():
-                walls[provider].append(_wall_ms(fn, args.calls))
+        for round_index in range(args.rounds):
+            # The order rotates: no provider always runs right after the same other one.
+            shift = round_index % len(_PROVIDERS)
+            for provider in _PROVIDERS[shift:] + _PROVIDERS[:shift]:
+                walls[provider].append(_wall_ms(runs[provider], args.calls))
         gpu = {provider: sum(times.values()) for provider, times in kernels.items()}
         wall = {provider: statistics.median(values) for provider, values in walls.items()}
-        wall_ratio = statistics.median(a / b for a, b in zip(walls["hdgsa"], walls["fla"], strict=True))
-        rows.append((case.name, gpu["hdgsa"], gpu["fla"], wall["hdgsa"], wall["fla"], wall_ratio))
+        wall_ratio = {
+            peer: statistics.median(a / b for a, b in zip(walls["hdgsa"], walls[peer], strict=True))
+            for peer in _PROVIDERS[1:]
+        }
+        rows.append((case.name, gpu, wall, wall_ratio))
         print(
-            f"\n{case.name}: GPU {gpu['hdgsa']:.4f} / {gpu['fla']:.4f} ms, wall {wall_ratio:.3f}x", flush=True
+            f"\n{case.name}: GPU ms {', '.join(f'{p} {gpu[p]:.4f}' for p in _PROVIDERS)}; "
+            f"wall ours / fla {wall_ratio['fla']:.3f}, ours / fla+log {wall_ratio['fla+log']:.3f}",
+            flush=True,
         )
-        names = sorted(set(kernels["hdgsa"]) | set(kernels["fla"]))
-        for name in names:
+        for name in sorted(set(kernels["hdgsa"]) | set(kernels["fla"])):
             ours, theirs = kernels["hdgsa"].get(name, 0.0), kernels["fla"].get(name, 0.0)
             if abs(ours - theirs) > 1e-3:
                 print(f"    {(ours - theirs) * 1e3:+8.1f} us  {name[:110]}")
@@ -83,15 +91,17 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     print(
-        f"\n{'case (fwd+bwd)':42s} {'ours GPU':>9s} {'fla GPU':>9s} {'ratio':>6s}  {'ours wall':>9s} {'fla wall':>9s} {'ratio':>6s}"
+        f"\n{'case (fwd+bwd)':38s} | GPU ms: {'ours':>7s} {'fla':>7s} {'x fla':>6s} {'fla+log':>7s} {'x':>6s}"
+        f" | wall ms: {'ours':>7s} {'fla':>7s} {'x fla':>6s} {'fla+log':>7s} {'x':>6s}"
     )
-    for name, gpu_ours, gpu_fla, wall_ours, wall_fla, wall_ratio in rows:
-        label = name.replace(" fwd+bwd", "")
+    for name, gpu, wall, wall_ratio in rows:
         print(
-            f"{label:42s} {gpu_ours:9.4f} {gpu_fla:9.4f} {gpu_ours / gpu_fla:6.3f}  "
-            f"{wall_ours:9.4f} {wall_fla:9.4f} {wall_ratio:6.3f}"
+            f"{name.replace(' fwd+bwd', ''):38s} | {'':7s} {gpu['hdgsa']:7.4f} {gpu['fla']:7.4f} "
+            f"{gpu['hdgsa'] / gpu['fla']:6.3f} {gpu['fla+log']:7.4f} {gpu['hdgsa'] / gpu['fla+log']:6.3f}"
+            f" | {'':8s} {wall['hdgsa']:7.4f} {wall['fla']:7.4f} {wall_ratio['fla']:6.3f} "
+            f"{wall['fla+log']:7.4f} {wall_ratio['fla+log']:6.3f}"
         )
-    print("ms per call; wall ratio: median of the per-round ratios.")
+    print("ms per call; x: ours / that peer (wall: the median of the per-round ratios).")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def test_bench_cases_listing():
     assert all(isinstance(case, BenchCase) for case in cases)
     assert {"fwd", "fwd+bwd"} == {case.tags[0] for case in cases}
     assert all(mode in case.name for case in cases for mode in case.tags[:1])
-    assert all({"hdgsa", "fla"} <= set(case.providers) for case in cases)
+    assert all({"hdgsa", "fla", "fla+log"} <= set(case.providers) for case in cases)
     assert all(case.bytes and case.flops for case in cases)
     assert bench_cases(["rmsnorm"]) == []
     assert len(bench_cases(["deltanet"])) == 16

@@ -6,7 +6,8 @@ each in the unpacked ``[B, T, H, K]`` and packed ``[B, T, H*K]`` layouts, with a
 - ``fwd``: providers ``hdgsa`` (:func:`gated_delta_rule`, ``backend="fla"``: alpha in, the
   log-decay and the D skip done by the wrapper), ``fla`` (``chunk_gated_delta_rule`` called
   directly on the same views with a precomputed ``g``, plus, with ``D``, the skip a user would
-  write: ``torch.addcmul(o, D[:, None], v)``), and, in the unpacked layout only, ``torch``
+  write: ``torch.addcmul(o, D[:, None], v)``), ``fla+log`` (the same with ``g`` computed from
+  alpha in the step, as a user holding alpha must), and, in the unpacked layout only, ``torch``
   (:func:`gated_delta_rule` with ``backend="torch"``: the chunked PyTorch backend on the GPU,
   for the record). The wrapper's overhead is ``hdgsa / fla - 1`` (target <= 3%).
 - ``fwd+bwd``: the same providers with ``torch.autograd.grad`` of every input (nothing
@@ -132,9 +133,12 @@ def _hdgsa(shape: _Shape, variant: _Variant, backend: str) -> Callable[[], objec
     return _timed(forward, inputs, variant.backward)
 
 
-def _fla_direct(shape: _Shape, variant: _Variant) -> Callable[[], object]:
-    """fla's ``chunk_gated_delta_rule`` as a user would call it: ``g`` precomputed (outside the
-    timing, from the same alpha), views for the packed layout, the D skip in PyTorch."""
+def _fla_direct(shape: _Shape, variant: _Variant, log_in_step: bool = False) -> Callable[[], object]:
+    """fla's ``chunk_gated_delta_rule`` as a user would call it: views for the packed layout and
+    the D skip in PyTorch (``torch.addcmul``), all inside the step. ``g``: precomputed outside the
+    timing from the same alpha (a model that produces log-decays directly), or, with
+    ``log_in_step``, ``log(clamp(alpha, 1e-6))`` in float32 inside the step (a model that
+    produces alpha, as this package's API takes: the same work as the wrapper's log-decay)."""
     reason = fla_unavailable_reason(
         torch.device("cuda"), head_dim_k=shape.head_dim, needs_backward=variant.backward
     )
@@ -144,18 +148,21 @@ def _fla_direct(shape: _Shape, variant: _Variant) -> Callable[[], object]:
 
     inputs = _inputs(shape, variant)
     b, t, h, d = shape.batch, shape.seq_len, shape.heads, shape.head_dim
-    q, k, v = (inputs[name].view(b, t, h, d) for name in ("q", "k", "v"))
-    g = inputs["alpha"].detach().float().clamp(min=1e-6).log().requires_grad_(variant.backward)
-    beta, D = inputs["beta"], inputs.get("D")
-    leaves = {"q": inputs["q"], "k": inputs["k"], "v": inputs["v"], "g": g, "beta": beta}
-    if D is not None:
-        leaves["D"] = D
-    D_cast = None if D is None else D.to(shape.dtype)[:, None]
+    alpha, beta, D = inputs["alpha"], inputs["beta"], inputs.get("D")
+    leaves = dict(inputs)
+    if not log_in_step:
+        g_leaf = alpha.detach().float().clamp(min=1e-6).log().requires_grad_(variant.backward)
+        del leaves["alpha"]
+        leaves["g"] = g_leaf
 
     def forward() -> torch.Tensor:
+        # Views and casts inside the step: made outside, their autograd nodes would belong to the
+        # stream they were made on, and the step could not be captured in a CUDA graph.
+        q, k, v = (inputs[name].view(b, t, h, d) for name in ("q", "k", "v"))
+        g = alpha.float().clamp(min=1e-6).log() if log_in_step else g_leaf
         o, _ = chunk_gated_delta_rule(q, k, v, g, beta, scale=d**-0.5)
         if D is not None:
-            o = torch.addcmul(o, D_cast, v)
+            o = torch.addcmul(o, D.to(shape.dtype)[:, None], v)
         return o.flatten(2) if variant.packed else o
 
     return _timed(forward, leaves, variant.backward)
@@ -190,6 +197,7 @@ def bench_cases(
                     providers: dict[str, Callable[[], Callable[[], object]]] = {
                         "hdgsa": lambda s=shape, v=variant: _hdgsa(s, v, "fla"),
                         "fla": lambda s=shape, v=variant: _fla_direct(s, v),
+                        "fla+log": lambda s=shape, v=variant: _fla_direct(s, v, log_in_step=True),
                     }
                     if not packed:
                         providers["torch"] = lambda s=shape, v=variant: _hdgsa(s, v, "torch")
