@@ -249,8 +249,9 @@ def _spy_on_buffer_choice(monkeypatch) -> list[bool]:
 @pytest.mark.parametrize("seq_len", [1, 64, 70])
 def test_buffered_forward_equals_the_autograd_forward(device, seq_len, monkeypatch):
     """Where autograd records nothing the chunked forward writes into preallocated buffers
-    (out=, poisoned with NaN here); it must give exactly the values of the path autograd
-    records (padding, GVA, batch > 1 and an initial state included) and leave its inputs alone."""
+    (out=, poisoned with NaN here) and forms the output's state term inside its loop; it must
+    give the values of the path autograd records to float32 rounding (padding, GVA, batch > 1
+    and an initial state included) and leave its inputs alone."""
     choices = _spy_on_buffer_choice(monkeypatch)
     inputs = make_inputs(2, seq_len, 2, 16, 8, v_heads=4, device=device, seed=41)
     q, k, v, alpha, beta, _, state = inputs.tensors()
@@ -262,8 +263,9 @@ def test_buffered_forward_equals_the_autograd_forward(device, seq_len, monkeypat
     assert choices == [True, False]
     assert o_recorded.requires_grad
     assert not o.requires_grad
-    assert torch.equal(o, o_recorded.detach())
-    assert torch.equal(final_state, final_recorded.detach())
+    assert torch.isfinite(o).all()
+    torch.testing.assert_close(o, o_recorded.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final_state, final_recorded.detach(), rtol=1e-5, atol=1e-5)
     assert all(torch.equal(t, t_saved) for t, t_saved in zip(args, saved, strict=True))
 
 
@@ -285,7 +287,7 @@ def test_buffers_only_where_autograd_records_nothing(monkeypatch):
         gated_delta_rule(*(t.clone().requires_grad_() for t in tensors), backend="torch")
     recorded = gated_delta_rule(*(t.clone().requires_grad_() for t in tensors), backend="torch")
     assert choices == [True, True, False]
-    torch.testing.assert_close(recorded.detach(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(recorded.detach(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_forward_mode_ad_and_vmap_through_the_torch_backend():
@@ -451,6 +453,7 @@ def test_alpha_zero_is_clamped(device):
     zeros[:, 1::3] = 1.0
     floor = torch.where(zeros == 0, torch.full_like(zeros, ALPHA_MIN), zeros)
     alpha = zeros.requires_grad_()
+    floor.requires_grad_()  # the same (recording) path as alpha's call, for a bitwise comparison
     rest = dict(initial_state=inputs.initial_state, backend="torch")
     o = gated_delta_rule(inputs.q, inputs.k, inputs.v, alpha, inputs.beta, inputs.D, **rest)
     o_floor = gated_delta_rule(inputs.q, inputs.k, inputs.v, floor, inputs.beta, inputs.D, **rest)

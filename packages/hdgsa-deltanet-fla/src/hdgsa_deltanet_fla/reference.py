@@ -121,8 +121,11 @@ def chunk_gated_delta_rule_torch(
     computed for all chunks at once as batched matrix products. The loop over chunks carries
     only the state: per chunk one product for ``R`` (``K S_0``) and one for the new state
     (``P R``); ``T`` enters through ``P`` and ``Z`` rather than through ``U' = T R``, so the
-    loop has no third product. The outputs are formed after the loop, for all chunks, in two
-    batched products. Decays enter only as differences of cumulative log-decays inside a
+    loop has no third product. Where autograd records the call, the outputs are formed after
+    the loop, for all chunks, in two batched products. Where it does not, the loop's first
+    product also gives the output's state term (``[exp(G) Q ; beta exp(G) K] S_0``, one
+    ``[2C, K]`` product), no input state is kept, and ``Z R`` is one batched product after the
+    loop; the two forms agree to float32 rounding. Decays enter only as differences of cumulative log-decays inside a
     chunk (``G_i - G_j`` with ``j <= i``, and ``G_C - G_i``), all ``<= 0``, masked before
     ``exp``: nothing overflows however close to 0 the decay gets. ``T`` is padded at the end
     to a multiple of ``chunk_size`` with ``k = v = q = beta = g = 0`` (no update, no decay).
@@ -186,19 +189,10 @@ def chunk_gated_delta_rule_torch(
     # its slow path (underflow to denormals / 0 is several times slower on CPU).
     decay_ij = (g_cum.unsqueeze(-1) - g_cum.unsqueeze(-2)).tril_(-1).clamp_min_(_LOG_DECAY_FLOOR).exp_()
 
-    k_beta = k_c * beta_c
-    a_strict = (k_beta @ k_t).mul_(decay_ij).tril_(-1)  # diagonal out too
+    a_strict = ((k_c * beta_c) @ k_t).mul_(decay_ij).tril_(-1)  # diagonal out too
     t_inv = _unit_lower_inverse(a_strict)  # (I + A)^{-1}
     g_exp = g_cum.exp().unsqueeze(-1)
-    if buffered:  # beta V straight from v's strided view: one pass, not a copy and a product
-        v_beta = torch.empty(num_chunks, bh, chunk, head_dim_v, dtype=compute_dtype, device=q.device)
-        v_beta_view = v_beta.view(num_chunks, batch, num_v_heads, chunk, head_dim_v)
-        torch.mul(chunked(v), chunked(beta).unsqueeze(-1), out=v_beta_view)
-    else:
-        v_beta = to_chunks(v) * beta_c
-    k_beta_decayed = k_beta * g_exp
     scores_t = (q_c @ k_t).mul_(decay_ij).tril_() @ t_inv  # Z = (Q K^T * M) T
-    q_decayed = q_c * g_exp
     # exp(G_C - G_i) = exp(sum_{s > i} g_s): a shifted reverse cumsum, not a difference (the
     # last row's decay is exactly 1, with no gradient).
     g_after = F.pad(g_c.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))
@@ -209,41 +203,53 @@ def chunk_gated_delta_rule_torch(
         state = q_c.new_zeros(bh, head_dim_k, head_dim_v)
     else:
         state = initial_state.to(compute_dtype).reshape(bh, head_dim_k, head_dim_v)
-    if buffered:
-        # Chunk n's input state goes to states_in[n] and its residual to residuals[n]; the
-        # final state gets its own tensor (not a view that would keep the buffer alive).
-        states_in = torch.empty(num_chunks, bh, head_dim_k, head_dim_v, dtype=compute_dtype, device=q.device)
-        residuals = torch.empty(num_chunks, bh, chunk, head_dim_v, dtype=compute_dtype, device=q.device)
-        state = states_in[0].copy_(state)
-        state_slots: list[torch.Tensor | None] = [*states_in.unbind(0)[1:], torch.empty_like(state)]
-        residual_slots: list[torch.Tensor | None] = list(residuals.unbind(0))
-    else:
-        # Autograd keeps every chunk's state and residual: fresh tensors (out=None), listed
-        # here and stacked after the loop.
-        states_in, residuals = [], []
-        state_slots = residual_slots = [None] * num_chunks
-    # The only sequential part (per-chunk operands unbound once, not indexed in the loop).
-    # ``state * decay`` is a fresh tensor (or a buffer slot) that autograd does not keep, so the
-    # product is accumulated into it in place (no copy of the state per chunk).
-    values_per_chunk, keys_per_chunk = v_beta.unbind(0), k_beta_decayed.unbind(0)
+    # The only sequential part: the loop over chunks, carrying the state (per-chunk operands are
+    # unbound once, not indexed in the loop).
     updates_per_chunk, decay_per_chunk = keys_t.unbind(0), chunk_decay.unbind(0)
-    for n in range(num_chunks):
-        residual = torch.baddbmm(  # R
-            values_per_chunk[n], keys_per_chunk[n], state, alpha=-1.0, out=residual_slots[n]
+    if buffered:
+        # Nothing is recorded for a backward, so each chunk needs one product with its input
+        # state: [-scale exp(G) Q ; beta exp(G) K] ([2C, K]) times S_in, subtracted in place
+        # from [0 ; beta V], gives [scale exp(G) Q S_in ; R], the output's state term and the
+        # residual at once. No input state is kept; everything goes into preallocated buffers
+        # (beta V straight from v's strided view).
+        lhs = torch.empty(num_chunks, bh, 2 * chunk, head_dim_k, dtype=compute_dtype, device=q.device)
+        torch.mul(q_c, g_exp * -scale, out=lhs[:, :, :chunk])
+        torch.mul(k_c, g_exp * beta_c, out=lhs[:, :, chunk:])
+        acc = torch.empty(num_chunks, bh, 2 * chunk, head_dim_v, dtype=compute_dtype, device=q.device)
+        acc[:, :, :chunk].zero_()
+        acc_view = acc.view(num_chunks, batch, num_v_heads, 2 * chunk, head_dim_v)
+        torch.mul(chunked(v), chunked(beta).unsqueeze(-1), out=acc_view[:, :, :, chunk:])
+        state = state.clone() if initial_state is not None else state  # updated in place below
+        lhs_per_chunk, acc_per_chunk = lhs.unbind(0), acc.unbind(0)
+        residuals_per_chunk = acc[:, :, chunk:].unbind(0)
+        for n in range(num_chunks):
+            acc_per_chunk[n].baddbmm_(lhs_per_chunk[n], state, alpha=-1.0)
+            state.mul_(decay_per_chunk[n]).baddbmm_(updates_per_chunk[n], residuals_per_chunk[n])
+        # O = scale exp(G) Q S_in + scale Z R, the second term for all chunks in one product.
+        o = torch.baddbmm(
+            acc[:, :, :chunk].flatten(0, 1),
+            scores_t.flatten(0, 1),
+            acc[:, :, chunk:].flatten(0, 1),
+            alpha=scale,
         )
-        decayed = torch.mul(state, decay_per_chunk[n], out=state_slots[n])
-        if not buffered:
+    else:
+        # Autograd keeps every chunk's input state and residual; the output's state term is then
+        # one batched product after the loop (its backward too, which costs less than a product
+        # per chunk). ``state * decay`` is a fresh tensor autograd does not keep, so the update
+        # is accumulated into it in place (no copy of the state per chunk).
+        values_per_chunk = (to_chunks(v) * beta_c).unbind(0)
+        keys_per_chunk = (k_c * (g_exp * beta_c)).unbind(0)
+        states_in, residuals = [], []
+        for n in range(num_chunks):
+            residual = torch.baddbmm(values_per_chunk[n], keys_per_chunk[n], state, alpha=-1.0)  # R
             states_in.append(state)
             residuals.append(residual)
-        state = decayed.baddbmm_(updates_per_chunk[n], residual)
-    if not buffered:
-        states_in, residuals = torch.stack(states_in), torch.stack(residuals)
-
-    # O = scale * ((exp(G) Q) S_in + Z R), all chunks in two batched products (the second
-    # accumulated in place into the first's fresh result). Not baddbmm_'s beta = alpha =
-    # scale: its backward then scales all three gradients (forward + backward +25% measured).
-    o = torch.bmm(scores_t.flatten(0, 1), residuals.flatten(0, 1))
-    o = o.baddbmm_(q_decayed.flatten(0, 1), states_in.flatten(0, 1)).mul_(scale)
+            state = (state * decay_per_chunk[n]).baddbmm_(updates_per_chunk[n], residual)
+        # O = scale * ((exp(G) Q) S_in + Z R), all chunks in two batched products (the second
+        # accumulated in place into the first's fresh result). Not baddbmm_'s beta = alpha =
+        # scale: its backward then scales all three gradients (forward + backward +25% measured).
+        o = torch.bmm(scores_t.flatten(0, 1), torch.stack(residuals).flatten(0, 1))
+        o = o.baddbmm_((q_c * g_exp).flatten(0, 1), torch.stack(states_in).flatten(0, 1)).mul_(scale)
     # [N, B, HV, C, V] -> [B, T, HV, V]: one copy (contiguous unless T was padded and B > 1, where
     # the slice below leaves a gap between batches).
     o = o.view(num_chunks, batch, num_v_heads, chunk, head_dim_v).permute(1, 0, 3, 2, 4)
