@@ -1,21 +1,21 @@
 """What the wrapper adds to fla's forward + backward, on a GPU (issue 5: <= 3%).
 
-    python packages/hdgsa-deltanet-fla/benchmarks/fwd_bwd_overhead.py [--rounds 15] [--calls 10]
+    python packages/hdgsa-deltanet-fla/benchmarks/fwd_bwd_overhead.py [--rounds 15] [--calls 20]
         [--filter TEXT]
 
-fla's backward reads device values on the host, so it cannot be captured in a CUDA graph, and a
-do_bench median of it includes host time. For every ``fwd+bwd`` case of ``hdgsa-kernels bench
-deltanet`` (providers ``hdgsa``, our wrapper; ``fla``, fla called directly with ``g`` precomputed;
-``fla+log``, fla called directly with ``g = log(clamp(alpha))`` computed in the step, as a user
-holding alpha must), this prints:
+fla's forward + backward launches some 60 kernels from Python, so on a slow host a do_bench
+median of it is host time, and it swings between runs. For every ``fwd+bwd`` case of
+``hdgsa-kernels bench deltanet`` (providers ``hdgsa``, our wrapper; ``fla``, fla called directly
+with ``g`` precomputed; ``fla+log``, fla called directly with ``g = log(clamp(alpha))`` computed
+in the step, as a user holding alpha must), this prints:
 
 - GPU ms: the sum of one call's kernel times (:func:`hdgsa_kernels.bench.kernel_times`), and
-  ours over each: what the wrapper adds on the GPU;
-- wall ms: ``calls`` calls back to back and a sync, per call, the two providers taking turns
-  (which goes first alternates) for ``rounds`` rounds; the median per provider and the median of the per-round ratios: what a
-  training step pays, host time included;
-- per case, the kernels whose time per call differs between the two by more than 1 us (launched
-  by one side only, or more often): where the GPU difference comes from.
+  ours over each peer: what the wrapper adds on the GPU;
+- wall ms: ``calls`` calls back to back and a sync, per call, the three providers taking turns
+  in a rotating order for ``rounds`` rounds; the median per provider and the median of the
+  per-round ratios of ours to each peer: what a training step pays, host time included;
+- per case, the kernels whose time per call differs between ours and ``fla`` by more than 1 us
+  (launched by one side only, or more often): where the GPU difference comes from.
 
 Needs fla-core and a Triton with which fla 0.6 runs its gated backward (on Hopper >= 3.7.1).
 """
@@ -90,17 +90,16 @@ def main() -> None:
         del runs
         torch.cuda.empty_cache()
 
-    print(
-        f"\n{'case (fwd+bwd)':38s} | GPU ms: {'ours':>7s} {'fla':>7s} {'x fla':>6s} {'fla+log':>7s} {'x':>6s}"
-        f" | wall ms: {'ours':>7s} {'fla':>7s} {'x fla':>6s} {'fla+log':>7s} {'x':>6s}"
-    )
+    columns = ("GPU ours", "GPU fla", "x", "GPU f+log", "x", "wall ours", "wall fla", "x", "wall f+log", "x")
+    print(f"\n{'case (fwd+bwd)':38s} " + " ".join(f"{column:>10s}" for column in columns))
     for name, gpu, wall, wall_ratio in rows:
-        print(
-            f"{name.replace(' fwd+bwd', ''):38s} | {'':7s} {gpu['hdgsa']:7.4f} {gpu['fla']:7.4f} "
-            f"{gpu['hdgsa'] / gpu['fla']:6.3f} {gpu['fla+log']:7.4f} {gpu['hdgsa'] / gpu['fla+log']:6.3f}"
-            f" | {'':8s} {wall['hdgsa']:7.4f} {wall['fla']:7.4f} {wall_ratio['fla']:6.3f} "
-            f"{wall['fla+log']:7.4f} {wall_ratio['fla+log']:6.3f}"
-        )
+        values = (
+            gpu["hdgsa"], gpu["fla"], gpu["hdgsa"] / gpu["fla"],
+            gpu["fla+log"], gpu["hdgsa"] / gpu["fla+log"],
+            wall["hdgsa"], wall["fla"], wall_ratio["fla"],
+            wall["fla+log"], wall_ratio["fla+log"],
+        )  # fmt: skip
+        print(f"{name.replace(' fwd+bwd', ''):38s} " + " ".join(f"{value:10.4f}" for value in values))
     print("ms per call; x: ours / that peer (wall: the median of the per-round ratios).")
 
 

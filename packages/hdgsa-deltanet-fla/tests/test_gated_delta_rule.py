@@ -232,6 +232,24 @@ def test_chunked_form_matches_per_step_in_float64():
         assert_close(f"d{name}", grad, grad_ref, 1e-11)
 
 
+@pytest.mark.parametrize("alpha_mode", ["random", "one", "tiny", "mixed"])
+@pytest.mark.parametrize("seq_len", [1, 45, 150])
+def test_buffered_chunked_form_matches_per_step_in_float64(alpha_mode, seq_len):
+    """The forward without autograd (its own loop, in preallocated buffers) in float64: equal
+    to the per-step loop to rounding, with padding, GVA, B > 1 and an initial state, which it
+    must leave alone."""
+    inputs = make_inputs(2, seq_len, 2, 8, 6, v_heads=4, dtype=torch.float64, alpha_mode=alpha_mode, seed=23)
+    q, k, v, alpha, beta, _, state = inputs.tensors()
+    g = alpha.clamp(min=ALPHA_MIN).log()
+    state_before = state.clone()
+    o, s = chunk_gated_delta_rule_torch(q, k, v, g, beta, 0.4, state, compute_dtype=torch.float64)
+    o_ref, s_ref = recurrent_gated_delta_rule_reference(q, k, v, g, beta, 0.4, state)
+    assert_close("o", o, o_ref, 1e-12)
+    assert_close("S_T", s, s_ref, 1e-12)
+    assert torch.equal(state, state_before)
+    assert s.data_ptr() != state.data_ptr()
+
+
 def _spy_on_buffer_choice(monkeypatch) -> list[bool]:
     """Record what chunk_gated_delta_rule_torch decides (buffers or autograd's path) per call."""
     choices: list[bool] = []

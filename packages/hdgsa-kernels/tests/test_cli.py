@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hdgsa_core.registry import BenchCase, CheckResult
-from hdgsa_kernels import cli
+from hdgsa_kernels import bench, cli
 from hdgsa_kernels.bench import (
     Ceilings,
     Measurement,
@@ -93,17 +93,32 @@ def test_roofline_and_speedups():
     assert "GPU ms" not in table  # no --gpu-time: no column
 
 
+def _cells(table: str, provider: str) -> list[str]:
+    row = next(line for line in table.splitlines() if f"| {provider} " in line)
+    return [cell.strip() for cell in row.split("|")]
+
+
 def test_gpu_time_column():
-    ours = Measurement("rmsnorm", "fwd", "hdgsa", ms=1.25, gpu_ms=0.8125, ours=True)
+    ours = Measurement("rmsnorm", "fwd", "hdgsa", ms=1.25, gpu_ms=0.8125, gpu_source="graph", ours=True)
     uncapturable = Measurement("rmsnorm", "fwd", "liger", ms=2.5, gpu_ms=1.75, gpu_source="kernels")
     untimed = Measurement("rmsnorm", "fwd", "torch", ms=3.5)
     table = format_results([ours, uncapturable, untimed])
     header = next(line for line in table.splitlines() if line.startswith("case"))
-    assert "GPU ms" in header
-    row = next(line for line in table.splitlines() if "hdgsa" in line)
-    assert "0.8125" in row
-    assert "1.2500" in row
-    assert "1.7500k" in next(line for line in table.splitlines() if "liger" in line)
+    assert [cell.strip() for cell in header.split("|")][2:4] == ["ms", "GPU ms"]
+    assert _cells(table, "hdgsa")[2:4] == ["1.2500", "0.8125"]
+    assert _cells(table, "liger")[2:4] == ["2.5000", "1.7500k"]  # k: the kernels' sum
+    assert _cells(table, "torch")[2:4] == ["3.5000", "-"]
+
+
+def test_gpu_ms_falls_back_to_the_kernel_sum(monkeypatch):
+    """A call graph_ms cannot capture gets kernel_ms's time, marked as such; neither: nothing."""
+    monkeypatch.setattr(bench, "graph_ms", lambda fn: 0.5)
+    monkeypatch.setattr(bench, "kernel_ms", lambda fn: 0.75)
+    assert bench.gpu_ms(lambda: None) == (0.5, "graph")
+    monkeypatch.setattr(bench, "graph_ms", lambda fn: None)
+    assert bench.gpu_ms(lambda: None) == (0.75, "kernels")
+    monkeypatch.setattr(bench, "kernel_ms", lambda fn: None)
+    assert bench.gpu_ms(lambda: None) == (None, "")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

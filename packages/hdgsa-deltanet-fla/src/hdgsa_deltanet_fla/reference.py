@@ -123,9 +123,10 @@ def chunk_gated_delta_rule_torch(
     (``P R``); ``T`` enters through ``P`` and ``Z`` rather than through ``U' = T R``, so the
     loop has no third product. Where autograd records the call, the outputs are formed after
     the loop, for all chunks, in two batched products. Where it does not, the loop's first
-    product also gives the output's state term (``[exp(G) Q ; beta exp(G) K] S_0``, one
-    ``[2C, K]`` product), no input state is kept, and ``Z R`` is one batched product after the
-    loop; the two forms agree to float32 rounding. Decays enter only as differences of cumulative log-decays inside a
+    product also gives the output's state term: ``[-scale exp(G) Q ; beta exp(G) K] S_0``, one
+    ``[2C, K]`` product subtracted from ``[0 ; beta V]``, is ``[scale exp(G) Q S_0 ; R]``; no
+    input state is kept, and ``scale Z R`` is one batched product after the loop. The two forms
+    agree to float32 rounding. Decays enter only as differences of cumulative log-decays inside a
     chunk (``G_i - G_j`` with ``j <= i``, and ``G_C - G_i``), all ``<= 0``, masked before
     ``exp``: nothing overflows however close to 0 the decay gets. ``T`` is padded at the end
     to a multiple of ``chunk_size`` with ``k = v = q = beta = g = 0`` (no update, no decay).
@@ -147,9 +148,8 @@ def chunk_gated_delta_rule_torch(
     """
     batch, seq_len, _, head_dim_k = q.shape
     num_v_heads, head_dim_v = v.shape[2], v.shape[3]
-    # Where autograd records nothing, each chunk's state and residual go straight into
-    # preallocated [N, ...] buffers (no lists, no stacks) and beta V is formed in the pass
-    # that lays it out.
+    # Where autograd records nothing, the loop works in place in preallocated buffers (see the
+    # loop below).
     buffered = _writes_into_buffers(q, k, v, g, beta, initial_state)
     q = _expand_qk_heads(q, num_v_heads)
     k = _expand_qk_heads(k, num_v_heads)
@@ -189,7 +189,8 @@ def chunk_gated_delta_rule_torch(
     # its slow path (underflow to denormals / 0 is several times slower on CPU).
     decay_ij = (g_cum.unsqueeze(-1) - g_cum.unsqueeze(-2)).tril_(-1).clamp_min_(_LOG_DECAY_FLOOR).exp_()
 
-    a_strict = ((k_c * beta_c) @ k_t).mul_(decay_ij).tril_(-1)  # diagonal out too
+    k_beta = k_c * beta_c
+    a_strict = (k_beta @ k_t).mul_(decay_ij).tril_(-1)  # diagonal out too
     t_inv = _unit_lower_inverse(a_strict)  # (I + A)^{-1}
     g_exp = g_cum.exp().unsqueeze(-1)
     scores_t = (q_c @ k_t).mul_(decay_ij).tril_() @ t_inv  # Z = (Q K^T * M) T
@@ -201,6 +202,9 @@ def chunk_gated_delta_rule_torch(
 
     if initial_state is None:
         state = q_c.new_zeros(bh, head_dim_k, head_dim_v)
+    elif buffered:  # a copy of its own: the loop below updates it in place
+        state = torch.empty(bh, head_dim_k, head_dim_v, dtype=compute_dtype, device=q.device)
+        state.view(initial_state.shape).copy_(initial_state)
     else:
         state = initial_state.to(compute_dtype).reshape(bh, head_dim_k, head_dim_v)
     # The only sequential part: the loop over chunks, carrying the state (per-chunk operands are
@@ -214,12 +218,11 @@ def chunk_gated_delta_rule_torch(
         # (beta V straight from v's strided view).
         lhs = torch.empty(num_chunks, bh, 2 * chunk, head_dim_k, dtype=compute_dtype, device=q.device)
         torch.mul(q_c, g_exp * -scale, out=lhs[:, :, :chunk])
-        torch.mul(k_c, g_exp * beta_c, out=lhs[:, :, chunk:])
+        torch.mul(k_beta, g_exp, out=lhs[:, :, chunk:])
         acc = torch.empty(num_chunks, bh, 2 * chunk, head_dim_v, dtype=compute_dtype, device=q.device)
         acc[:, :, :chunk].zero_()
         acc_view = acc.view(num_chunks, batch, num_v_heads, 2 * chunk, head_dim_v)
         torch.mul(chunked(v), chunked(beta).unsqueeze(-1), out=acc_view[:, :, :, chunk:])
-        state = state.clone() if initial_state is not None else state  # updated in place below
         lhs_per_chunk, acc_per_chunk = lhs.unbind(0), acc.unbind(0)
         residuals_per_chunk = acc[:, :, chunk:].unbind(0)
         for n in range(num_chunks):
@@ -238,7 +241,7 @@ def chunk_gated_delta_rule_torch(
         # per chunk). ``state * decay`` is a fresh tensor autograd does not keep, so the update
         # is accumulated into it in place (no copy of the state per chunk).
         values_per_chunk = (to_chunks(v) * beta_c).unbind(0)
-        keys_per_chunk = (k_c * (g_exp * beta_c)).unbind(0)
+        keys_per_chunk = (k_beta * g_exp).unbind(0)
         states_in, residuals = [], []
         for n in range(num_chunks):
             residual = torch.baddbmm(values_per_chunk[n], keys_per_chunk[n], state, alpha=-1.0)  # R

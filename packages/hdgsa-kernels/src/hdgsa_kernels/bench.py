@@ -8,8 +8,8 @@ memory and the speed-up of ours over each peer. Results go to a table, a JSON fi
 
 With ``gpu_time`` each row also gets the GPU time of one call replayed from a CUDA graph
 (:func:`graph_ms`), or, for a call that cannot be captured (one that reads a device value on the
-host, as fla's backward does), the sum of its kernels' times under the PyTorch profiler
-(:func:`kernel_ms`). Neither has host time in it, so where a call's host time exceeds its GPU
+host, or whose autograd nodes were made on another stream), the sum of its kernels' times under
+the PyTorch profiler (:func:`kernel_ms`). Neither has host time in it, so where a call's host time exceeds its GPU
 time (small ops; a backward through the autograd engine on a slow host) the two columns side by
 side say which one the do_bench median measured.
 """
@@ -33,6 +33,7 @@ from .ops import import_op_module
 __all__ = [
     "Ceilings",
     "Measurement",
+    "gpu_ms",
     "graph_ms",
     "kernel_ms",
     "kernel_times",
@@ -57,7 +58,7 @@ class Measurement:
     provider: str
     ms: float | None = None
     gpu_ms: float | None = None  # GPU time of one call (gpu_time runs only): graph or kernels
-    gpu_source: str = ""  # "graph" (graph_ms) or "kernels" (kernel_ms, not capturable)
+    gpu_source: str = ""  # "graph" (graph_ms), "kernels" (kernel_ms, not capturable) or ""
     gbps: float | None = None
     tflops: float | None = None
     roofline_pct: float | None = None
@@ -144,6 +145,16 @@ def kernel_ms(fn: Callable[[], object], calls: int = 10) -> float | None:
     return sum(kernel_times(fn, calls).values()) or None
 
 
+def gpu_ms(fn: Callable[[], object]) -> tuple[float | None, str]:
+    """GPU milliseconds of one ``fn()`` and how they were measured: ``(ms, "graph")`` from
+    :func:`graph_ms`, else ``(ms, "kernels")`` from :func:`kernel_ms`, else ``(None, "")``."""
+    replayed = graph_ms(fn)
+    if replayed is not None:
+        return replayed, "graph"
+    summed = kernel_ms(fn)
+    return (summed, "kernels") if summed is not None else (None, "")
+
+
 def _reset_generator(generator: torch.Generator, state: torch.Tensor) -> None:
     """Undo a failed capture's hold on the CUDA generator. The capture marks the generator's state
     as capturing and only a successful end unmarks it; left so, its next random op raises
@@ -222,9 +233,7 @@ def _time_provider(
         measurement.peak_mib = (torch.cuda.max_memory_allocated() - baseline) / 2**20
         measurement.ms = timer(fn)
         if gpu_time:
-            measurement.gpu_ms, measurement.gpu_source = graph_ms(fn), "graph"
-            if measurement.gpu_ms is None:
-                measurement.gpu_ms, measurement.gpu_source = kernel_ms(fn), "kernels"
+            measurement.gpu_ms, measurement.gpu_source = gpu_ms(fn)
         summarize(case, measurement, ceilings)
     except ProviderUnavailable as reason:
         measurement.note = f"skipped: {reason}"
@@ -335,7 +344,7 @@ def run_benchmarks(
 ) -> int:
     """Time the cases of ``ops``; print the table; write JSON and PNG. Returns an exit code:
     1 if one of our providers failed, else 0 (peers that are missing or fail are listed).
-    ``gpu_time`` adds each call's GPU time (:func:`graph_ms`, else :func:`kernel_ms`)."""
+    ``gpu_time`` adds each call's GPU time (:func:`gpu_ms`)."""
     if not torch.cuda.is_available():
         print("hdgsa-kernels bench: needs a CUDA GPU (none found)", file=sys.stderr)
         return 1
