@@ -18,7 +18,8 @@ BENCH_ARGS=${BENCH_ARGS:---warmup-ms 10 --rep-ms 50 --gpu-time}
 TEST_TIMEOUT=${TEST_TIMEOUT:-240}
 TEST_WORKERS=${TEST_WORKERS:-3}
 TEST_PACKAGES=${TEST_PACKAGES:-}
-TEST_ARGS=${TEST_ARGS:-}
+TEST_ARGS=${TEST_ARGS:-}  # split on spaces: no quoted arguments (a -k expression goes in TEST_K)
+TEST_K=${TEST_K:-}  # pytest -k expression, passed as one argument
 PROFILE_ARGS=${PROFILE_ARGS:-sinkhorn --filter M=65536}
 mkdir -p "$OUT"
 start=$SECONDS
@@ -76,7 +77,7 @@ if [[ $STAGES == *tests* ]]; then
     workers=$xdist
     # Sinkhorn compiles a kernel per (n, iterations, dtype): twice the processes.
     [[ -n $xdist && $name == *sinkhorn* ]] && workers="-n $((2 * TEST_WORKERS))"
-    (cd "$package" && timeout "$TEST_TIMEOUT" python3 -m pytest -q -p no:cacheprovider -rfE $workers ${TEST_ARGS:-} tests \
+    (cd "$package" && timeout "$TEST_TIMEOUT" python3 -m pytest -q -p no:cacheprovider -rfE $workers ${TEST_ARGS:-} ${TEST_K:+-k "$TEST_K"} tests \
       >"$logs/$name.log" 2>&1; echo "$name exit=$?" >>"$logs/summary.txt") &
   done
   wait
