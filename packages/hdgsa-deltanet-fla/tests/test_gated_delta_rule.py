@@ -250,6 +250,21 @@ def test_buffered_chunked_form_matches_per_step_in_float64(alpha_mode, seq_len):
     assert s.data_ptr() != state.data_ptr()
 
 
+@pytest.mark.parametrize("record", [False, True])
+def test_chunked_form_with_no_steps(record):
+    """T = 0 called directly (the API answers empty inputs itself): an empty output and the
+    initial state as the final state, a copy of it, on both paths."""
+    inputs = make_inputs(2, 0, 2, 8, 6, v_heads=4, seed=29)
+    q, k, v, alpha, beta, _, state = (t.requires_grad_(record) for t in inputs.tensors() if t is not None)
+    o, s = chunk_gated_delta_rule_torch(q, k, v, alpha.clamp(min=ALPHA_MIN).log(), beta, 0.4, state)
+    assert o.shape == (2, 0, 4, 6)
+    assert torch.equal(s, state)
+    assert s.data_ptr() != state.data_ptr()
+    o0, s0 = chunk_gated_delta_rule_torch(q, k, v, alpha.clamp(min=ALPHA_MIN).log(), beta, 0.4)
+    assert o0.shape == (2, 0, 4, 6)
+    assert torch.equal(s0, torch.zeros(2, 4, 8, 6))
+
+
 def _spy_on_buffer_choice(monkeypatch) -> list[bool]:
     """Record what chunk_gated_delta_rule_torch decides (buffers or autograd's path) per call."""
     choices: list[bool] = []

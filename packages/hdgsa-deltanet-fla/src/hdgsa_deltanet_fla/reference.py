@@ -148,6 +148,11 @@ def chunk_gated_delta_rule_torch(
     """
     batch, seq_len, _, head_dim_k = q.shape
     num_v_heads, head_dim_v = v.shape[2], v.shape[3]
+    if seq_len == 0:  # no step (gated_delta_rule answers empty inputs before calling this)
+        o = v.new_zeros(batch, 0, num_v_heads, head_dim_v, dtype=compute_dtype)
+        if initial_state is None:
+            return o, v.new_zeros(batch, num_v_heads, head_dim_k, head_dim_v, dtype=compute_dtype)
+        return o, initial_state.to(compute_dtype, copy=True)
     # Where autograd records nothing, the loop works in place in preallocated buffers (see the
     # loop below).
     buffered = _writes_into_buffers(q, k, v, g, beta, initial_state)
