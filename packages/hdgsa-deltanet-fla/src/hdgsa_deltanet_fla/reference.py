@@ -159,7 +159,7 @@ def chunk_gated_delta_rule_torch(
     q = _expand_qk_heads(q, num_v_heads)
     k = _expand_qk_heads(k, num_v_heads)
 
-    chunk = max(1, min(chunk_size, seq_len))
+    chunk = min(chunk_size, seq_len)
     num_chunks = -(-seq_len // chunk)
     pad = num_chunks * chunk - seq_len
     bh = batch * num_v_heads
@@ -220,14 +220,15 @@ def chunk_gated_delta_rule_torch(
         # state: [-scale exp(G) Q ; beta exp(G) K] ([2C, K]) times S_in, subtracted in place
         # from [0 ; beta V], gives [scale exp(G) Q S_in ; R], the output's state term and the
         # residual at once. No input state is kept; everything goes into preallocated buffers
-        # (beta V straight from v's strided view).
+        # (beta V straight from v's strided view and beta's chunked copy).
         lhs = torch.empty(num_chunks, bh, 2 * chunk, head_dim_k, dtype=compute_dtype, device=q.device)
         torch.mul(q_c, g_exp * -scale, out=lhs[:, :, :chunk])
         torch.mul(k_beta, g_exp, out=lhs[:, :, chunk:])
         acc = torch.empty(num_chunks, bh, 2 * chunk, head_dim_v, dtype=compute_dtype, device=q.device)
         acc[:, :, :chunk].zero_()
         acc_view = acc.view(num_chunks, batch, num_v_heads, 2 * chunk, head_dim_v)
-        torch.mul(chunked(v), chunked(beta).unsqueeze(-1), out=acc_view[:, :, :, chunk:])
+        beta_view = beta_c.view(num_chunks, batch, num_v_heads, chunk, 1)
+        torch.mul(chunked(v), beta_view, out=acc_view[:, :, :, chunk:])
         lhs_per_chunk, acc_per_chunk = lhs.unbind(0), acc.unbind(0)
         residuals_per_chunk = acc[:, :, chunk:].unbind(0)
         for n in range(num_chunks):
