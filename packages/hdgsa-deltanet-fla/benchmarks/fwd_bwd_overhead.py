@@ -7,7 +7,8 @@ fla's forward + backward launches some 60 kernels from Python, so on a slow host
 median of it is host time, and it swings between runs. For every ``fwd+bwd`` case of
 ``hdgsa-kernels bench deltanet`` (providers ``hdgsa``, our wrapper; ``fla``, fla called directly
 with ``g`` precomputed; ``fla+log``, fla called directly with ``g = log(clamp(alpha))`` computed
-in the step, as a user holding alpha must), this prints:
+in the step, as a user holding alpha must; ``hdgsa-public``, our wrapper made to call fla's public
+function, with its own log-decay and D-skip nodes, instead of the one fused node), this prints:
 
 - GPU ms: the sum of one call's kernel times (:func:`hdgsa_kernels.bench.kernel_times`), and
   ours over each peer: what the wrapper adds on the GPU;
@@ -30,10 +31,25 @@ from collections.abc import Callable
 import torch
 
 from hdgsa_core.registry import ProviderUnavailable
+from hdgsa_deltanet_fla import _fla
 from hdgsa_deltanet_fla.bench import bench_cases
 from hdgsa_kernels.bench import kernel_times
 
-_PROVIDERS = ("hdgsa", "fla", "fla+log")
+_PROVIDERS = ("hdgsa", "fla", "fla+log", "hdgsa-public")
+
+
+def _through_fla_public(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` with the fla path sent through fla's public function (no fused node)."""
+
+    def run() -> object:
+        fused_entry_points = _fla.fused_entry_points
+        _fla.fused_entry_points = lambda: None
+        try:
+            return step()
+        finally:
+            _fla.fused_entry_points = fused_entry_points
+
+    return run
 
 
 def _wall_ms(fn: Callable[[], object], calls: int) -> float:
@@ -57,7 +73,8 @@ def main() -> None:
         if "fwd+bwd" not in case.tags or (args.filter and args.filter not in case.name):
             continue
         try:
-            runs = {provider: case.providers[provider]() for provider in _PROVIDERS}
+            runs = {provider: case.providers[provider]() for provider in _PROVIDERS[:3]}
+            runs["hdgsa-public"] = _through_fla_public(case.providers["hdgsa"]())
         except ProviderUnavailable as why:
             print(f"{case.name}: unavailable: {why}")
             continue
@@ -80,7 +97,8 @@ def main() -> None:
         rows.append((case.name, gpu, wall, wall_ratio))
         print(
             f"\n{case.name}: GPU ms {', '.join(f'{p} {gpu[p]:.4f}' for p in _PROVIDERS)}; "
-            f"wall ours / fla {wall_ratio['fla']:.3f}, ours / fla+log {wall_ratio['fla+log']:.3f}",
+            f"wall ours / fla {wall_ratio['fla']:.3f}, ours / fla+log {wall_ratio['fla+log']:.3f}, "
+            f"ours / ours-public {wall_ratio['hdgsa-public']:.3f}",
             flush=True,
         )
         for name in sorted(set(kernels["hdgsa"]) | set(kernels["fla"])):
@@ -90,7 +108,10 @@ def main() -> None:
         del runs
         torch.cuda.empty_cache()
 
-    columns = ("GPU ours", "GPU fla", "x", "GPU f+log", "x", "wall ours", "wall fla", "x", "wall f+log", "x")
+    columns = (
+        "GPU ours", "GPU fla", "x", "GPU f+log", "x",
+        "wall ours", "wall fla", "x", "wall f+log", "x", "wall pub", "x",
+    )  # fmt: skip
     print(f"\n{'case (fwd+bwd)':38s} " + " ".join(f"{column:>10s}" for column in columns))
     for name, gpu, wall, wall_ratio in rows:
         values = (
@@ -98,9 +119,13 @@ def main() -> None:
             gpu["fla+log"], gpu["hdgsa"] / gpu["fla+log"],
             wall["hdgsa"], wall["fla"], wall_ratio["fla"],
             wall["fla+log"], wall_ratio["fla+log"],
+            wall["hdgsa-public"], wall_ratio["hdgsa-public"],
         )  # fmt: skip
         print(f"{name.replace(' fwd+bwd', ''):38s} " + " ".join(f"{value:10.4f}" for value in values))
-    print("ms per call; x: ours / that peer (wall: the median of the per-round ratios).")
+    print(
+        "ms per call; x: ours / that peer (wall: the median of the per-round ratios); "
+        "pub: ours through fla's public function (hdgsa-public)."
+    )
 
 
 if __name__ == "__main__":

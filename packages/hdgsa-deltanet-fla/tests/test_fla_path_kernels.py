@@ -84,3 +84,98 @@ def test_d_skip(device, o_dtype, v_dtype, out_dtype, head_dim_v):
     # Deterministic: dD is a fixed-order sum of per-block partials.
     again = torch.autograd.grad(_triton.d_skip(o, v, D, out_dtype), (D,), dy)[0]
     assert torch.equal(again, grads[2])
+
+
+@pytest.mark.parametrize("device", RUNNABLE)
+def test_d_skip_backward_adds_into_a_given_dv(device):
+    from hdgsa_deltanet_fla import _triton
+
+    batch, seq_len, heads, head_dim_v = 2, 45, 3, 20
+    dy = make_tensor(batch, seq_len, heads, head_dim_v, seed=7, device=device, dtype=torch.bfloat16)
+    v = make_tensor(batch, seq_len, heads, head_dim_v, seed=8, device=device, dtype=torch.bfloat16)
+    D = make_tensor(heads, seed=9, device=device)
+    dv_base = make_tensor(batch, seq_len, heads, head_dim_v, seed=10, device=device, dtype=torch.bfloat16)
+    expected = dv_base.double() + D.double()[:, None] * dy.double()
+    dv, dD = _triton.d_skip_bwd(dy, v, D, dv_base=dv_base.clone())
+    assert dv.dtype == torch.bfloat16
+    # One rounding of the float32 sum (two bf16 roundings would be off by up to twice as much).
+    assert_close("dv", dv, expected, 8e-3)
+    assert_close("dD", dD, (dy.double() * v.double()).sum((0, 1, 3)), 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused fla node (FusedGatedDeltaRule) with stand-ins for fla's chunked forward and backward
+# built on the torch backend: checks our part of the node (alpha -> log-decay and its gradient,
+# the D skip and its gradients, dtypes, the state's gradient) on CPU, without fla or a GPU.
+# ---------------------------------------------------------------------------------------------
+
+
+def _stand_in_fla_forward(*, q, k, v, g, beta, scale, initial_state, output_final_state):
+    from hdgsa_deltanet_fla.reference import chunk_gated_delta_rule_torch
+
+    o, final_state = chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state)
+    # fla returns (chunk-local cumsum of g, o in q's dtype, A, S_T or None, ...); the stand-in's
+    # "cumsum" is g itself, which its backward reads back.
+    return g, o.to(q.dtype), g.new_empty(0), final_state if output_final_state else None, None, None
+
+
+def _stand_in_fla_backward(*, q, k, v, g, beta, A, scale, initial_state, do, dht):
+    from hdgsa_deltanet_fla.reference import chunk_gated_delta_rule_torch
+
+    assert A.numel() == 0  # the forward's A came back
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, g, beta)]
+    state = None if initial_state is None else initial_state.detach().requires_grad_()
+    with torch.enable_grad():  # a backward runs with grad mode off
+        o, final_state = chunk_gated_delta_rule_torch(*leaves, scale, state)
+        objective = (o * do.float()).sum() + (0 if dht is None else (final_state * dht).sum())
+        grads = torch.autograd.grad(objective, leaves + ([] if state is None else [state]))
+    dq, dk, dv, dg, dbeta = (grad.to(leaf.dtype) for grad, leaf in zip(grads[:5], leaves, strict=True))
+    return dq, dk, dv, dbeta, dg, (grads[5] if state is not None else None), None, None
+
+
+@pytest.mark.parametrize("device", RUNNABLE)
+@pytest.mark.parametrize(("with_D", "with_state"), [(True, True), (False, False)], ids=["D-h0", "noD-noh0"])
+def test_fused_node_around_stand_in_fla(device, with_D, with_state):
+    from hdgsa_deltanet_fla._fla_fused import FusedGatedDeltaRule
+    from hdgsa_deltanet_fla.reference import recurrent_gated_delta_rule_reference
+
+    batch, seq_len, heads, v_heads, head_dim_k, head_dim_v = 2, 37, 1, 2, 8, 12  # GVA, odd T
+    q = make_tensor(batch, seq_len, heads, head_dim_k, seed=20, device=device)
+    k = torch.nn.functional.normalize(
+        make_tensor(batch, seq_len, heads, head_dim_k, seed=21, device=device), dim=-1
+    )
+    v = make_tensor(batch, seq_len, v_heads, head_dim_v, seed=22, device=device)
+    alpha = torch.sigmoid(make_tensor(batch, seq_len, v_heads, seed=23, device=device) + 2)
+    alpha[:, ::7] = 1e-8  # clamped: no gradient there
+    beta = torch.sigmoid(make_tensor(batch, seq_len, v_heads, seed=24, device=device))
+    D = make_tensor(v_heads, seed=25, device=device) if with_D else None
+    state = (
+        make_tensor(batch, v_heads, head_dim_k, head_dim_v, seed=26, device=device) if with_state else None
+    )
+    inputs = [q, k, v, alpha, beta, D, state]
+    leaves = [None if t is None else t.clone().requires_grad_() for t in inputs]
+    scale = 0.3
+    o, final_state = FusedGatedDeltaRule.apply(
+        _stand_in_fla_forward, _stand_in_fla_backward, *leaves, scale, True, torch.float32
+    )
+    leaves64 = [None if t is None else t.double().requires_grad_() for t in inputs]
+    q64, k64, v64, alpha64, beta64, D64, state64 = leaves64
+    o64, final64 = recurrent_gated_delta_rule_reference(
+        q64, k64, v64, alpha64.clamp(min=ALPHA_MIN).log(), beta64, scale, state64
+    )
+    if D64 is not None:
+        o64 = o64 + D64[:, None] * v64
+    assert_close("o", o, o64, 1e-5)
+    assert_close("S_T", final_state, final64, 1e-5)
+    do = make_tensor(*o.shape, seed=27, device=device)
+    dfinal = make_tensor(*final_state.shape, seed=28, device=device)
+    present = [i for i, t in enumerate(leaves) if t is not None]
+    grads = torch.autograd.grad((o * do).sum() + (final_state * dfinal).sum(), [leaves[i] for i in present])
+    grads64 = torch.autograd.grad(
+        (o64 * do.double()).sum() + (final64 * dfinal.double()).sum(), [leaves64[i] for i in present]
+    )
+    names = ("q", "k", "v", "alpha", "beta", "D", "initial_state")
+    for i, grad, grad64 in zip(present, grads, grads64, strict=True):
+        assert grad.shape == leaves[i].shape, names[i]
+        assert_close(f"d{names[i]}", grad, grad64, 1e-5)
+    assert torch.all(grads[3][:, ::7] == 0)  # the clamped alphas

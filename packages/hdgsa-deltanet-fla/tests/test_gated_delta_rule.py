@@ -730,6 +730,31 @@ needs_fla = pytest.mark.skipif(FLA_FWD_REASON is not None, reason=f"fla cannot r
 FLA_TOL = {torch.float16: (0.005, 0.008, 0.02), torch.bfloat16: (0.01, 0.016, 0.04)}
 
 
+@pytest.fixture(params=["fused", "public"])
+def fla_call(request, monkeypatch):
+    """Which way the fla path goes: one fused node around fla's internals (the default on
+    fla-core 0.6) or fla's public function. Returns the calls that took the fused node: a test
+    asserts it is non-empty exactly for "fused"."""
+    fused_calls: list[bool] = []
+    if request.param == "public":
+        monkeypatch.setattr(_fla, "fused_entry_points", lambda: None)
+    elif _fla.fused_entry_points() is None:
+        pytest.skip(f"fla-core {_fla.FLA_VERSION}: the fused node runs on fla-core 0.6 only")
+    run_fused = api._run_fla_fused
+
+    def spy(*args, **kwargs):
+        fused_calls.append(True)
+        return run_fused(*args, **kwargs)
+
+    monkeypatch.setattr(api, "_run_fla_fused", spy)
+    return request.param, fused_calls
+
+
+def assert_took(fla_call) -> None:
+    path, fused_calls = fla_call
+    assert bool(fused_calls) == (path == "fused"), (path, len(fused_calls))
+
+
 def _fla_case(dtype: torch.dtype, seq_len: int, v_heads: int, alpha_mode: str = "random") -> Inputs:
     return make_inputs(
         2,
@@ -764,7 +789,7 @@ FLA_FORWARD_CASES = [
     FLA_FORWARD_CASES,
     ids=[f"{str(c[0])[6:]}-T{c[1]}-HV{c[2]}-{c[3]}" for c in FLA_FORWARD_CASES],
 )
-def test_fla_forward_matches_reference_and_torch(dtype, seq_len, v_heads, layout):
+def test_fla_forward_matches_reference_and_torch(dtype, seq_len, v_heads, layout, fla_call):
     inputs = _fla_case(dtype, seq_len, v_heads)
     fwd_tol = FLA_TOL[dtype][0]
     args = [t for t in inputs.tensors()[:6]]
@@ -788,11 +813,12 @@ def test_fla_forward_matches_reference_and_torch(dtype, seq_len, v_heads, layout
     assert_close("S_T (fla vs float64)", s_fla, s64, fwd_tol)
     assert_close("o (fla vs torch)", o_fla, o_torch, 2 * fwd_tol)
     assert_close("S_T (fla vs torch)", s_fla, s_torch, 2 * fwd_tol)
+    assert_took(fla_call)
 
 
 @needs_fla
 @pytest.mark.parametrize("alpha_mode", ["one", "tiny", "mixed"])
-def test_fla_forward_alpha_edges_and_compute_dtype(alpha_mode):
+def test_fla_forward_alpha_edges_and_compute_dtype(alpha_mode, fla_call):
     inputs = _fla_case(torch.bfloat16, 130, 2, alpha_mode)
     o64, s64, _ = reference64(inputs)
     with torch.no_grad():
@@ -805,15 +831,55 @@ def test_fla_forward_alpha_edges_and_compute_dtype(alpha_mode):
             assert o.dtype == torch.bfloat16
             assert_close(f"o (compute_dtype={compute_dtype})", o, o64, tol)
             assert_close(f"S_T (compute_dtype={compute_dtype})", s, s64, tol)
+    assert_took(fla_call)
 
 
 @needs_fla
 @pytest.mark.skipif(FLA_BWD_REASON is not None, reason=f"fla's backward cannot run: {FLA_BWD_REASON}")
 @pytest.mark.parametrize(("dtype", "v_heads"), [(torch.bfloat16, 2), (torch.bfloat16, 4), (torch.float16, 2)])
-def test_fla_backward_matches_reference(dtype, v_heads):
+def test_fla_backward_matches_reference(dtype, v_heads, fla_call):
     fwd_tol, grad_tol, gate_tol = FLA_TOL[dtype]
     # The gate gradients (alpha, beta, D) get fla's looser tolerance for dbeta / dg.
     check_op(_fla_case(dtype, 130, v_heads), backend="fla", tol=fwd_tol, grad_tol=max(grad_tol, gate_tol))
+    assert_took(fla_call)
+
+
+@needs_fla
+@pytest.mark.skipif(FLA_BWD_REASON is not None, reason=f"fla's backward cannot run: {FLA_BWD_REASON}")
+@pytest.mark.parametrize("layout", ["unpacked", "packed"])
+def test_fla_backward_compute_dtype_partial_grads_and_no_state(layout, fla_call):
+    # float32 compute for bf16 inputs, no D and no initial state, only some inputs requiring
+    # grad, and a final state that is returned but gets no gradient.
+    inputs = _fla_case(torch.bfloat16, 70, 2)
+    q, k, v, alpha, beta, _, _ = inputs.tensors()
+    q, alpha = q.detach().requires_grad_(), alpha.detach().requires_grad_()
+    num_heads = None
+    args = [q, k, v]
+    if layout == "packed":
+        args, num_heads = [t.flatten(2) for t in args], 2
+    o, _ = gated_delta_rule(
+        *args,
+        alpha,
+        beta,
+        None,
+        num_heads,
+        output_final_state=True,
+        compute_dtype=torch.float32,
+        backend="fla",
+    )
+    grad_o = make_tensor(*o.shape, seed=13, dtype=o.dtype, device=o.device)
+    dq, dalpha = torch.autograd.grad(o, (q, alpha), grad_o)
+    inputs64 = Inputs(q, k, v, alpha, beta, None, None)
+    o64, _, leaves64 = reference64(inputs64)
+    if layout == "packed":
+        o64 = o64.flatten(2)
+    dq64, dalpha64 = torch.autograd.grad(o64, (leaves64[0], leaves64[3]), grad_o.double())
+    assert_close("o", o, o64, 5e-3)
+    assert_close("dq", dq, dq64, 1e-2)
+    assert_close("dalpha", dalpha, dalpha64, 2e-2)
+    assert dq.dtype == torch.bfloat16
+    assert dalpha.dtype == torch.bfloat16
+    assert_took(fla_call)
 
 
 @needs_fla
@@ -840,3 +906,36 @@ def test_torch_backend_traces_under_torch_compile():
     expected = gated_delta_rule(*args, backend="torch")
     compiled = torch.compile(lambda *xs: gated_delta_rule(*xs), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(*args), expected)
+
+
+def test_fused_fla_node_only_on_fla_0_6_without_a_whole_op_backend(monkeypatch):
+    # CPU: which fla internals the fused node may call (no kernel runs).
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import fla.backends
+            from fla.ops.gated_delta_rule import chunk
+    except Exception as error:  # fla-core not installed or not importable here
+        pytest.skip(f"fla.ops.gated_delta_rule does not import: {error}")
+    monkeypatch.setattr(_fla, "_fla_chunk_functions", _fla._fla_chunk_functions.__wrapped__)
+    if _fla.FLA_VERSION.startswith("0.6."):
+        assert _fla.fused_entry_points() == (
+            chunk.chunk_gated_delta_rule_fwd,
+            chunk.chunk_gated_delta_rule_bwd,
+        )
+    for version in ("0.5.9", "0.7.0", "1.6.0"):
+        monkeypatch.setattr(_fla, "FLA_VERSION", version)
+        assert _fla.fused_entry_points() is None, version
+    monkeypatch.setattr(_fla, "FLA_VERSION", "0.6.0")
+    assert _fla.fused_entry_points() is not None
+    # A whole-op backend fla would dispatch to (FlashQLA installed and enabled): the public path.
+    registry = fla.backends._operation_registries["gated_delta_rule"]
+    monkeypatch.setattr(registry, "get_active", lambda: object())
+    assert _fla.fused_entry_points() is None
+    # Internals renamed: the public path.
+    monkeypatch.undo()
+    monkeypatch.setattr(_fla, "_fla_chunk_functions", _fla._fla_chunk_functions.__wrapped__)
+    monkeypatch.setattr(
+        chunk, "chunk_gated_delta_rule_bwd", lambda q, k, v, g, beta, A, scale, h0, do, dht: None
+    )
+    assert _fla.fused_entry_points() is None

@@ -6,18 +6,22 @@ fla is imported only here and only when the fla path is considered for CUDA tens
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 
-from hdgsa_core import FLA_VERSION, HAS_FLA, HAS_TRITON, TRITON_VERSION
+from hdgsa_core import FLA_VERSION, HAS_FLA, HAS_TRITON, TRITON_VERSION, parse_version
 
 __all__ = [
     "FLA_MAX_HEAD_DIM_K",
     "fla_backward_refusal",
     "fla_unavailable_reason",
+    "fused_entry_points",
     "run_fla",
 ]
 
@@ -130,3 +134,60 @@ def run_fla(
     return fla_gdr.chunk_gated_delta_rule(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state
     )
+
+
+# The fla-core minor version whose chunk_gated_delta_rule_fwd / _bwd the fused node calls, and the
+# parameters it passes them (by name).
+_FUSED_FLA_MINOR = (0, 6)
+_FUSED_FORWARD_PARAMETERS = ("q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state")
+_FUSED_BACKWARD_PARAMETERS = ("q", "k", "v", "g", "beta", "A", "scale", "initial_state", "do", "dht")
+
+
+@functools.cache
+def _fla_chunk_functions() -> tuple[Callable, Callable] | None:
+    """fla's ``chunk_gated_delta_rule_fwd`` and ``_bwd`` where they are what the fused node
+    expects (fla-core 0.6.x, parameters by those names), else None. Call only once
+    ``fla.ops.gated_delta_rule`` imported. Cached: the installed fla does not change in a process."""
+    if parse_version(FLA_VERSION)[:2] != _FUSED_FLA_MINOR:
+        return None
+    try:
+        chunk = importlib.import_module(f"{_FLA_MODULE}.chunk")
+        forward, backward = chunk.chunk_gated_delta_rule_fwd, chunk.chunk_gated_delta_rule_bwd
+        forward_parameters = inspect.signature(forward).parameters
+        backward_parameters = inspect.signature(backward).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+    if not (
+        all(name in forward_parameters for name in _FUSED_FORWARD_PARAMETERS)
+        and all(name in backward_parameters for name in _FUSED_BACKWARD_PARAMETERS)
+    ):
+        return None
+    return forward, backward
+
+
+def _whole_op_backend_active() -> bool:
+    """Whether fla would offer the whole op to another backend (FlashQLA, when installed and
+    enabled), which its public function dispatches to and the fused node would skip. Read per
+    call: the backends' switches are environment variables. Unknown registry: True."""
+    backends = sys.modules.get("fla.backends")
+    registries = getattr(backends, "_operation_registries", None)
+    if not isinstance(registries, dict):
+        return True
+    registry = registries.get("gated_delta_rule")
+    if registry is None:
+        return False
+    try:
+        return registry.get_active() is not None
+    except Exception:
+        return True
+
+
+def fused_entry_points() -> tuple[Callable, Callable] | None:
+    """fla's chunked forward and backward for :class:`._fla_fused.FusedGatedDeltaRule`, or None
+    when the fla path must call fla's public ``chunk_gated_delta_rule`` instead: another fla-core
+    minor version than 0.6 (the two functions are fla internals), or a whole-op backend that fla
+    would dispatch to. Call only once ``fla.ops.gated_delta_rule`` imported (the fla path has)."""
+    functions = _fla_chunk_functions()
+    if functions is None or _whole_op_backend_active():
+        return None
+    return functions

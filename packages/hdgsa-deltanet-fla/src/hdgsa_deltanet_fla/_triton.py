@@ -4,8 +4,9 @@
   (any strides, any float dtype): one pass over ``[B, T, HV]`` instead of cast + clamp + log.
   Backward: ``dalpha = dg / alpha`` where ``alpha >= 1e-6`` (as ``torch.clamp``), else 0.
 - ``d_skip``: ``y = o + D[h] * v`` in float32, written in the output dtype: one pass, and the
-  cast back from ``compute_dtype`` comes free. Backward: ``dv = D[h] * dy`` and ``dD`` as
-  per-block partial sums added up in a fixed order (deterministic, no atomics).
+  cast back from ``compute_dtype`` comes free. Backward: ``dv = D[h] * dy`` (optionally added
+  to fla's ``dv`` in the same pass) and ``dD`` as per-block partial sums added up in a fixed
+  order (deterministic, no atomics).
 
 Every launch goes through ``hdgsa_core.launch.CachedLauncher`` (all kernel parameters by name):
 after the first launch of a key it skips Triton's per-launch argument binding, tens of
@@ -195,6 +196,7 @@ def _d_skip_bwd_kernel(
     BT,
     HV,
     V,
+    ACCUMULATE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -209,7 +211,10 @@ def _d_skip_bwd_kernel(
     b_dy = tl.load(p_dy, mask=m_tile, other=0.0).to(tl.float32)
     b_v = tl.load(p_v, mask=m_tile, other=0.0).to(tl.float32)
     p_dv = dv + (o_bt * HV + i_h)[:, None] * V + o_v[None, :]
-    tl.store(p_dv, (b_d * b_dy).to(dv.dtype.element_ty), mask=m_tile)
+    b_dv = b_d * b_dy
+    if ACCUMULATE:  # dv holds another gradient of v (fla's): add in float32, round once
+        b_dv += tl.load(p_dv, mask=m_tile, other=0.0).to(tl.float32)
+    tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_tile)
     tl.store(dD_partial + i_row_block * HV + i_h, tl.sum(b_dy * b_v))
 
 
@@ -252,14 +257,24 @@ def d_skip_fwd(o: torch.Tensor, v: torch.Tensor, D: torch.Tensor, out_dtype: tor
     return y
 
 
-def d_skip_bwd(dy: torch.Tensor, v: torch.Tensor, D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dv, dD)`` of ``y = o + D[h] * v``: ``D[h] * dy`` in ``v.dtype`` and ``sum(dy * v)`` per head."""
+def d_skip_bwd(
+    dy: torch.Tensor, v: torch.Tensor, D: torch.Tensor, dv_base: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dv, dD)`` of ``y = o + D[h] * v``: ``D[h] * dy`` in ``v.dtype`` and ``sum(dy * v)`` per head.
+
+    ``dv_base``: another gradient of ``v`` (contiguous, ``v.dtype``), added to ``D[h] * dy`` in
+    float32 and overwritten with the sum, which is returned as ``dv``.
+    """
     dy, v = _unit_last_stride(dy), _unit_last_stride(v)
     stride_dy, stride_v = dy.stride(), v.stride()
     batch, seq_len, heads, head_dim_v = v.shape
     rows = batch * seq_len
     num_row_blocks = cdiv(rows, _SKIP_BLOCK_T)
-    dv = torch.empty(batch, seq_len, heads, head_dim_v, dtype=v.dtype, device=v.device)
+    accumulate = dv_base is not None
+    if accumulate:
+        dv = dv_base if dv_base.is_contiguous() else dv_base.contiguous()
+    else:
+        dv = torch.empty(batch, seq_len, heads, head_dim_v, dtype=v.dtype, device=v.device)
     dD_partial = torch.empty(num_row_blocks, heads, dtype=torch.float32, device=v.device)
     if dv.numel():
         with device_guard(v.device):
@@ -280,6 +295,7 @@ def d_skip_bwd(dy: torch.Tensor, v: torch.Tensor, D: torch.Tensor) -> tuple[torc
                 BT=rows,
                 HV=heads,
                 V=head_dim_v,
+                ACCUMULATE=accumulate,
                 BLOCK_T=_SKIP_BLOCK_T,
                 BLOCK_V=next_power_of_2(head_dim_v),
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import types
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -303,7 +304,17 @@ def gated_delta_rule(
         )
     if chosen == "fla":
         o, final_state = _run_fla_path(
-            q4, k4, v4, alpha3, beta3, D, scale, initial_state, output_final_state, compute_dtype
+            q4,
+            k4,
+            v4,
+            alpha3,
+            beta3,
+            D,
+            scale,
+            initial_state,
+            output_final_state,
+            compute_dtype,
+            needs_backward,
         )
     else:
         if backend == "auto" and device.type == "cuda" and fla_reason is not None:
@@ -387,6 +398,14 @@ def _triton_module() -> types.ModuleType:
     return _triton
 
 
+@functools.cache
+def _fused_module() -> types.ModuleType:
+    """``._fla_fused``, imported on the first fla call that can use it; then a cached lookup."""
+    from . import _fla_fused
+
+    return _fla_fused
+
+
 def _run_fla_path(
     q4: torch.Tensor,
     k4: torch.Tensor,
@@ -398,14 +417,52 @@ def _run_fla_path(
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     compute_dtype: torch.dtype | None,
+    needs_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    _triton = _triton_module()
     out_dtype = q4.dtype
     q_in, k_in, v_in, beta_in = q4, k4, v4, beta3
     if compute_dtype is not None and compute_dtype != q4.dtype:
         q_in, k_in, v_in = q4.to(compute_dtype), k4.to(compute_dtype), v4.to(compute_dtype)
     if compute_dtype is not None and compute_dtype != beta3.dtype:
         beta_in = beta3.to(compute_dtype)
+    fused = _fla.fused_entry_points()
+    if fused is not None:
+        args = (q_in, k_in, v_in, alpha3, beta_in, D, initial_state, scale, output_final_state, out_dtype)
+        return _run_fla_fused(fused, args, needs_backward)
+    return _run_fla_public(
+        q_in, k_in, v_in, alpha3, beta_in, D, v4, scale, initial_state, output_final_state, out_dtype
+    )
+
+
+@torch.compiler.disable  # as fla's public function: Dynamo does not trace into fla
+def _run_fla_fused(
+    fused: tuple[Callable, Callable], args: tuple, needs_backward: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fla path as one autograd node (:mod:`._fla_fused`); ``args`` as its ``apply`` takes them."""
+    _fla_fused = _fused_module()
+    if needs_backward:
+        return _fla_fused.FusedGatedDeltaRule.apply(*fused, *args)
+    # Nothing to record: the Function's own host time is skipped too.
+    o, final_state, _ = _fla_fused.fused_forward(fused[0], *args)
+    return o, final_state
+
+
+def _run_fla_public(
+    q_in: torch.Tensor,
+    k_in: torch.Tensor,
+    v_in: torch.Tensor,
+    alpha3: torch.Tensor,
+    beta_in: torch.Tensor,
+    D: torch.Tensor | None,
+    v4: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fla path through fla's public ``chunk_gated_delta_rule``, with our log-decay and D-skip
+    kernels as autograd nodes of their own around it (see :func:`_fla.fused_entry_points`)."""
+    _triton = _triton_module()
     # Without autograd the launchers are called directly: the autograd.Function costs CPU
     # time, and at B4 T4096 H16 D128 fla's forward is close to launch-bound.
     grad = torch.is_grad_enabled()

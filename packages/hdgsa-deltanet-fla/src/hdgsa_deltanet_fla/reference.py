@@ -15,6 +15,8 @@ slow and obviously right version the tests hold everything to (in float64).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
@@ -58,6 +60,21 @@ def _writes_into_buffers(*tensors: torch.Tensor | None) -> bool:
     if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
         return False
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def _intra_chunk_decay(g_cum: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``M_ij = exp(G_i - G_j)`` below the diagonal of each chunk, 1 on and above it, from ``G`` ``[..., C]``.
+
+    M is read only on and below the diagonal (A and the scores are cut to their triangles after
+    the product), so above it it is set finite. The difference is zeroed on and above the
+    diagonal *before* exp: above it ``G_i - G_j > 0`` can be hundreds (alpha near 0), and on it
+    ``G_i - G_i = 0`` is a constant (as a difference its gradient would be two O(1) terms
+    cancelling, which swamps the tiny true gradient of a tiny alpha in float32). Log-decays under
+    -80 are clamped: exp(-80) ~ 2e-35 is below float32 resolution of every sum it enters, and
+    keeps exp off its slow path (underflow to denormals / 0 is several times slower on CPU).
+    """
+    difference = torch.sub(g_cum.unsqueeze(-1), g_cum.unsqueeze(-2), out=out)
+    return difference.tril_(-1).clamp_min_(_LOG_DECAY_FLOOR).exp_()
 
 
 def _unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
@@ -125,11 +142,14 @@ def chunk_gated_delta_rule_torch(
     the loop, for all chunks, in two batched products. Where it does not, the loop's first
     product also gives the output's state term: ``[-scale exp(G) Q ; beta exp(G) K] S_0``, one
     ``[2C, K]`` product subtracted from ``[0 ; beta V]``, is ``[scale exp(G) Q S_0 ; R]``; no
-    input state is kept, and ``scale Z R`` is one batched product after the loop. The two forms
-    agree to float32 rounding. Decays enter only as differences of cumulative log-decays inside a
-    chunk (``G_i - G_j`` with ``j <= i``, and ``G_C - G_i``), all ``<= 0``, masked before
-    ``exp``: nothing overflows however close to 0 the decay gets. ``T`` is padded at the end
-    to a multiple of ``chunk_size`` with ``k = v = q = beta = g = 0`` (no update, no decay).
+    input state is kept, and ``scale Z R`` is one batched product after the loop; ``[Q ; K]``
+    is copied once into one buffer, whose product with ``K^T`` gives ``Q K^T`` and ``K K^T``
+    together and which is then scaled in place into that left operand; all buffers share one
+    allocation. The two forms agree to float32 rounding. Decays enter only as differences of
+    cumulative log-decays inside a chunk (``G_i - G_j`` with ``j <= i``, and ``G_C - G_i``), all
+    ``<= 0``, masked before ``exp``: nothing overflows however close to 0 the decay gets. ``T``
+    is padded at the end to a multiple of ``chunk_size`` with ``k = v = q = beta = g = 0`` (no
+    update, no decay).
 
     Args:
         q: queries ``[B, T, H, K]``.
@@ -153,8 +173,8 @@ def chunk_gated_delta_rule_torch(
         if initial_state is None:
             return o, v.new_zeros(batch, num_v_heads, head_dim_k, head_dim_v, dtype=compute_dtype)
         return o, initial_state.to(compute_dtype, copy=True)
-    # Where autograd records nothing, the loop works in place in preallocated buffers (see the
-    # loop below).
+    # Where autograd records nothing, the forward works in place in preallocated buffers (see
+    # _chunked_forward_in_buffers).
     buffered = _writes_into_buffers(q, k, v, g, beta, initial_state)
     q = _expand_qk_heads(q, num_v_heads)
     k = _expand_qk_heads(k, num_v_heads)
@@ -178,92 +198,151 @@ def chunk_gated_delta_rule_torch(
         # inherits a strided layout and no product copies its operands again.
         return chunked(x).reshape(num_chunks, bh, chunk, *x.shape[3:]).contiguous()
 
-    q_c, k_c = to_chunks(q), to_chunks(k)
-    k_t = k_c.transpose(-1, -2)
     beta_c = to_chunks(beta).unsqueeze(-1)  # [N, BH, C, 1]
     g_c = to_chunks(g)
     g_cum = g_c.cumsum(-1)  # G_i, chunk-local, [N, BH, C]
+    # exp(G_C - G_i) = exp(sum_{s > i} g_s): a shifted reverse cumsum, not a difference (the
+    # last row's decay is exactly 1, with no gradient).
+    g_after = F.pad(g_c.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))
 
-    # M_ij = exp(G_i - G_j) below the diagonal and exactly 1 on it; above it M is never read
-    # (A and the scores are cut to their triangles after the product), so it is set finite
-    # there. The difference is zeroed on and above the diagonal *before* exp: above it
-    # G_i - G_j > 0 can be hundreds (alpha near 0), and on it G_i - G_i = 0 is a constant (as
-    # a difference its gradient would be two O(1) terms cancelling, which swamps the tiny true
-    # gradient of a tiny alpha in float32). Log-decays under -80 are clamped there:
-    # exp(-80) ~ 2e-35 is below float32 resolution of every sum it enters, and keeps exp off
-    # its slow path (underflow to denormals / 0 is several times slower on CPU).
-    decay_ij = (g_cum.unsqueeze(-1) - g_cum.unsqueeze(-2)).tril_(-1).clamp_min_(_LOG_DECAY_FLOOR).exp_()
+    if initial_state is None:
+        state = q.new_zeros(bh, head_dim_k, head_dim_v, dtype=compute_dtype)
+    elif buffered:  # a copy of its own: the loop updates it in place
+        state = torch.empty(bh, head_dim_k, head_dim_v, dtype=compute_dtype, device=q.device)
+        state.view(initial_state.shape).copy_(initial_state)
+    else:
+        state = initial_state.to(compute_dtype).reshape(bh, head_dim_k, head_dim_v)
+    if buffered:
+        o = _chunked_forward_in_buffers(
+            chunked(q), chunked(k), chunked(v), beta_c, g_cum, g_after, state, scale
+        )
+        return o[:, :seq_len], state.reshape(batch, num_v_heads, head_dim_k, head_dim_v)
 
+    q_c, k_c = to_chunks(q), to_chunks(k)
+    k_t = k_c.transpose(-1, -2)
+    decay_ij = _intra_chunk_decay(g_cum)
     k_beta = k_c * beta_c
     a_strict = (k_beta @ k_t).mul_(decay_ij).tril_(-1)  # diagonal out too
     t_inv = _unit_lower_inverse(a_strict)  # (I + A)^{-1}
     g_exp = g_cum.exp().unsqueeze(-1)
     scores_t = (q_c @ k_t).mul_(decay_ij).tril_() @ t_inv  # Z = (Q K^T * M) T
-    # exp(G_C - G_i) = exp(sum_{s > i} g_s): a shifted reverse cumsum, not a difference (the
-    # last row's decay is exactly 1, with no gradient).
-    g_after = F.pad(g_c.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))
     keys_t = (k_c * g_after.exp().unsqueeze(-1)).transpose(-1, -2) @ t_inv  # P, [N, BH, K, C]
-    chunk_decay = g_cum[..., -1:].exp().unsqueeze(-1)  # [N, BH, 1, 1]
-
-    if initial_state is None:
-        state = q_c.new_zeros(bh, head_dim_k, head_dim_v)
-    elif buffered:  # a copy of its own: the loop below updates it in place
-        state = torch.empty(bh, head_dim_k, head_dim_v, dtype=compute_dtype, device=q.device)
-        state.view(initial_state.shape).copy_(initial_state)
-    else:
-        state = initial_state.to(compute_dtype).reshape(bh, head_dim_k, head_dim_v)
+    decay_per_chunk = g_cum[..., -1:].exp().unsqueeze(-1).unbind(0)  # exp(G_C), [BH, 1, 1] each
     # The only sequential part: the loop over chunks, carrying the state (per-chunk operands are
-    # unbound once, not indexed in the loop).
-    updates_per_chunk, decay_per_chunk = keys_t.unbind(0), chunk_decay.unbind(0)
-    if buffered:
-        # Nothing is recorded for a backward, so each chunk needs one product with its input
-        # state: [-scale exp(G) Q ; beta exp(G) K] ([2C, K]) times S_in, subtracted in place
-        # from [0 ; beta V], gives [scale exp(G) Q S_in ; R], the output's state term and the
-        # residual at once. No input state is kept; everything goes into preallocated buffers
-        # (beta V straight from v's strided view and beta's chunked copy).
-        lhs = torch.empty(num_chunks, bh, 2 * chunk, head_dim_k, dtype=compute_dtype, device=q.device)
-        torch.mul(q_c, g_exp * -scale, out=lhs[:, :, :chunk])
-        torch.mul(k_beta, g_exp, out=lhs[:, :, chunk:])
-        acc = torch.empty(num_chunks, bh, 2 * chunk, head_dim_v, dtype=compute_dtype, device=q.device)
-        acc[:, :, :chunk].zero_()
-        acc_view = acc.view(num_chunks, batch, num_v_heads, 2 * chunk, head_dim_v)
-        beta_view = beta_c.view(num_chunks, batch, num_v_heads, chunk, 1)
-        torch.mul(chunked(v), beta_view, out=acc_view[:, :, :, chunk:])
-        lhs_per_chunk, acc_per_chunk = lhs.unbind(0), acc.unbind(0)
-        residuals_per_chunk = acc[:, :, chunk:].unbind(0)
-        for n in range(num_chunks):
-            acc_per_chunk[n].baddbmm_(lhs_per_chunk[n], state, alpha=-1.0)
-            state.mul_(decay_per_chunk[n]).baddbmm_(updates_per_chunk[n], residuals_per_chunk[n])
-        # O = scale exp(G) Q S_in + scale Z R, the second term for all chunks in one product.
-        o = torch.baddbmm(
-            acc[:, :, :chunk].flatten(0, 1),
-            scores_t.flatten(0, 1),
-            acc[:, :, chunk:].flatten(0, 1),
-            alpha=scale,
-        )
-    else:
-        # Autograd keeps every chunk's input state and residual; the output's state term is then
-        # one batched product after the loop (its backward too, which costs less than a product
-        # per chunk). ``state * decay`` is a fresh tensor autograd does not keep, so the update
-        # is accumulated into it in place (no copy of the state per chunk).
-        values_per_chunk = (to_chunks(v) * beta_c).unbind(0)
-        keys_per_chunk = (k_beta * g_exp).unbind(0)
-        states_in, residuals = [], []
-        for n in range(num_chunks):
-            residual = torch.baddbmm(values_per_chunk[n], keys_per_chunk[n], state, alpha=-1.0)  # R
-            states_in.append(state)
-            residuals.append(residual)
-            state = (state * decay_per_chunk[n]).baddbmm_(updates_per_chunk[n], residual)
-        # O = scale * ((exp(G) Q) S_in + Z R), all chunks in two batched products (the second
-        # accumulated in place into the first's fresh result). Not baddbmm_'s beta = alpha =
-        # scale: its backward then scales all three gradients (forward + backward +25% measured).
-        o = torch.bmm(scores_t.flatten(0, 1), torch.stack(residuals).flatten(0, 1))
-        o = o.baddbmm_((q_c * g_exp).flatten(0, 1), torch.stack(states_in).flatten(0, 1)).mul_(scale)
+    # unbound once, not indexed in the loop). Autograd keeps every chunk's input state and
+    # residual; the output's state term is then one batched product after the loop (its
+    # backward too, which costs less than a product per chunk). ``state * decay`` is a fresh
+    # tensor autograd does not keep, so the update is accumulated into it in place (no copy of
+    # the state per chunk).
+    updates_per_chunk = keys_t.unbind(0)
+    values_per_chunk = (to_chunks(v) * beta_c).unbind(0)
+    keys_per_chunk = (k_beta * g_exp).unbind(0)
+    states_in, residuals = [], []
+    for n in range(num_chunks):
+        residual = torch.baddbmm(values_per_chunk[n], keys_per_chunk[n], state, alpha=-1.0)  # R
+        states_in.append(state)
+        residuals.append(residual)
+        state = (state * decay_per_chunk[n]).baddbmm_(updates_per_chunk[n], residual)
+    # O = scale * ((exp(G) Q) S_in + Z R), all chunks in two batched products (the second
+    # accumulated in place into the first's fresh result). Not baddbmm_'s beta = alpha =
+    # scale: its backward then scales all three gradients (forward + backward +25% measured).
+    o = torch.bmm(scores_t.flatten(0, 1), torch.stack(residuals).flatten(0, 1))
+    o = o.baddbmm_((q_c * g_exp).flatten(0, 1), torch.stack(states_in).flatten(0, 1)).mul_(scale)
     # [N, B, HV, C, V] -> [B, T, HV, V]: one copy (contiguous unless T was padded and B > 1, where
     # the slice below leaves a gap between batches).
     o = o.view(num_chunks, batch, num_v_heads, chunk, head_dim_v).permute(1, 0, 3, 2, 4)
     o = o.reshape(batch, num_chunks * chunk, num_v_heads, head_dim_v)[:, :seq_len]
     return o, state.reshape(batch, num_v_heads, head_dim_k, head_dim_v)
+
+
+def _chunked_forward_in_buffers(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta_c: torch.Tensor,
+    g_cum: torch.Tensor,
+    g_after: torch.Tensor,
+    state: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The chunked forward where autograd records nothing, in preallocated buffers (``out=``).
+
+    ``q``, ``k``, ``v``: ``[N, B, HV, C, K or V]`` (strided views); ``beta_c`` ``[N, BH, C, 1]``,
+    ``g_cum`` and ``g_after`` ``[N, BH, C]`` as in the caller; ``state`` ``[BH, K, V]`` is updated
+    in place to the final state. Returns ``o`` ``[B, N * C, HV, V]`` (contiguous).
+    """
+    num_chunks, batch, num_v_heads, chunk, head_dim_k = q.shape
+    head_dim_v = v.shape[-1]
+    bh = batch * num_v_heads
+    shapes = {
+        "qk": (num_chunks, bh, 2 * chunk, head_dim_k),
+        "gram": (num_chunks, bh, 2 * chunk, chunk),
+        "square": (num_chunks, bh, chunk, chunk),
+        "keys_t": (num_chunks, bh, head_dim_k, chunk),
+        "acc": (num_chunks, bh, 2 * chunk, head_dim_v),
+        "o": (num_chunks * bh, chunk, head_dim_v),
+    }
+    # The output first, then one workspace carved into the buffers: glibc's malloc trims its heap
+    # once the free space on top reaches twice the largest block it has ever unmapped. With a
+    # separate buffer per part (2 MB at most) that was less than this call's ~10 MB, so the heap
+    # was often trimmed after a call and the next one faulted its pages back in (~350-2000 minor
+    # faults, +20% time, at B1 T1024 H4 K=V=64); one block larger than the rest of the call's
+    # memory puts the threshold above what the call frees.
+    out = torch.empty(
+        batch, num_chunks * chunk, num_v_heads, head_dim_v, dtype=state.dtype, device=state.device
+    )
+    sizes = [math.prod(shape) for shape in shapes.values()]
+    workspace = torch.empty(sum(sizes), dtype=state.dtype, device=state.device)
+    qk, gram, square, keys_t, acc, o = (
+        part.view(shape) for part, shape in zip(workspace.split(sizes), shapes.values(), strict=True)
+    )
+
+    # [Q ; K] per chunk in one buffer: one product gives Q K^T and K K^T together, and the buffer
+    # is scaled in place into the loop's left operand below.
+    qk_heads = qk.view(num_chunks, batch, num_v_heads, 2 * chunk, head_dim_k)
+    qk_heads[:, :, :, :chunk].copy_(q)
+    qk_heads[:, :, :, chunk:].copy_(k)
+    k_t = qk[:, :, chunk:].transpose(-1, -2).flatten(0, 1)  # K^T, [N * BH, K, C]
+    torch.bmm(qk.flatten(0, 1), k_t, out=gram.flatten(0, 1))
+    scores, a_strict = gram[:, :, :chunk], gram[:, :, chunk:]
+    decay_ij = _intra_chunk_decay(g_cum, out=square)
+    scores.mul_(decay_ij).tril_()  # Q K^T * M
+    a_strict.mul_(decay_ij.mul_(beta_c)).tril_(-1)  # A: beta scales M's rows, not K (a [C, C] product)
+    t_inv = _unit_lower_inverse(a_strict).flatten(0, 1)  # (I + A)^{-1}
+    scores_t = torch.bmm(scores.flatten(0, 1), t_inv, out=square.flatten(0, 1))  # Z; M is dead
+    # P = K^T (exp(G_C - G) * T): the decay scales T's rows (T is dead after this), not K's.
+    torch.bmm(k_t, t_inv.mul_(g_after.exp().flatten(0, 1).unsqueeze(-1)), out=keys_t.flatten(0, 1))
+
+    # [-scale exp(G) Q ; beta exp(G) K] ([2C, K]) times S_in, subtracted in place from
+    # [0 ; beta V], gives [scale exp(G) Q S_in ; R], the output's state term and the residual
+    # at once: each chunk needs one product with its input state, and no input state is kept.
+    g_exp = g_cum.exp().unsqueeze(-1)
+    lhs = qk.mul_(torch.cat([g_exp * -scale, g_exp * beta_c], dim=2))
+    acc[:, :, :chunk].zero_()
+    torch.mul(
+        v,
+        beta_c.view(num_chunks, batch, num_v_heads, chunk, 1),
+        out=acc.view(num_chunks, batch, num_v_heads, 2 * chunk, head_dim_v)[:, :, :, chunk:],
+    )
+    # The only sequential part: the loop over chunks, carrying the state (per-chunk operands
+    # are unbound once, not indexed in the loop).
+    lhs_per_chunk, acc_per_chunk = lhs.unbind(0), acc.unbind(0)
+    residuals_per_chunk = acc[:, :, chunk:].unbind(0)
+    updates_per_chunk = keys_t.unbind(0)
+    decay_per_chunk = g_cum[..., -1:].exp().unsqueeze(-1).unbind(0)  # exp(G_C), [BH, 1, 1] each
+    for n in range(num_chunks):
+        acc_per_chunk[n].baddbmm_(lhs_per_chunk[n], state, alpha=-1.0)
+        state.mul_(decay_per_chunk[n]).baddbmm_(updates_per_chunk[n], residuals_per_chunk[n])
+    # O = scale exp(G) Q S_in + scale Z R, the second term for all chunks in one product (into a
+    # buffer of its own: a product into acc's strided top half runs one matrix at a time); then
+    # one copy into [B, T, HV, V].
+    torch.baddbmm(
+        acc[:, :, :chunk].flatten(0, 1), scores_t, acc[:, :, chunk:].flatten(0, 1), alpha=scale, out=o
+    )
+    out.view(batch, num_chunks, chunk, num_v_heads, head_dim_v).permute(1, 0, 3, 2, 4).copy_(
+        o.view(num_chunks, batch, num_v_heads, chunk, head_dim_v)
+    )
+    return out
 
 
 def recurrent_gated_delta_rule_reference(

@@ -1,0 +1,152 @@
+"""The fla path as one autograd node: alpha -> log-decay, fla's chunked forward and backward, D skip.
+
+Through fla's public ``chunk_gated_delta_rule`` a call records three autograd nodes (our
+log-decay, fla's own Function, our D skip) and passes fla's per-call Python (backend dispatch,
+``input_guard``'s argument walk). Where fla's forward + backward is host-bound (B4 T4096 H16
+D128 on an H100) that Python is most of the wrapper's cost: about 100 us per extra node.
+:class:`FusedGatedDeltaRule` calls fla's module-level ``chunk_gated_delta_rule_fwd`` /
+``chunk_gated_delta_rule_bwd`` (the two functions fla's own Function calls) between our two
+kernels, in one node.
+
+Those two functions are fla internals, so :func:`hdgsa_deltanet_fla._fla.fused_entry_points`
+hands them out only for the fla-core minor version this was written against, with the
+parameters it passes, and only when fla would not send the whole op to another backend
+(FlashQLA); otherwise ``gated_delta_rule`` calls fla's public function (the same math, more
+host time). Importing this module imports Triton and fla: only the fla path does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from hdgsa_core.triton_utils import device_guard
+
+from ._triton import d_skip_bwd, d_skip_fwd, log_decay_bwd, log_decay_fwd
+
+__all__ = ["FusedGatedDeltaRule", "fused_forward"]
+
+
+def _contiguous(x: torch.Tensor) -> torch.Tensor:
+    # fla's kernels index q, k, v, beta and the state as dense [B, T, H, ...] (its public function
+    # makes every input contiguous the same way).
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def fused_forward(
+    fla_forward: Callable,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    D: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    scale: float,
+    output_final_state: bool,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]]:
+    """``(o, S_T, saved)``: the forward, and what the backward needs (fla's chunk-local
+    cumulative log-decays and its ``A``, the inverted intra-chunk blocks)."""
+    q, k, v, beta = _contiguous(q), _contiguous(k), _contiguous(v), _contiguous(beta)
+    if initial_state is not None:
+        initial_state = _contiguous(initial_state)
+    g = log_decay_fwd(alpha)
+    with device_guard(q.device):
+        g_cumsum, o, A, final_state = fla_forward(
+            q=q,
+            k=k,
+            v=v,
+            g=g,
+            beta=beta,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+        )[:4]
+    if D is not None:
+        o = d_skip_fwd(o, v, D, out_dtype)  # the cast to out_dtype comes with it
+    elif o.dtype != out_dtype:
+        o = o.to(out_dtype)
+    if final_state is not None and final_state.dtype != torch.float32:
+        final_state = final_state.float()
+    return o, final_state, (q, k, v, beta, initial_state, g_cumsum, A)
+
+
+class FusedGatedDeltaRule(torch.autograd.Function):
+    """``gated_delta_rule`` on fla's chunked kernels, forward and backward in one node.
+
+    ``apply(fla_forward, fla_backward, q, k, v, alpha, beta, D, initial_state, scale,
+    output_final_state, out_dtype)`` with the canonical layout (``[B, T, H, K]``, ``[B, T, HV]``),
+    returns ``(o, S_T or None)``. Gradients for ``q``, ``k``, ``v``, ``alpha``, ``beta``, ``D``
+    and ``initial_state``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        fla_forward: Callable,
+        fla_backward: Callable,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        alpha: torch.Tensor,
+        beta: torch.Tensor,
+        D: torch.Tensor | None,
+        initial_state: torch.Tensor | None,
+        scale: float,
+        output_final_state: bool,
+        out_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        o, final_state, saved = fused_forward(
+            fla_forward, q, k, v, alpha, beta, D, initial_state, scale, output_final_state, out_dtype
+        )
+        ctx.save_for_backward(alpha, D, *saved)
+        ctx.fla_backward = fla_backward
+        ctx.scale = scale
+        ctx.dtypes = (q.dtype, beta.dtype, None if initial_state is None else initial_state.dtype)
+        return o, final_state
+
+    @staticmethod
+    @once_differentiable  # as fla's: no double backward (an error if asked for, not a wrong one)
+    def backward(ctx, do: torch.Tensor, dfinal_state: torch.Tensor | None):
+        alpha, D, q, k, v, beta, initial_state, g_cumsum, A = ctx.saved_tensors
+        q_dtype, beta_dtype, state_dtype = ctx.dtypes
+        do = _contiguous(do)
+        with device_guard(q.device):
+            dq, dk, dv, dbeta, dg, dinitial_state = ctx.fla_backward(
+                q=q,
+                k=k,
+                v=v,
+                g=g_cumsum,
+                beta=beta,
+                A=A,
+                scale=ctx.scale,
+                initial_state=initial_state,
+                do=do if do.dtype == q_dtype else do.to(q_dtype),
+                dht=dfinal_state,
+            )[:6]
+        # needs_input_grad: (fla_forward, fla_backward, q, k, v, alpha, beta, D, initial_state, ...)
+        needs = ctx.needs_input_grad
+        dD = None
+        if D is not None and (needs[4] or needs[7]):
+            # dv = fla's dv + D[h] * do, summed in float32 and rounded once; dD = sum(do * v).
+            dv, dD = d_skip_bwd(do, v, D, dv_base=dv)
+        dalpha = log_decay_bwd(alpha, dg) if needs[5] else None
+        if dinitial_state is not None and dinitial_state.dtype != state_dtype:
+            dinitial_state = dinitial_state.to(state_dtype)
+        return (
+            None,
+            None,
+            dq.to(q_dtype),
+            dk.to(q_dtype),
+            dv.to(q_dtype),
+            dalpha,
+            dbeta.to(beta_dtype),
+            dD,
+            dinitial_state,
+            None,
+            None,
+            None,
+        )
