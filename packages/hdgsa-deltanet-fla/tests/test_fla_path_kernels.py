@@ -98,7 +98,6 @@ def test_d_skip_backward_adds_into_a_given_dv(device):
     expected = dv_base.double() + D.double()[:, None] * dy.double()
     dv, dD = _triton.d_skip_bwd(dy, v, D, dv_base=dv_base.clone())
     assert dv.dtype == torch.bfloat16
-    # One rounding of the float32 sum (two bf16 roundings would be off by up to twice as much).
     assert_close("dv", dv, expected, 8e-3)
     assert_close("dD", dD, (dy.double() * v.double()).sum((0, 1, 3)), 1e-5)
 
@@ -123,6 +122,9 @@ def _stand_in_fla_backward(*, q, k, v, g, beta, A, scale, initial_state, do, dht
     from hdgsa_deltanet_fla.reference import chunk_gated_delta_rule_torch
 
     assert A.numel() == 0  # the forward's A came back
+    # fla's kernels read do and dht densely, ignoring strides: the node must make them contiguous.
+    assert do.is_contiguous()
+    assert dht is None or dht.is_contiguous()
     leaves = [t.detach().requires_grad_() for t in (q, k, v, g, beta)]
     state = None if initial_state is None else initial_state.detach().requires_grad_()
     with torch.enable_grad():  # a backward runs with grad mode off
@@ -130,52 +132,86 @@ def _stand_in_fla_backward(*, q, k, v, g, beta, A, scale, initial_state, do, dht
         objective = (o * do.float()).sum() + (0 if dht is None else (final_state * dht).sum())
         grads = torch.autograd.grad(objective, leaves + ([] if state is None else [state]))
     dq, dk, dv, dg, dbeta = (grad.to(leaf.dtype) for grad, leaf in zip(grads[:5], leaves, strict=True))
-    return dq, dk, dv, dbeta, dg, (grads[5] if state is not None else None), None, None
+    dinitial_state = grads[5].to(initial_state.dtype) if state is not None else None
+    return dq, dk, dv, dbeta, dg, dinitial_state, None, None
+
+
+# name: (q/k/v dtype, which inputs require grad, the loss, D and initial_state present,
+# compute_dtype casts q, k, v before the node: the D skip then reads the caller's v, v_skip).
+_FUSED_CASES = {
+    "fp32": (torch.float32, "qkvabDs", "dense", True, False),
+    "fp32-noD-noh0": (torch.float32, "qkvab", "dense", False, False),
+    "sum-loss": (torch.float32, "qkvabDs", "sum", True, False),  # expanded (stride 0) cotangents
+    "transposed-state-loss": (torch.float32, "qkvabDs", "transposed", True, False),
+    "bf16-fp32-gates": (torch.bfloat16, "qkvabDs", "dense", True, False),
+    "D-frozen": (torch.float32, "qkvabs", "dense", True, False),
+    "v-frozen": (torch.float32, "qkabDs", "dense", True, False),
+    "compute-bf16": (torch.float32, "qkvabDs", "dense", True, True),
+}
 
 
 @pytest.mark.parametrize("device", RUNNABLE)
-@pytest.mark.parametrize(("with_D", "with_state"), [(True, True), (False, False)], ids=["D-h0", "noD-noh0"])
-def test_fused_node_around_stand_in_fla(device, with_D, with_state):
+@pytest.mark.parametrize("case", list(_FUSED_CASES))
+def test_fused_node_around_stand_in_fla(device, case):
     from hdgsa_deltanet_fla._fla_fused import FusedGatedDeltaRule
     from hdgsa_deltanet_fla.reference import recurrent_gated_delta_rule_reference
 
+    dtype, requires, loss, with_D_and_state, compute_bf16 = _FUSED_CASES[case]
     batch, seq_len, heads, v_heads, head_dim_k, head_dim_v = 2, 37, 1, 2, 8, 12  # GVA, odd T
-    q = make_tensor(batch, seq_len, heads, head_dim_k, seed=20, device=device)
+    q = make_tensor(batch, seq_len, heads, head_dim_k, seed=20, device=device, dtype=dtype)
     k = torch.nn.functional.normalize(
         make_tensor(batch, seq_len, heads, head_dim_k, seed=21, device=device), dim=-1
-    )
-    v = make_tensor(batch, seq_len, v_heads, head_dim_v, seed=22, device=device)
+    ).to(dtype)
+    v = make_tensor(batch, seq_len, v_heads, head_dim_v, seed=22, device=device, dtype=dtype)
     alpha = torch.sigmoid(make_tensor(batch, seq_len, v_heads, seed=23, device=device) + 2)
     alpha[:, ::7] = 1e-8  # clamped: no gradient there
     beta = torch.sigmoid(make_tensor(batch, seq_len, v_heads, seed=24, device=device))
-    D = make_tensor(v_heads, seed=25, device=device) if with_D else None
-    state = (
-        make_tensor(batch, v_heads, head_dim_k, head_dim_v, seed=26, device=device) if with_state else None
-    )
-    inputs = [q, k, v, alpha, beta, D, state]
-    leaves = [None if t is None else t.clone().requires_grad_() for t in inputs]
+    D = state = None
+    if with_D_and_state:
+        D = make_tensor(v_heads, seed=25, device=device)
+        state = make_tensor(batch, v_heads, head_dim_k, head_dim_v, seed=26, device=device, dtype=dtype)
+    inputs = {"q": q, "k": k, "v": v, "a": alpha, "b": beta, "D": D, "s": state}
+    leaves = {
+        name: None if t is None else t.clone().requires_grad_(name in requires) for name, t in inputs.items()
+    }
+    q_in, k_in, v_in, v_skip = leaves["q"], leaves["k"], leaves["v"], None
+    if compute_bf16:
+        q_in, k_in, v_in = (t.to(torch.bfloat16) for t in (q_in, k_in, v_in))
+        v_skip = leaves["v"]
     scale = 0.3
     o, final_state = FusedGatedDeltaRule.apply(
-        _stand_in_fla_forward, _stand_in_fla_backward, *leaves, scale, True, torch.float32
-    )
-    leaves64 = [None if t is None else t.double().requires_grad_() for t in inputs]
-    q64, k64, v64, alpha64, beta64, D64, state64 = leaves64
+        _stand_in_fla_forward, _stand_in_fla_backward, q_in, k_in, v_in, leaves["a"], leaves["b"],
+        leaves["D"], v_skip, leaves["s"], scale, True, dtype,
+    )  # fmt: skip
+    assert o.dtype == dtype
+    assert final_state.dtype == torch.float32
+
+    leaves64 = {name: None if t is None else t.double().requires_grad_() for name, t in inputs.items()}
     o64, final64 = recurrent_gated_delta_rule_reference(
-        q64, k64, v64, alpha64.clamp(min=ALPHA_MIN).log(), beta64, scale, state64
-    )
-    if D64 is not None:
-        o64 = o64 + D64[:, None] * v64
-    assert_close("o", o, o64, 1e-5)
-    assert_close("S_T", final_state, final64, 1e-5)
-    do = make_tensor(*o.shape, seed=27, device=device)
-    dfinal = make_tensor(*final_state.shape, seed=28, device=device)
-    present = [i for i, t in enumerate(leaves) if t is not None]
-    grads = torch.autograd.grad((o * do).sum() + (final_state * dfinal).sum(), [leaves[i] for i in present])
-    grads64 = torch.autograd.grad(
-        (o64 * do.double()).sum() + (final64 * dfinal.double()).sum(), [leaves64[i] for i in present]
-    )
-    names = ("q", "k", "v", "alpha", "beta", "D", "initial_state")
-    for i, grad, grad64 in zip(present, grads, grads64, strict=True):
-        assert grad.shape == leaves[i].shape, names[i]
-        assert_close(f"d{names[i]}", grad, grad64, 1e-5)
-    assert torch.all(grads[3][:, ::7] == 0)  # the clamped alphas
+        leaves64["q"], leaves64["k"], leaves64["v"], leaves64["a"].clamp(min=ALPHA_MIN).log(),
+        leaves64["b"], scale, leaves64["s"],
+    )  # fmt: skip
+    if D is not None:
+        o64 = o64 + leaves64["D"][:, None] * leaves64["v"]
+    tol = 1e-5 if dtype == torch.float32 and not compute_bf16 else 2e-2
+    assert_close("o", o, o64, tol)
+    assert_close("S_T", final_state, final64, tol)
+
+    if loss == "dense":
+        do = make_tensor(*o.shape, seed=27, device=device, dtype=dtype)
+        dfinal = make_tensor(*final_state.shape, seed=28, device=device)
+        objective = lambda out, final: (out * do.to(out.dtype)).sum() + (final * dfinal.to(final.dtype)).sum()
+    elif loss == "sum":
+        objective = lambda out, final: out.sum() + final.sum()
+    else:  # a consumer of S_T^T: its cotangent arrives transposed
+        weight = make_tensor(batch, v_heads, head_dim_v, head_dim_k, seed=29, device=device)
+        objective = lambda out, final: out.sum() + (final.mT * weight.to(final.dtype)).sum()
+    wrt = [name for name in leaves if leaves[name] is not None and name in requires]
+    grads = torch.autograd.grad(objective(o.float(), final_state), [leaves[name] for name in wrt])
+    grads64 = torch.autograd.grad(objective(o64, final64), [leaves64[name] for name in wrt])
+    for name, grad, grad64 in zip(wrt, grads, grads64, strict=True):
+        assert grad.dtype == leaves[name].dtype, name
+        assert grad.shape == leaves[name].shape, name
+        assert_close(f"d{name}", grad, grad64, tol)
+    if "a" in wrt:
+        assert torch.all(grads[wrt.index("a")][:, ::7] == 0)  # the clamped alphas

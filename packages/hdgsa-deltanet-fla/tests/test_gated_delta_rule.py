@@ -743,8 +743,10 @@ def fla_call(request, monkeypatch):
     run_fused = api._run_fla_fused
 
     def spy(*args, **kwargs):
-        fused_calls.append(True)
-        return run_fused(*args, **kwargs)
+        result = run_fused(*args, **kwargs)
+        if result is not None:  # None: the fused node was not taken
+            fused_calls.append(True)
+        return result
 
     monkeypatch.setattr(api, "_run_fla_fused", spy)
     return request.param, fused_calls
@@ -841,6 +843,31 @@ def test_fla_backward_matches_reference(dtype, v_heads, fla_call):
     fwd_tol, grad_tol, gate_tol = FLA_TOL[dtype]
     # The gate gradients (alpha, beta, D) get fla's looser tolerance for dbeta / dg.
     check_op(_fla_case(dtype, 130, v_heads), backend="fla", tol=fwd_tol, grad_tol=max(grad_tol, gate_tol))
+    assert_took(fla_call)
+
+
+@needs_fla
+@pytest.mark.skipif(FLA_BWD_REASON is not None, reason=f"fla's backward cannot run: {FLA_BWD_REASON}")
+@pytest.mark.parametrize("loss", ["sum", "transposed-state"])
+def test_fla_backward_with_expanded_or_transposed_cotangents(loss, fla_call):
+    # S_T.sum() sends an expanded (all strides 0) gradient, a reader of S_T.mT a transposed one:
+    # fla's kernels read them densely, so the wrapper must hand them over contiguous.
+    inputs = _fla_case(torch.bfloat16, 70, 2)
+    leaves = [t.detach().requires_grad_() for t in inputs.tensors()]
+    o, final_state = gated_delta_rule(
+        *leaves[:6], initial_state=leaves[6], output_final_state=True, backend="fla"
+    )
+    o64, final64, leaves64 = reference64(inputs)
+    weight = make_tensor(*final_state.shape[:2], 64, 64, seed=14, device="cuda")
+    if loss == "sum":
+        objective = lambda out, final: out.sum() + final.sum()
+    else:
+        objective = lambda out, final: out.sum() + (final.mT * weight.to(final.dtype)).sum()
+    grads = torch.autograd.grad(objective(o.float(), final_state), leaves)
+    grads64 = torch.autograd.grad(objective(o64, final64), leaves64)
+    _, grad_tol, gate_tol = FLA_TOL[torch.bfloat16]
+    for name, grad, grad64 in zip(NAMES, grads, grads64, strict=True):
+        assert_close(f"d{name}", grad, grad64, max(grad_tol, gate_tol))
     assert_took(fla_call)
 
 

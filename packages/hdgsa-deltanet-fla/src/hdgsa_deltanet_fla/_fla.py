@@ -168,8 +168,12 @@ def _fla_chunk_functions() -> tuple[Callable, Callable] | None:
 def _whole_op_backend_active() -> bool:
     """Whether fla would offer the whole op to another backend (FlashQLA, when installed and
     enabled), which its public function dispatches to and the fused node would skip. Read per
-    call: the backends' switches are environment variables. Unknown registry: True."""
+    call: the backends' switches are environment variables. Such a backend may still turn a call
+    down (FlashQLA takes K = V = 128 only), where fla runs its Triton path; that case takes the
+    public function too (same result, more host time). Unknown registry: True."""
     backends = sys.modules.get("fla.backends")
+    if getattr(backends, "_DISPATCH_DISABLED", False):  # FLA_DISABLE_BACKEND_DISPATCH=1
+        return False
     registries = getattr(backends, "_operation_registries", None)
     if not isinstance(registries, dict):
         return True

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
+from hdgsa_core import FLA_VERSION
 from hdgsa_core.triton_utils import device_guard
 
 from ._triton import d_skip_bwd, d_skip_fwd, log_decay_bwd, log_decay_fwd
@@ -30,8 +31,9 @@ __all__ = ["FusedGatedDeltaRule", "fused_forward"]
 
 
 def _contiguous(x: torch.Tensor) -> torch.Tensor:
-    # fla's kernels index q, k, v, beta and the state as dense [B, T, H, ...] (its public function
-    # makes every input contiguous the same way).
+    # fla's kernels index q, k, v, beta, the states and the incoming gradients as dense tensors,
+    # ignoring strides (its public function makes every tensor argument contiguous the same way):
+    # a gradient of S_T.sum() is expanded (all strides 0), one of S_T.mT is transposed.
     return x if x.is_contiguous() else x.contiguous()
 
 
@@ -43,13 +45,18 @@ def fused_forward(
     alpha: torch.Tensor,
     beta: torch.Tensor,
     D: torch.Tensor | None,
+    v_skip: torch.Tensor | None,
     initial_state: torch.Tensor | None,
     scale: float,
     output_final_state: bool,
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]]:
     """``(o, S_T, saved)``: the forward, and what the backward needs (fla's chunk-local
-    cumulative log-decays and its ``A``, the inverted intra-chunk blocks)."""
+    cumulative log-decays and its ``A``, the inverted intra-chunk blocks).
+
+    ``v_skip``: the values the D skip reads when they are not ``v`` (the caller's ``v`` where
+    ``v`` is its copy cast to ``compute_dtype``); None: ``v``.
+    """
     q, k, v, beta = _contiguous(q), _contiguous(k), _contiguous(v), _contiguous(beta)
     if initial_state is not None:
         initial_state = _contiguous(initial_state)
@@ -65,22 +72,31 @@ def fused_forward(
             initial_state=initial_state,
             output_final_state=output_final_state,
         )[:4]
+    if o.shape != v.shape or g_cumsum.shape != g.shape:  # fla's internals changed under us
+        raise RuntimeError(
+            "fla's chunk_gated_delta_rule_fwd returned (g, o, ...) of shapes "
+            f"{tuple(g_cumsum.shape)}, {tuple(o.shape)}, expected {tuple(g.shape)}, {tuple(v.shape)}: "
+            f"fla-core {FLA_VERSION}'s internals differ from those of 0.6.0, which the fused fla "
+            "path was written for: please report it with your fla-core version "
+            "(backend='torch' runs meanwhile)"
+        )
     if D is not None:
-        o = d_skip_fwd(o, v, D, out_dtype)  # the cast to out_dtype comes with it
+        # The cast to out_dtype comes with it.
+        o = d_skip_fwd(o, v if v_skip is None else v_skip, D, out_dtype)
     elif o.dtype != out_dtype:
         o = o.to(out_dtype)
     if final_state is not None and final_state.dtype != torch.float32:
         final_state = final_state.float()
-    return o, final_state, (q, k, v, beta, initial_state, g_cumsum, A)
+    return o, final_state, (q, k, v, v_skip, beta, initial_state, g_cumsum, A)
 
 
 class FusedGatedDeltaRule(torch.autograd.Function):
     """``gated_delta_rule`` on fla's chunked kernels, forward and backward in one node.
 
-    ``apply(fla_forward, fla_backward, q, k, v, alpha, beta, D, initial_state, scale,
-    output_final_state, out_dtype)`` with the canonical layout (``[B, T, H, K]``, ``[B, T, HV]``),
+    ``apply(fla_forward, fla_backward, q, k, v, alpha, beta, D, v_skip, initial_state, scale,
+    output_final_state, out_dtype)`` (see :func:`fused_forward`) with the canonical layout (``[B, T, H, K]``, ``[B, T, HV]``),
     returns ``(o, S_T or None)``. Gradients for ``q``, ``k``, ``v``, ``alpha``, ``beta``, ``D``
-    and ``initial_state``.
+    and ``initial_state`` (and ``v_skip``).
     """
 
     @staticmethod
@@ -94,13 +110,14 @@ class FusedGatedDeltaRule(torch.autograd.Function):
         alpha: torch.Tensor,
         beta: torch.Tensor,
         D: torch.Tensor | None,
+        v_skip: torch.Tensor | None,
         initial_state: torch.Tensor | None,
         scale: float,
         output_final_state: bool,
         out_dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         o, final_state, saved = fused_forward(
-            fla_forward, q, k, v, alpha, beta, D, initial_state, scale, output_final_state, out_dtype
+            fla_forward, q, k, v, alpha, beta, D, v_skip, initial_state, scale, output_final_state, out_dtype
         )
         ctx.save_for_backward(alpha, D, *saved)
         ctx.fla_backward = fla_backward
@@ -111,9 +128,11 @@ class FusedGatedDeltaRule(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # as fla's: no double backward (an error if asked for, not a wrong one)
     def backward(ctx, do: torch.Tensor, dfinal_state: torch.Tensor | None):
-        alpha, D, q, k, v, beta, initial_state, g_cumsum, A = ctx.saved_tensors
+        alpha, D, q, k, v, v_skip, beta, initial_state, g_cumsum, A = ctx.saved_tensors
         q_dtype, beta_dtype, state_dtype = ctx.dtypes
         do = _contiguous(do)
+        if dfinal_state is not None:
+            dfinal_state = _contiguous(dfinal_state)
         with device_guard(q.device):
             dq, dk, dv, dbeta, dg, dinitial_state = ctx.fla_backward(
                 q=q,
@@ -127,10 +146,12 @@ class FusedGatedDeltaRule(torch.autograd.Function):
                 do=do if do.dtype == q_dtype else do.to(q_dtype),
                 dht=dfinal_state,
             )[:6]
-        # needs_input_grad: (fla_forward, fla_backward, q, k, v, alpha, beta, D, initial_state, ...)
+        # needs_input_grad: (fla_forward, fla_backward, q, k, v, alpha, beta, D, v_skip, ...)
         needs = ctx.needs_input_grad
-        dD = None
-        if D is not None and (needs[4] or needs[7]):
+        dD = dv_skip = None
+        if D is not None and v_skip is not None:
+            dv_skip, dD = d_skip_bwd(do, v_skip, D)
+        elif D is not None and (needs[4] or needs[7]):
             # dv = fla's dv + D[h] * do, summed in float32 and rounded once; dD = sum(do * v).
             dv, dD = d_skip_bwd(do, v, D, dv_base=dv)
         dalpha = log_decay_bwd(alpha, dg) if needs[5] else None
@@ -145,6 +166,7 @@ class FusedGatedDeltaRule(torch.autograd.Function):
             dalpha,
             dbeta.to(beta_dtype),
             dD,
+            dv_skip,
             dinitial_state,
             None,
             None,

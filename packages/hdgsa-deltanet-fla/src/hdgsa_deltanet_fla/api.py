@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import types
 import warnings
-from collections.abc import Callable
 
 import torch
 
@@ -425,20 +424,26 @@ def _run_fla_path(
         q_in, k_in, v_in = q4.to(compute_dtype), k4.to(compute_dtype), v4.to(compute_dtype)
     if compute_dtype is not None and compute_dtype != beta3.dtype:
         beta_in = beta3.to(compute_dtype)
-    fused = _fla.fused_entry_points()
+    # With compute_dtype casting v, the D skip reads the caller's v (as on the public path).
+    v_skip = None if D is None or v_in is v4 else v4
+    fused = _run_fla_fused(
+        (q_in, k_in, v_in, alpha3, beta_in, D, v_skip, initial_state, scale, output_final_state, out_dtype),
+        needs_backward,
+    )
     if fused is not None:
-        args = (q_in, k_in, v_in, alpha3, beta_in, D, initial_state, scale, output_final_state, out_dtype)
-        return _run_fla_fused(fused, args, needs_backward)
+        return fused
     return _run_fla_public(
         q_in, k_in, v_in, alpha3, beta_in, D, v4, scale, initial_state, output_final_state, out_dtype
     )
 
 
-@torch.compiler.disable  # as fla's public function: Dynamo does not trace into fla
-def _run_fla_fused(
-    fused: tuple[Callable, Callable], args: tuple, needs_backward: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The fla path as one autograd node (:mod:`._fla_fused`); ``args`` as its ``apply`` takes them."""
+@torch.compiler.disable  # as fla's public function: Dynamo does not trace into fla (nor this choice)
+def _run_fla_fused(args: tuple, needs_backward: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The fla path as one autograd node (:mod:`._fla_fused`), ``args`` as its ``apply`` takes
+    them after fla's two functions; None where it cannot be (:func:`_fla.fused_entry_points`)."""
+    fused = _fla.fused_entry_points()
+    if fused is None:
+        return None
     _fla_fused = _fused_module()
     if needs_backward:
         return _fla_fused.FusedGatedDeltaRule.apply(*fused, *args)
