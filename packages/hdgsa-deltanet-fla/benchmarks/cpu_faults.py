@@ -16,20 +16,14 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
+from cpu_speed import issue_inputs
 
 from hdgsa_deltanet_fla import gated_delta_rule
 
 
 def main(calls: int) -> None:
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    B, T, H, K, V = 1, 1024, 4, 64, 64
-    q = torch.randn(B, T, H, K)
-    k = F.normalize(torch.randn(B, T, H, K), dim=-1)
-    v = torch.randn(B, T, H, V)
-    alpha = torch.rand(B, T, H) * 0.5 + 0.5
-    beta = torch.rand(B, T, H)
+    q, k, v, alpha, beta = issue_inputs()
     for _ in range(20):
         gated_delta_rule(q, k, v, alpha, beta, backend="torch")
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

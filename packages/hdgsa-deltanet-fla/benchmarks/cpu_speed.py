@@ -71,7 +71,8 @@ def _rows(q, k, v, alpha, beta):
     return rows
 
 
-def main(threads: list[int]) -> None:
+def issue_inputs() -> tuple[torch.Tensor, ...]:
+    """``(q, k, v, alpha, beta)`` at issue 5's CPU shape, B1 T1024 H4 K=V=64 float32 (seeded)."""
     torch.manual_seed(0)
     B, T, H, K, V = 1, 1024, 4, 64, 64
     q = torch.randn(B, T, H, K)
@@ -79,6 +80,11 @@ def main(threads: list[int]) -> None:
     v = torch.randn(B, T, H, V)
     alpha = torch.rand(B, T, H) * 0.5 + 0.5
     beta = torch.rand(B, T, H)
+    return q, k, v, alpha, beta
+
+
+def main(threads: list[int]) -> None:
+    q, k, v, alpha, beta = issue_inputs()
     for count in threads:
         torch.set_num_threads(count)
         rows = _rows(q, k, v, alpha, beta)

@@ -727,6 +727,9 @@ FLA_BWD_REASON = (
     else "no CUDA device"
 )
 needs_fla = pytest.mark.skipif(FLA_FWD_REASON is not None, reason=f"fla cannot run: {FLA_FWD_REASON}")
+needs_fla_backward = pytest.mark.skipif(
+    FLA_BWD_REASON is not None, reason=f"fla's backward cannot run: {FLA_BWD_REASON}"
+)
 FLA_TOL = {torch.float16: (0.005, 0.008, 0.02), torch.bfloat16: (0.01, 0.016, 0.04)}
 
 
@@ -837,7 +840,7 @@ def test_fla_forward_alpha_edges_and_compute_dtype(alpha_mode, fla_call):
 
 
 @needs_fla
-@pytest.mark.skipif(FLA_BWD_REASON is not None, reason=f"fla's backward cannot run: {FLA_BWD_REASON}")
+@needs_fla_backward
 @pytest.mark.parametrize(("dtype", "v_heads"), [(torch.bfloat16, 2), (torch.bfloat16, 4), (torch.float16, 2)])
 def test_fla_backward_matches_reference(dtype, v_heads, fla_call):
     fwd_tol, grad_tol, gate_tol = FLA_TOL[dtype]
@@ -847,7 +850,7 @@ def test_fla_backward_matches_reference(dtype, v_heads, fla_call):
 
 
 @needs_fla
-@pytest.mark.skipif(FLA_BWD_REASON is not None, reason=f"fla's backward cannot run: {FLA_BWD_REASON}")
+@needs_fla_backward
 @pytest.mark.parametrize("loss", ["sum", "transposed-state"])
 def test_fla_backward_with_expanded_or_transposed_cotangents(loss, fla_call):
     # S_T.sum() sends an expanded (all strides 0) gradient, a reader of S_T.mT a transposed one:
@@ -872,7 +875,7 @@ def test_fla_backward_with_expanded_or_transposed_cotangents(loss, fla_call):
 
 
 @needs_fla
-@pytest.mark.skipif(FLA_BWD_REASON is not None, reason=f"fla's backward cannot run: {FLA_BWD_REASON}")
+@needs_fla_backward
 @pytest.mark.parametrize("layout", ["unpacked", "packed"])
 def test_fla_backward_compute_dtype_partial_grads_and_no_state(layout, fla_call):
     # float32 compute for bf16 inputs, no D and no initial state, only some inputs requiring
