@@ -214,9 +214,9 @@ def chunk_gated_delta_rule_torch(
         state = initial_state.to(compute_dtype).reshape(bh, head_dim_k, head_dim_v)
     if buffered:
         o = _chunked_forward_in_buffers(
-            chunked(q), chunked(k), chunked(v), beta_c, g_cum, g_after, state, scale
+            chunked(q), chunked(k), chunked(v), beta_c, g_cum, g_after, state, scale, seq_len
         )
-        return o[:, :seq_len], state.reshape(batch, num_v_heads, head_dim_k, head_dim_v)
+        return o, state.reshape(batch, num_v_heads, head_dim_k, head_dim_v)
 
     q_c, k_c = to_chunks(q), to_chunks(k)
     k_t = k_c.transpose(-1, -2)
@@ -264,12 +264,14 @@ def _chunked_forward_in_buffers(
     g_after: torch.Tensor,
     state: torch.Tensor,
     scale: float,
+    seq_len: int,
 ) -> torch.Tensor:
     """The chunked forward where autograd records nothing, in preallocated buffers (``out=``).
 
     ``q``, ``k``, ``v``: ``[N, B, HV, C, K or V]`` (strided views); ``beta_c`` ``[N, BH, C, 1]``,
     ``g_cum`` and ``g_after`` ``[N, BH, C]`` as in the caller; ``state`` ``[BH, K, V]`` is updated
-    in place to the final state. Returns ``o`` ``[B, N * C, HV, V]`` (contiguous).
+    in place to the final state. Returns ``o`` ``[B, T, HV, V]`` (contiguous; ``T = seq_len``,
+    the steps before the padding).
     """
     num_chunks, batch, num_v_heads, chunk, head_dim_k = q.shape
     head_dim_v = v.shape[-1]
@@ -288,9 +290,7 @@ def _chunked_forward_in_buffers(
     # was often trimmed after a call and the next one faulted its pages back in (~350-2000 minor
     # faults, +20% time, at B1 T1024 H4 K=V=64); one block larger than the rest of the call's
     # memory puts the threshold above what the call frees.
-    out = torch.empty(
-        batch, num_chunks * chunk, num_v_heads, head_dim_v, dtype=state.dtype, device=state.device
-    )
+    out = torch.empty(batch, seq_len, num_v_heads, head_dim_v, dtype=state.dtype, device=state.device)
     sizes = [math.prod(shape) for shape in shapes.values()]
     workspace = torch.empty(sum(sizes), dtype=state.dtype, device=state.device)
     qk, gram, square, keys_t, acc, o = (
@@ -335,13 +335,19 @@ def _chunked_forward_in_buffers(
         state.mul_(decay_per_chunk[n]).baddbmm_(updates_per_chunk[n], residuals_per_chunk[n])
     # O = scale exp(G) Q S_in + scale Z R, the second term for all chunks in one product (into a
     # buffer of its own: a product into acc's strided top half runs one matrix at a time); then
-    # one copy into [B, T, HV, V].
+    # one copy into [B, T, HV, V], the padding left out (the full chunks, then the last one's
+    # first steps).
     torch.baddbmm(
         acc[:, :, :chunk].flatten(0, 1), scores_t, acc[:, :, chunk:].flatten(0, 1), alpha=scale, out=o
     )
-    out.view(batch, num_chunks, chunk, num_v_heads, head_dim_v).permute(1, 0, 3, 2, 4).copy_(
-        o.view(num_chunks, batch, num_v_heads, chunk, head_dim_v)
-    )
+    o_steps = o.view(num_chunks, batch, num_v_heads, chunk, head_dim_v).permute(1, 0, 3, 2, 4)
+    full_chunks = seq_len // chunk
+    if full_chunks:
+        out[:, : full_chunks * chunk].view(batch, full_chunks, chunk, num_v_heads, head_dim_v).copy_(
+            o_steps[:, :full_chunks]
+        )
+    if seq_len > full_chunks * chunk:
+        out[:, full_chunks * chunk :].copy_(o_steps[:, full_chunks, : seq_len - full_chunks * chunk])
     return out
 
 
