@@ -74,11 +74,10 @@ def fused_forward(
         )[:4]
     if o.shape != v.shape or g_cumsum.shape != g.shape:  # fla's internals changed under us
         raise RuntimeError(
-            "fla's chunk_gated_delta_rule_fwd returned (g, o, ...) of shapes "
+            f"fla-core {FLA_VERSION}'s chunk_gated_delta_rule_fwd returned (g, o, ...) of shapes "
             f"{tuple(g_cumsum.shape)}, {tuple(o.shape)}, expected {tuple(g.shape)}, {tuple(v.shape)}: "
-            f"fla-core {FLA_VERSION}'s internals differ from those of 0.6.0, which the fused fla "
-            "path was written for: please report it with your fla-core version "
-            "(backend='torch' runs meanwhile)"
+            "its internals differ from those of fla-core 0.6.0, which hdgsa's fused fla path is "
+            "written for. Please report it with your fla-core version; backend='torch' runs meanwhile"
         )
     if D is not None:
         # The cast to out_dtype comes with it.
@@ -94,9 +93,9 @@ class FusedGatedDeltaRule(torch.autograd.Function):
     """``gated_delta_rule`` on fla's chunked kernels, forward and backward in one node.
 
     ``apply(fla_forward, fla_backward, q, k, v, alpha, beta, D, v_skip, initial_state, scale,
-    output_final_state, out_dtype)`` (see :func:`fused_forward`) with the canonical layout (``[B, T, H, K]``, ``[B, T, HV]``),
-    returns ``(o, S_T or None)``. Gradients for ``q``, ``k``, ``v``, ``alpha``, ``beta``, ``D``
-    and ``initial_state`` (and ``v_skip``).
+    output_final_state, out_dtype)`` (see :func:`fused_forward`), with the canonical layout
+    (``[B, T, H, K]``, ``[B, T, HV]``), returns ``(o, S_T or None)``. Gradients for ``q``, ``k``,
+    ``v``, ``alpha``, ``beta``, ``D``, ``v_skip`` and ``initial_state``.
     """
 
     @staticmethod
