@@ -185,10 +185,9 @@ def chunk_gated_delta_rule_torch(
     bh = batch * num_v_heads
 
     def chunked(x: torch.Tensor) -> torch.Tensor:
-        # [B, T, HV, ...] -> [N, B, HV, C, ...] in the compute dtype: chunk-major, so that each
-        # chunk's operands and buffers in the loop are contiguous (a product into a strided
-        # out= slice takes twice as long). A view where it can be.
-        x = x.to(compute_dtype)
+        # [B, T, HV, ...] -> [N, B, HV, C, ...]: chunk-major, so that each chunk's operands and
+        # buffers in the loop are contiguous (a product into a strided out= slice takes twice as
+        # long). A view where it can be (no padding), in x's dtype.
         if pad:
             x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
         return x.unflatten(1, (num_chunks, chunk)).permute(1, 0, 3, 2, *range(4, x.dim() + 1))
@@ -196,7 +195,7 @@ def chunk_gated_delta_rule_torch(
     def to_chunks(x: torch.Tensor) -> torch.Tensor:
         # [N, B * HV, C, ...], contiguous: one copy here, so that no later elementwise result
         # inherits a strided layout and no product copies its operands again.
-        return chunked(x).reshape(num_chunks, bh, chunk, *x.shape[3:]).contiguous()
+        return chunked(x.to(compute_dtype)).reshape(num_chunks, bh, chunk, *x.shape[3:]).contiguous()
 
     beta_c = to_chunks(beta).unsqueeze(-1)  # [N, BH, C, 1]
     g_c = to_chunks(g)
@@ -213,8 +212,18 @@ def chunk_gated_delta_rule_torch(
     else:
         state = initial_state.to(compute_dtype).reshape(bh, head_dim_k, head_dim_v)
     if buffered:
+        # q and k are cast as they are copied into the workspace (no cast copy first); v is cast
+        # before, as beta's product writes it into a compute-dtype buffer.
         o = _chunked_forward_in_buffers(
-            chunked(q), chunked(k), chunked(v), beta_c, g_cum, g_after, state, scale, seq_len
+            chunked(q),
+            chunked(k),
+            chunked(v.to(compute_dtype)),
+            beta_c,
+            g_cum,
+            g_after,
+            state,
+            scale,
+            seq_len,
         )
         return o, state.reshape(batch, num_v_heads, head_dim_k, head_dim_v)
 
@@ -268,7 +277,8 @@ def _chunked_forward_in_buffers(
 ) -> torch.Tensor:
     """The chunked forward where autograd records nothing, in preallocated buffers (``out=``).
 
-    ``q``, ``k``, ``v``: ``[N, B, HV, C, K or V]`` (strided views); ``beta_c`` ``[N, BH, C, 1]``,
+    ``q``, ``k``, ``v``: ``[N, B, HV, C, K or V]`` (strided views; ``v`` in the compute dtype,
+    ``q`` and ``k`` in any float dtype, cast as they are copied); ``beta_c`` ``[N, BH, C, 1]``,
     ``g_cum`` and ``g_after`` ``[N, BH, C]`` as in the caller; ``state`` ``[BH, K, V]`` is updated
     in place to the final state. Returns ``o`` ``[B, T, HV, V]`` (contiguous; ``T = seq_len``,
     the steps before the padding).

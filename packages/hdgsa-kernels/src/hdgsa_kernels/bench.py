@@ -9,9 +9,9 @@ memory and the speed-up of ours over each peer. Results go to a table, a JSON fi
 With ``gpu_time`` each row also gets the GPU time of one call replayed from a CUDA graph
 (:func:`graph_ms`), or, for a call that cannot be captured (one that reads a device value on the
 host, or whose autograd nodes were made on another stream), the sum of its kernels' times under
-the PyTorch profiler (:func:`kernel_ms`). Neither has host time in it, so where a call's host time exceeds its GPU
-time (small ops; a backward through the autograd engine on a slow host) the two columns side by
-side say which one the do_bench median measured.
+the PyTorch profiler (:func:`kernel_ms`). Neither has host time in it, so where a call's host
+time exceeds its GPU time (small ops; a backward through the autograd engine on a slow host)
+the two columns side by side say which one the do_bench median measured.
 """
 
 from __future__ import annotations
