@@ -6,6 +6,7 @@ from hdgsa_core import (
     check_index_range,
     check_ndim,
     check_same_device,
+    check_same_dtype,
     check_shape,
     check_tensor,
 )
@@ -76,3 +77,10 @@ def test_autocast_disabled_keeps_float32():
         assert (a @ a).dtype == torch.bfloat16
         with autocast_disabled(a.device):
             assert (a @ a).dtype == torch.float32
+
+
+def test_check_same_dtype_names_the_odd_one():
+    q, k = torch.ones(2), torch.ones(2)
+    check_same_dtype("q", q, k=k, v=torch.ones(3))
+    with pytest.raises(TypeError, match=r"v: dtype float16 differs from q's float32; q, k, v must share one dtype"):
+        check_same_dtype("q", q, k=k, v=torch.ones(2, dtype=torch.float16))

@@ -603,7 +603,7 @@ def test_bad_shapes_raise_value_error(overrides, match):
     [
         (dict(q=torch.randn(2, 5, 2, 4, dtype=torch.float64)), "q: dtype float64"),
         (dict(alpha=torch.ones(2, 5, 2, dtype=torch.int32)), "alpha: dtype int32"),
-        (dict(k=torch.randn(2, 5, 2, 4).half()), "k: dtype torch.float16 must match"),
+        (dict(k=torch.randn(2, 5, 2, 4).half()), "k: dtype float16 differs from q.s float32"),
         (dict(D=torch.ones(2, dtype=torch.int64)), "D: dtype int64"),
         (dict(compute_dtype=torch.float64), "compute_dtype"),
         (dict(num_heads=2.0), "num_heads must be an int"),

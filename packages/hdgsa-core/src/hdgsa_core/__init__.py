@@ -23,6 +23,7 @@ from .checks import (
     check_ndim,
     check_real,
     check_same_device,
+    check_same_dtype,
     check_shape,
     check_tensor,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "check_ndim",
     "check_real",
     "check_same_device",
+    "check_same_dtype",
     "check_shape",
     "check_tensor",
     "interpreter_enabled",

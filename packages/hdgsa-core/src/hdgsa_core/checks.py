@@ -21,6 +21,7 @@ __all__ = [
     "check_ndim",
     "check_real",
     "check_same_device",
+    "check_same_dtype",
     "check_shape",
     "check_tensor",
     "format_shape",
@@ -46,10 +47,8 @@ def check_dtype(name: str, tensor: torch.Tensor, allowed: Sequence[torch.dtype] 
     """TypeError unless ``tensor.dtype`` is one of ``allowed``."""
     check_tensor(name, tensor)
     if tensor.dtype not in allowed:
-        names = ", ".join(str(dtype).removeprefix("torch.") for dtype in allowed)
-        raise TypeError(
-            f"{name}: dtype {str(tensor.dtype).removeprefix('torch.')} is not supported; expected one of {names}"
-        )
+        names = ", ".join(_dtype_name(dtype) for dtype in allowed)
+        raise TypeError(f"{name}: dtype {_dtype_name(tensor.dtype)} is not supported; expected one of {names}")
 
 
 def check_ndim(name: str, tensor: torch.Tensor, ndims: int | Sequence[int], layout: str) -> None:
@@ -88,6 +87,21 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
         listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
         raise ValueError(f"expected all tensors on one device, got {listing}")
     return next(iter(devices.values()))
+
+
+def check_same_dtype(reference: str, tensor: torch.Tensor, **others: torch.Tensor) -> None:
+    """TypeError unless every tensor in ``others`` has the dtype of ``tensor`` (named ``reference``)."""
+    expected = tensor.dtype
+    for name, other in others.items():
+        if other.dtype != expected:
+            raise TypeError(
+                f"{name}: dtype {_dtype_name(other.dtype)} differs from {reference}'s "
+                f"{_dtype_name(expected)}; {', '.join((reference, *others))} must share one dtype"
+            )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def check_index_range(name: str, indices: torch.Tensor, upper: int) -> None:

@@ -17,6 +17,7 @@ from hdgsa_core import (
     check_ndim,
     check_real,
     check_same_device,
+    check_same_dtype,
     check_shape,
     resolve_backend,
 )
@@ -171,9 +172,7 @@ def gated_delta_rule(
     ):
         check_dtype("initial_state", initial_state)
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        for name, tensor in (("k", k), ("v", v)):
-            if tensor.dtype != q.dtype:
-                raise TypeError(f"{name}: dtype {tensor.dtype} must match q's dtype {q.dtype}")
+        check_same_dtype("q", q, k=k, v=v)
     if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
         raise TypeError(f"compute_dtype: expected None or one of {FLOAT_DTYPES}, got {compute_dtype!r}")
     if num_heads is not None:

@@ -13,6 +13,7 @@ from hdgsa_core import (
     check_index_range,
     check_ndim,
     check_same_device,
+    check_same_dtype,
     check_shape,
     check_tensor,
     resolve_backend,
@@ -48,12 +49,7 @@ def _check_arguments(
     check_ndim("indices", indices, (3, 4), "[B, Hi, T, K] or [B, T, K]")
 
     check_dtype("q", q, FLOAT_DTYPES)
-    for name, tensor in (("k", k), ("v", v)):
-        if tensor.dtype != q.dtype:
-            raise TypeError(
-                f"{name}: dtype {str(tensor.dtype).removeprefix('torch.')} differs from q's "
-                f"{str(q.dtype).removeprefix('torch.')}; q, k and v must share one dtype"
-            )
+    check_same_dtype("q", q, k=k, v=v)
     check_dtype("indices", indices, INDEX_DTYPES)
     if mask is not None:
         check_dtype("mask", mask, (torch.bool,))
