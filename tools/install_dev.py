@@ -13,6 +13,11 @@ under the constraints of tools/constraints-cpu.txt (torch==2.13.0, triton==3.9.0
 on CPU machines where a CPU build of torch 2.13.0 lies in pip's find-links, pip takes it; an
 unconstrained `torch` (or uv) would download a multi-GB CUDA build instead.
 
+On a CPU-only machine without a local CPU build of torch in pip's find-links, `--cpu` adds
+PyTorch's CPU wheel index (PYTORCH_CPU_INDEX, as PyTorch's install instructions give), so that
+pip takes the CPU build of the pinned torch (`2.13.0+cpu`, a few hundred MB) instead of the
+multi-GB CUDA build from PyPI.
+
 It records what it installed in .venv/.hdgsa-install-stamp and does nothing the next time unless
 a pyproject.toml, the requirements, the constraints or the options changed (or --force).
 """
@@ -35,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "tools"
 CONSTRAINTS = TOOLS / "constraints-cpu.txt"
 DEV_REQUIREMENTS = TOOLS / "requirements-dev.txt"
+# PyTorch's index of CPU-only wheels (https://pytorch.org/get-started/locally/, "CPU").
+PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 META_PACKAGE_DIR = "hdgsa-kernels"
 STAMP_NAME = ".hdgsa-install-stamp"
 
@@ -53,8 +60,12 @@ def package_dirs() -> list[Path]:
     return [packages[name].path for name in topological_order(packages)]
 
 
-def install_args(*, triton: bool, constraints: bool) -> list[str]:
+def install_args(*, triton: bool, constraints: bool, cpu_index: bool = False) -> list[str]:
     args: list[str] = []
+    if cpu_index:
+        # An extra index, not the only one: everything but torch still comes from PyPI. The CPU
+        # build's local version (2.13.0+cpu) sorts above PyPI's 2.13.0 and matches torch==2.13.0.
+        args += ["--extra-index-url", PYTORCH_CPU_INDEX]
     if constraints:
         args += ["-c", str(CONSTRAINTS)]
     args += ["-r", str(DEV_REQUIREMENTS)]
@@ -99,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do not pin torch/triton with tools/constraints-cpu.txt (e.g. on a GPU machine with its own torch)",
     )
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help=f"take torch's CPU-only build from PyTorch's wheel index ({PYTORCH_CPU_INDEX}): for CPU "
+        "machines without a local CPU build of torch",
+    )
     parser.add_argument("--force", action="store_true", help="reinstall even if nothing changed")
     parser.add_argument("--recreate", action="store_true", help="delete the environment and start over")
     parser.add_argument("--verbose", "-v", action="store_true", help="show pip's full output")
@@ -110,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
 
     venv_dir: Path = args.venv.resolve()
     python = ensure_venv(venv_dir, recreate=args.recreate)
-    pip_args = install_args(triton=not args.no_triton, constraints=not args.no_constraints)
+    pip_args = install_args(
+        triton=not args.no_triton, constraints=not args.no_constraints, cpu_index=args.cpu
+    )
     stamp_file = venv_dir / STAMP_NAME
     stamp = stamp_of(pip_args)
     if not args.force and stamp_file.exists() and stamp_file.read_text().strip() == stamp:

@@ -68,6 +68,22 @@ def test_triton_on_cpu_follows_interpreter(monkeypatch):
     assert hdgsa_core.triton_unavailable_reason(CPU) == expected
 
 
+def test_interpreter_without_numpy_is_a_reason(monkeypatch):
+    """Triton's interpreter runs kernels on numpy arrays: ``auto`` must not pick it without numpy."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(hdgsa_core.backend, "HAS_TRITON", True)
+    monkeypatch.setattr(hdgsa_core.backend, "NUMPY_VERSION", None)
+    reason = hdgsa_core.triton_unavailable_reason(CPU)
+    assert reason is not None
+    assert "needs numpy" in reason
+    monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
+    assert resolve_backend("auto", CPU, op="o") == "torch"
+    with pytest.raises(RuntimeError, match="needs numpy"):
+        resolve_backend("triton", CPU, op="o")
+    monkeypatch.setattr(hdgsa_core.backend, "NUMPY_VERSION", "2.0.0")
+    assert hdgsa_core.triton_unavailable_reason(CPU) is None
+
+
 def test_runnable_backends_lists_torch_first():
     assert runnable_backends(CPU, unavailable_reason=_reason_never) == ["torch", "triton"]
     assert runnable_backends(CPU, unavailable_reason=_reason_always) == ["torch"]
@@ -79,6 +95,7 @@ def test_capabilities_reports_flags():
     assert caps["HAS_TRITON"] is hdgsa_core.HAS_TRITON
     assert caps["HAS_FLA"] is hdgsa_core.HAS_FLA
     assert caps["torch"] == torch.__version__
+    assert caps["numpy"] == hdgsa_core.NUMPY_VERSION
     assert isinstance(caps["cuda_devices"], list)
 
 

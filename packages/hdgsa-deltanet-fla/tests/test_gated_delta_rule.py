@@ -478,7 +478,7 @@ def test_packed_layout_round_trip(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_alpha_zero_is_clamped(device):
-    """alpha = 0 is alpha = 1e-6 (SPEC 3.5's clamp), with no gradient through the clamped
+    """alpha = 0 is alpha = 1e-6 (the documented clamp), with no gradient through the clamped
     entries; alpha = 1 (no decay) is a plain value."""
     inputs = make_inputs(1, 20, 2, 8, 8, device=device, seed=59)
     zeros = inputs.alpha.clone()
@@ -524,7 +524,7 @@ def test_auto_on_cpu_runs_torch_without_a_warning():
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad inputs (SPEC section 2).
+# Bad inputs (docs/api.md, "Errors").
 # ---------------------------------------------------------------------------------------------
 
 
@@ -623,7 +623,7 @@ def test_bad_types_raise_type_error(overrides, match):
 
 
 def test_triton_is_not_a_backend_name_here():
-    # SPEC 2: "fla" instead of "triton" for this op; the message points to it.
+    # "fla" instead of "triton" for this op; the message points to it.
     with pytest.raises(ValueError, match=r"got 'triton'.*backend='fla'"):
         _call(backend="triton")
 

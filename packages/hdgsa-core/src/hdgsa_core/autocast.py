@@ -1,6 +1,6 @@
 """Keep ``torch.autocast`` out of the PyTorch backends' math.
 
-SPEC fixes the compute dtype (float32 inside, outputs in the input dtype); an autocast region
+The API fixes the compute dtype (float32 inside, outputs in the input dtype); an autocast region
 around the caller would otherwise run the reference matmuls in bf16.
 """
 

@@ -1,7 +1,7 @@
 """Backend choice shared by every op: ``auto`` / ``triton`` (``fla``) / ``torch``.
 
-Rules (SPEC section 2): ``auto`` picks the accelerated backend when it can run on the
-tensors' device and is implemented, else PyTorch. ``HDGSA_BACKEND`` overrides ``auto``.
+Rules (docs/api.md, "Backends"): ``auto`` picks the accelerated backend when it can run on
+the tensors' device and is implemented, else PyTorch. ``HDGSA_BACKEND`` overrides ``auto``.
 Asking for a backend that cannot run raises ``RuntimeError`` saying why; nothing falls
 back silently.
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from .capabilities import HAS_TRITON, interpreter_enabled
+from .capabilities import HAS_TRITON, NUMPY_VERSION, interpreter_enabled
 
 __all__ = ["BACKEND_ENV_VAR", "resolve_backend", "runnable_backends", "triton_unavailable_reason"]
 
@@ -28,6 +28,11 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
         return None
     if device.type == "cpu":
         if interpreter_enabled():
+            if NUMPY_VERSION is None:
+                return (
+                    "Triton's interpreter (TRITON_INTERPRET=1) needs numpy, which is not installed "
+                    "(pip install numpy, or the package's [triton] extra)"
+                )
             return None
         return "the tensors are on the CPU; Triton runs there only with TRITON_INTERPRET=1"
     return f"Triton does not run on {device.type} tensors"

@@ -20,6 +20,7 @@ __all__ = [
     "HAS_CUDA",
     "HAS_FLA",
     "HAS_TRITON",
+    "NUMPY_VERSION",
     "TRITON_VERSION",
     "capabilities",
     "interpreter_enabled",
@@ -60,6 +61,8 @@ HAS_TRITON: bool = TRITON_VERSION is not None
 FLA_VERSION: str | None = _distribution_version("fla-core", "flash-linear-attention")
 HAS_FLA: bool = HAS_TRITON and _module_present("fla") and parse_version(FLA_VERSION) >= FLA_MIN_VERSION
 HAS_CUDA: bool = torch.cuda.is_available()
+# Triton's interpreter (TRITON_INTERPRET=1) runs kernels on numpy arrays; compiled kernels do not need it.
+NUMPY_VERSION: str | None = _distribution_version("numpy") if _module_present("numpy") else None
 
 
 def interpreter_enabled() -> bool:
@@ -77,6 +80,7 @@ def capabilities() -> dict[str, object]:
         "torch": torch.__version__,
         "triton": TRITON_VERSION,
         "fla-core": FLA_VERSION,
+        "numpy": NUMPY_VERSION,
         "cuda_runtime": torch.version.cuda,
         "HAS_TRITON": HAS_TRITON,
         "HAS_FLA": HAS_FLA,

@@ -1,4 +1,4 @@
-"""Argument checks that raise the errors SPEC section 2 promises, before any kernel runs.
+"""Argument checks that raise the documented errors (docs/api.md, "Errors") before any kernel runs.
 
 Every message names the argument, what was expected and what was given. None of these
 syncs with the device except :func:`check_index_range`, which reads a max/min back.
@@ -48,7 +48,9 @@ def check_dtype(name: str, tensor: torch.Tensor, allowed: Sequence[torch.dtype] 
     check_tensor(name, tensor)
     if tensor.dtype not in allowed:
         names = ", ".join(_dtype_name(dtype) for dtype in allowed)
-        raise TypeError(f"{name}: dtype {_dtype_name(tensor.dtype)} is not supported; expected one of {names}")
+        raise TypeError(
+            f"{name}: dtype {_dtype_name(tensor.dtype)} is not supported; expected one of {names}"
+        )
 
 
 def check_ndim(name: str, tensor: torch.Tensor, ndims: int | Sequence[int], layout: str) -> None:

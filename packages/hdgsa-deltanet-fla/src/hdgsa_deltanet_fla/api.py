@@ -49,107 +49,29 @@ def _positive(name: str, size: int, what: str) -> None:
         raise ValueError(f"{name}: {what} must be positive, got {size}")
 
 
-def gated_delta_rule(
+def _check_arguments(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     alpha: torch.Tensor,
     beta: torch.Tensor,
-    D: torch.Tensor | None = None,
-    num_heads: int | None = None,
-    *,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    compute_dtype: torch.dtype | None = None,
-    backend: str = "auto",
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    r"""The gated delta rule (Gated DeltaNet), on fla's chunked kernels or in chunked PyTorch.
+    D: torch.Tensor | None,
+    num_heads: int | None,
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    compute_dtype: torch.dtype | None,
+    backend: str,
+) -> tuple:
+    """Every argument check of :func:`gated_delta_rule`, before anything runs.
 
-    Per batch element and value head, with state ``S`` ``[K, V]`` (zeros or ``initial_state``),
-    ``g_t = log(clamp(alpha_t, min=1e-6))``::
-
-        S_t = alpha_t * S_{t-1} + k_t (beta_t * (v_t - (alpha_t * S_{t-1})^T k_t))^T
-        o_t = scale * S_t^T q_t  (+ D[h] * v_t when D is given)
-
-    Layouts (``H`` query/key heads, ``HV`` value heads, ``HV`` a multiple of ``H``):
-
-    - unpacked: ``q``, ``k`` ``[B, T, H, K]``, ``v`` ``[B, T, HV, V]``; ``o`` ``[B, T, HV, V]``.
-    - packed: ``q``, ``k`` ``[B, T, H*K]``, ``v`` ``[B, T, HV*V]`` with ``num_heads=H``; ``HV``
-      is read from ``alpha``'s third dimension; ``o`` comes back packed, ``[B, T, HV*V]``. The
-      heads are split with views (no copy).
-
-    GVA (grouped value attention, as fla): with ``HV > H``, value head ``h`` uses query/key head
-    ``h // (HV // H)``; ``alpha``, ``beta``, ``D`` and the state are per value head. ``HV == H``
-    is the plain case of SPEC 3.5.
-
-    Args:
-        q: queries ``[B, T, H, K]``, or ``[B, T, H*K]`` with ``num_heads``. float32, float16 or
-            bfloat16; any strides.
-        k: keys, the shape and dtype of ``q``. (fla does not normalise them: do it before, as
-            Gated DeltaNet layers do, for a stable recurrence.)
-        v: values ``[B, T, HV, V]`` or ``[B, T, HV*V]``, ``q``'s dtype.
-        alpha: per-step decay in (0, 1], ``[B, T, HV]`` or ``[B, T, HV, 1]``, float32, float16
-            or bfloat16 (need not be ``q``'s dtype: e.g. float32 gates with bf16 ``q``). Clamped
-            to at least 1e-6 before the log (0 is allowed; the clamped entries get no gradient);
-            values are not checked (no host sync).
-        beta: per-step write strength ``[B, T, HV]`` or ``[B, T, HV, 1]``, any of the three
-            float dtypes, like ``alpha``.
-        D: optional skip weight ``[HV]``, any of the three float dtypes: adds ``D[h] * v_t`` to
-            the output. None: no skip.
-        num_heads: ``H`` for the packed layout (required there); with unpacked inputs it may be
-            given and must equal ``q.shape[2]``.
-        scale: output scale (a real number); None means ``K ** -0.5``.
-        initial_state: ``[B, HV, K, V]`` state before step 1, any of the three float dtypes
-            (read in float32); None means zeros.
-        output_final_state: also return the state after the last step.
-        compute_dtype: None runs fla in the inputs' dtype (no copies); e.g. ``torch.float32``
-            casts ``q``, ``k``, ``v``, ``beta`` before fla (as the seed wrapper always did). The
-            torch backend computes in float32 whatever this says (it never goes below it), so
-            there ``None`` and ``torch.float32`` give bitwise the same result.
-        backend: ``"auto"``, ``"fla"`` or ``"torch"`` (``"triton"`` is not a name here: a
-            ``ValueError`` pointing to ``"fla"``). ``auto`` takes fla when it can run this call
-            (fla-core >= 0.6 importable, CUDA tensors, ``K <= 256``, and, if a backward will be
-            needed, fla's backward not refused here: see the README), else torch (with a
-            ``UserWarning`` saying why when the tensors are on CUDA). ``HDGSA_BACKEND=torch``,
-            ``fla`` or ``triton`` (= ``fla``) overrides ``auto``.
-
-    The torch backend runs with autocast turned off (float32 inside, as outside an autocast
-    region); fla's kernels ignore autocast. Outputs keep ``q.dtype`` either way.
-
-    Returns:
-        ``o`` in ``q.dtype`` (``[B, T, HV, V]``, or ``[B, T, HV*V]`` when packed); with
-        ``output_final_state``, ``(o, S_T)``, ``S_T`` ``[B, HV, K, V]`` float32. Gradients flow
-        to ``q``, ``k``, ``v``, ``alpha``, ``beta``, ``D`` and ``initial_state``.
-
-    Raises:
-        ValueError: a wrong rank or shape (the message names the argument, the expected and
-            the actual shape), ``num_heads`` missing or not dividing ``q``'s last dimension,
-            ``HV`` not a multiple of ``H``, tensors on different devices, an unknown backend
-            name (argument or ``HDGSA_BACKEND``). All checked before anything runs, empty
-            inputs included.
-        TypeError: a non-tensor or an unsupported dtype (float64, integers), ``k``/``v`` not
-            in ``q``'s dtype, a bad ``compute_dtype``, ``num_heads`` not an int, ``scale`` not
-            a real number, ``output_final_state`` not a bool.
-        RuntimeError: ``backend="fla"`` cannot run this call (the message says why and what to
-            install); this includes a backward fla 0.6 refuses on Hopper with Triton
-            >= 3.4, < 3.7.1.
-
-    Example:
-        >>> import torch
-        >>> from hdgsa_deltanet_fla import gated_delta_rule
-        >>> B, T, H, K = 2, 100, 4, 32
-        >>> q = torch.randn(B, T, H * K)
-        >>> k = torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1).flatten(2)
-        >>> v = torch.randn(B, T, H * K)
-        >>> alpha, beta = torch.rand(B, T, H), torch.rand(B, T, H)
-        >>> o, state = gated_delta_rule(q, k, v, alpha, beta, torch.ones(H), num_heads=H,
-        ...                             output_final_state=True, backend="torch")
-        >>> o.shape, state.shape
-        (torch.Size([2, 100, 128]), torch.Size([2, 4, 32, 32]))
+    Returns ``(device, packed, B, T, K, q4, k4, v4, alpha3, beta3, scale)``: the tensors'
+    device, whether the inputs came packed, the batch and sequence sizes, the key head
+    dimension, ``q``/``k``/``v`` as ``[B, T, H(V), K(V)]`` views, ``alpha``/``beta`` as
+    ``[B, T, HV]`` views and the resolved output scale (a plain tuple: this runs on every call).
     """
     # Every check below is a cheap test first; the hdgsa_core checker (which raises with the
-    # SPEC message) runs only when that test fails. fla's forward at B4 T4096 H16 D128 is
+    # documented message) runs only when that test fails. fla's forward at B4 T4096 H16 D128 is
     # host-bound, so each microsecond of Python here shows in eager timings.
     if not (
         type(q) is torch.Tensor
@@ -274,6 +196,111 @@ def gated_delta_rule(
             "initial_state", initial_state, (batch, v_heads, head_dim_k, head_dim_v), f"[B, HV, K, V]{note}"
         )
     scale = head_dim_k**-0.5 if scale is None else float(scale)
+    return device, packed, batch, seq_len, head_dim_k, q4, k4, v4, alpha3, beta3, scale
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    D: torch.Tensor | None = None,
+    num_heads: int | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r"""The gated delta rule (Gated DeltaNet), on fla's chunked kernels or in chunked PyTorch.
+
+    Per batch element and value head, with state ``S`` ``[K, V]`` (zeros or ``initial_state``),
+    ``g_t = log(clamp(alpha_t, min=1e-6))``::
+
+        S_t = alpha_t * S_{t-1} + k_t (beta_t * (v_t - (alpha_t * S_{t-1})^T k_t))^T
+        o_t = scale * S_t^T q_t  (+ D[h] * v_t when D is given)
+
+    Layouts (``H`` query/key heads, ``HV`` value heads, ``HV`` a multiple of ``H``):
+
+    - unpacked: ``q``, ``k`` ``[B, T, H, K]``, ``v`` ``[B, T, HV, V]``; ``o`` ``[B, T, HV, V]``.
+    - packed: ``q``, ``k`` ``[B, T, H*K]``, ``v`` ``[B, T, HV*V]`` with ``num_heads=H``; ``HV``
+      is read from ``alpha``'s third dimension; ``o`` comes back packed, ``[B, T, HV*V]``. The
+      heads are split with views (no copy).
+
+    GVA (grouped value attention, as fla): with ``HV > H``, value head ``h`` uses query/key head
+    ``h // (HV // H)``; ``alpha``, ``beta``, ``D`` and the state are per value head. ``HV == H``
+    is the plain case.
+
+    Args:
+        q: queries ``[B, T, H, K]``, or ``[B, T, H*K]`` with ``num_heads``. float32, float16 or
+            bfloat16; any strides.
+        k: keys, the shape and dtype of ``q``. (fla does not normalise them: do it before, as
+            Gated DeltaNet layers do, for a stable recurrence.)
+        v: values ``[B, T, HV, V]`` or ``[B, T, HV*V]``, ``q``'s dtype.
+        alpha: per-step decay in (0, 1], ``[B, T, HV]`` or ``[B, T, HV, 1]``, float32, float16
+            or bfloat16 (need not be ``q``'s dtype: e.g. float32 gates with bf16 ``q``). Clamped
+            to at least 1e-6 before the log (0 is allowed; the clamped entries get no gradient);
+            values are not checked (no host sync).
+        beta: per-step write strength ``[B, T, HV]`` or ``[B, T, HV, 1]``, any of the three
+            float dtypes, like ``alpha``.
+        D: optional skip weight ``[HV]``, any of the three float dtypes: adds ``D[h] * v_t`` to
+            the output. None: no skip.
+        num_heads: ``H`` for the packed layout (required there); with unpacked inputs it may be
+            given and must equal ``q.shape[2]``.
+        scale: output scale (a real number); None means ``K ** -0.5``.
+        initial_state: ``[B, HV, K, V]`` state before step 1, any of the three float dtypes
+            (read in float32); None means zeros.
+        output_final_state: also return the state after the last step.
+        compute_dtype: None runs fla in the inputs' dtype (no copies); e.g. ``torch.float32``
+            casts ``q``, ``k``, ``v``, ``beta`` before fla (as the seed wrapper always did). The
+            torch backend computes in float32 whatever this says (it never goes below it), so
+            there ``None`` and ``torch.float32`` give bitwise the same result.
+        backend: ``"auto"``, ``"fla"`` or ``"torch"`` (``"triton"`` is not a name here: a
+            ``ValueError`` pointing to ``"fla"``). ``auto`` takes fla when it can run this call
+            (fla-core >= 0.6 importable, CUDA tensors, ``K <= 256``, and, if a backward will be
+            needed, fla's backward not refused here: see the README), else torch (with a
+            ``UserWarning`` saying why when the tensors are on CUDA). ``HDGSA_BACKEND=torch``,
+            ``fla`` or ``triton`` (= ``fla``) overrides ``auto``.
+
+    The torch backend runs with autocast turned off (float32 inside, as outside an autocast
+    region); fla's kernels ignore autocast. Outputs keep ``q.dtype`` either way.
+
+    Returns:
+        ``o`` in ``q.dtype`` (``[B, T, HV, V]``, or ``[B, T, HV*V]`` when packed); with
+        ``output_final_state``, ``(o, S_T)``, ``S_T`` ``[B, HV, K, V]`` float32. Gradients flow
+        to ``q``, ``k``, ``v``, ``alpha``, ``beta``, ``D`` and ``initial_state``.
+
+    Raises:
+        ValueError: a wrong rank or shape (the message names the argument, the expected and
+            the actual shape), ``num_heads`` missing or not dividing ``q``'s last dimension,
+            ``HV`` not a multiple of ``H``, tensors on different devices, an unknown backend
+            name (argument or ``HDGSA_BACKEND``). All checked before anything runs, empty
+            inputs included.
+        TypeError: a non-tensor or an unsupported dtype (float64, integers), ``k``/``v`` not
+            in ``q``'s dtype, a bad ``compute_dtype``, ``num_heads`` not an int, ``scale`` not
+            a real number, ``output_final_state`` not a bool.
+        RuntimeError: ``backend="fla"`` cannot run this call (the message says why and what to
+            install); this includes a backward fla 0.6 refuses on Hopper with Triton
+            >= 3.4, < 3.7.1.
+
+    Example:
+        >>> import torch
+        >>> from hdgsa_deltanet_fla import gated_delta_rule
+        >>> B, T, H, K = 2, 100, 4, 32
+        >>> q = torch.randn(B, T, H * K)
+        >>> k = torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1).flatten(2)
+        >>> v = torch.randn(B, T, H * K)
+        >>> alpha, beta = torch.rand(B, T, H), torch.rand(B, T, H)
+        >>> o, state = gated_delta_rule(q, k, v, alpha, beta, torch.ones(H), num_heads=H,
+        ...                             output_final_state=True, backend="torch")
+        >>> o.shape, state.shape
+        (torch.Size([2, 100, 128]), torch.Size([2, 4, 32, 32]))
+    """
+    (device, packed, batch, seq_len, head_dim_k, q4, k4, v4, alpha3, beta3, scale) = _check_arguments(
+        q, k, v, alpha, beta, D, num_heads, scale, initial_state, output_final_state, compute_dtype, backend
+    )
 
     needs_backward = torch.is_grad_enabled() and (
         q.requires_grad
@@ -500,7 +527,7 @@ def _run_torch_path(
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     compute = torch.float32
-    # SPEC: float32 inside. An autocast region around the caller would otherwise run the
+    # float32 inside (docs/api.md). An autocast region around the caller would otherwise run the
     # chunked matmuls in bf16/fp16 (a 1e-2 error on the output, worse in the state).
     with autocast_disabled(q4.device):
         g = alpha3.to(compute).clamp(min=ALPHA_MIN).log()

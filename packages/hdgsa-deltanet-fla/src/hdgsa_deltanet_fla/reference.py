@@ -27,7 +27,7 @@ __all__ = ["ALPHA_MIN", "CHUNK_SIZE", "chunk_gated_delta_rule_torch", "recurrent
 # chunk and the state loop with the number of chunks; 32 measured fastest (median ms, interleaved:
 # 16: 2.82, 32: 2.68, 64: 3.23).
 CHUNK_SIZE = 32
-# alpha is clamped to at least this before the log (SPEC 3.5): g >= log(1e-6) ~ -13.8.
+# alpha is clamped to at least this before the log (docs/api.md): g >= log(1e-6) ~ -13.8.
 ALPHA_MIN = 1e-6
 
 

@@ -1,6 +1,6 @@
 """hdgsa-kernels: every hdgsa kernel package in one import, plus the ``hdgsa-kernels`` command.
 
-Unified names (SPEC section 3) and the seed's names (SPEC section 4) are both exported::
+Unified names and the seed's names (docs/api.md) are both exported::
 
     from hdgsa_kernels import rms_norm, sinkhorn_knopp, gated_indexer, indexer_topk
     from hdgsa_kernels import sparse_attention, gated_delta_rule, HAS_TRITON, HAS_FLA

@@ -1,4 +1,4 @@
-"""The seed ``kernels/`` folder's names, with its positional signatures (SPEC section 4).
+"""The seed ``kernels/`` folder's names, with its positional signatures (docs/api.md).
 
 ``triton_X(...)`` is the op with ``backend="triton"`` (it raises where Triton cannot run,
 instead of the seed's silent fallback); ``pytorch_X(...)`` is the op with ``backend="torch"``.

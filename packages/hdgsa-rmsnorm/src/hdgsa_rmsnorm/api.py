@@ -20,8 +20,6 @@ from .reference import rms_norm_reference
 
 __all__ = ["rms_norm"]
 
-_TRITON_IMPLEMENTED = True
-
 
 def check_eps(eps: object) -> None:
     """``eps`` must be a finite real number ``>= 0`` (TypeError / ValueError otherwise)."""
@@ -46,7 +44,7 @@ def _check_arguments(
     prenorm: bool,
     residual_in_fp32: bool,
 ) -> torch.device:
-    """Every check of SPEC section 2, before anything runs; returns the tensors' device."""
+    """Every argument check, before anything runs; returns the tensors' device."""
     _check_dense("x", x)
     check_dtype("x", x)
     if x.dim() < 1:
@@ -126,7 +124,7 @@ def rms_norm(
         (torch.Size([2, 16, 64]), torch.Size([2, 16, 64]))
     """
     device = _check_arguments(x, weight, eps, residual, prenorm, residual_in_fp32)
-    chosen = resolve_backend(backend, device, op="rms_norm", implemented=_TRITON_IMPLEMENTED)
+    chosen = resolve_backend(backend, device, op="rms_norm")
     if chosen == "torch":
         return rms_norm_reference(x, weight, float(eps), residual, prenorm, residual_in_fp32)
     from ._triton import rms_norm_triton  # Triton is imported only when its backend runs

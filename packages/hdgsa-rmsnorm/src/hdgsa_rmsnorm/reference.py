@@ -1,7 +1,7 @@
 """Plain PyTorch RMSNorm (+ residual, prenorm): the ``backend="torch"`` path and the reference
 the Triton kernels are tested against.
 
-Math (SPEC 3.1), in float32 (or float64 when the inputs are float64)::
+Math (docs/api.md), in float32 (or float64 when the inputs are float64)::
 
     h = x + residual                                   (h = x without a residual)
     y = h * rsqrt(mean(h ** 2, dim=-1) + eps) * weight (no weight: the factor is 1)

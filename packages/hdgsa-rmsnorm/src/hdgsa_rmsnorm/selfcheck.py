@@ -12,7 +12,7 @@ from hdgsa_core import runnable_backends
 from hdgsa_core.registry import CheckResult, compare_outputs
 from hdgsa_core.testing import DEFAULT_TOLERANCE, make_tensor
 
-from .api import _TRITON_IMPLEMENTED, rms_norm
+from .api import rms_norm
 from .reference import rms_norm_reference
 
 __all__ = ["self_check"]
@@ -73,7 +73,7 @@ def self_check(device: torch.device) -> list[CheckResult]:
             upstream,
         )
         tol = 2 * DEFAULT_TOLERANCE[dtype]
-        for backend in runnable_backends(device, implemented=_TRITON_IMPLEMENTED):
+        for backend in runnable_backends(device):
             actual = _run(
                 lambda a, b, c, backend=backend, p=prenorm, f=residual_in_fp32: rms_norm(
                     a, b, 1e-6, c, prenorm=p, residual_in_fp32=f, backend=backend

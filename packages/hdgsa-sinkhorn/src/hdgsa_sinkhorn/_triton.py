@@ -419,7 +419,7 @@ _SEG = {1: 32, 2: 32, 4: 10, 8: 10, 16: 4, 32: 2, 64: 1}
 
 
 # The forward's scaling-form blocks (see _iterations): within RESTART iterations u and v stay
-# within eps ** -RESTART (<= 1e32 for SPEC's default eps = 1e-8) and (n + eps) ** -RESTART; outside
+# within eps ** -RESTART (<= 1e32 for the default eps = 1e-8) and (n + eps) ** -RESTART; outside
 # the eps range below, every iteration divides P in place. H100, 20 iterations, CUDA-graph time:
 # n = 4 at 1M matrices 64.1 us against 65.7 (plain form, best tile), n = 8 at 65,536 20.7 against
 # 21.6, n = 16 even (75.7 / 76.2), n = 32 slower (291 / 267 at 16,384): up to n = 8 only.

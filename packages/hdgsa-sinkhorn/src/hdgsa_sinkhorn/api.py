@@ -17,9 +17,8 @@ from hdgsa_core import (
 
 from .reference import sinkhorn_knopp_reference
 
-__all__ = ["TRITON_IMPLEMENTED", "TRITON_MAX_N", "sinkhorn_knopp"]
+__all__ = ["TRITON_MAX_N", "sinkhorn_knopp"]
 
-TRITON_IMPLEMENTED = True
 # Largest matrix side the Triton kernels take (each program keeps whole matrices in registers,
 # unrolled row by row: n = 64 compiled for about 90 s, so larger n go to PyTorch).
 TRITON_MAX_N = 32
@@ -28,7 +27,7 @@ _OP = "sinkhorn_knopp"
 
 
 def _check_inputs(logits: torch.Tensor, num_iters: int, eps: float) -> None:
-    """Raise SPEC section 2's errors before any kernel runs."""
+    """Every argument check, before any kernel runs."""
     check_tensor("logits", logits)
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2] or logits.shape[-1] < 1:
         raise ValueError(
@@ -124,7 +123,6 @@ def sinkhorn_knopp(
         backend,
         logits.device,
         op=_OP,
-        implemented=TRITON_IMPLEMENTED,
         unavailable_reason=_triton_reason(logits.shape[-1]),
     )
     if chosen == "torch":

@@ -1,6 +1,6 @@
 """Plain PyTorch Sinkhorn-Knopp: the ``torch`` backend and the reference the kernels are tested against.
 
-Math (SPEC 3.2), per matrix ``L`` of ``logits[..., n, n]``::
+Math (docs/api.md), per matrix ``L`` of ``logits[..., n, n]``::
 
     P = exp(L - max(L))                          # max over the whole matrix
     repeat num_iters times:

@@ -12,7 +12,7 @@ from hdgsa_core import runnable_backends
 from hdgsa_core.registry import CheckResult, compare_outputs
 from hdgsa_core.testing import DEFAULT_TOLERANCE, make_tensor
 
-from .api import TRITON_IMPLEMENTED, TRITON_MAX_N, sinkhorn_knopp
+from .api import TRITON_MAX_N, sinkhorn_knopp
 from .reference import sinkhorn_knopp_reference
 
 __all__ = ["self_check"]
@@ -44,7 +44,7 @@ def self_check(device: torch.device) -> list[CheckResult]:
     """Compare ``P`` and ``d logits`` of every runnable backend against float64, per case."""
     device = torch.device(device)
     results: list[CheckResult] = []
-    for backend in runnable_backends(device, implemented=TRITON_IMPLEMENTED):
+    for backend in runnable_backends(device):
         for seed, (lead, n, num_iters, dtype) in enumerate(_CASES):
             if backend == "triton" and n > TRITON_MAX_N:
                 continue
