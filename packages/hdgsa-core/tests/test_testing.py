@@ -62,3 +62,20 @@ def test_poisoned_empty_fills_nan_and_restores():
         assert torch.isnan(torch.empty(8)).all()
         assert (torch.empty_like(torch.ones(3, dtype=torch.int32)) == torch.iinfo(torch.int32).max).all()
     assert torch.empty is factory
+
+
+def test_assert_self_check_passes():
+    from hdgsa_core.registry import CheckResult
+    from hdgsa_core.testing import assert_self_check_passes
+
+    def self_check(device):
+        return [
+            CheckResult("op", "torch", "case", "y", 0.0, 1e-4),
+            CheckResult("op", "triton", "case", "y", 0.5, 1e-4),
+        ]
+
+    with pytest.raises(AssertionError, match="self_check failed"):
+        assert_self_check_passes(self_check, "cpu", {"y"})
+    with pytest.raises(AssertionError, match="expected"):
+        assert_self_check_passes(lambda device: self_check(device)[:1], "cpu", {"y", "dx"})
+    assert_self_check_passes(lambda device: self_check(device)[:1], "cpu", {"y"})

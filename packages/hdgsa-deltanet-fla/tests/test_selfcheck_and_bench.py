@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hdgsa_core.registry import BenchCase
+from hdgsa_core.testing import assert_self_check_passes
 from hdgsa_deltanet_fla.bench import bench_cases
 from hdgsa_deltanet_fla.selfcheck import self_check
 
@@ -14,12 +15,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_self_check_passes(device):
-    results = self_check(torch.device(device))
-    assert {result.backend for result in results} >= {"torch"}
-    outputs = {result.output for result in results if result.backend == "torch"}
-    assert outputs == {"o", "S_T", "dq", "dk", "dv", "dalpha", "dbeta", "dD", "dinitial_state"}
-    failed = [result for result in results if not result.passed]
-    assert not failed, failed
+    assert_self_check_passes(
+        self_check, device, {"o", "S_T", "dq", "dk", "dv", "dalpha", "dbeta", "dD", "dinitial_state"}
+    )
 
 
 def test_bench_cases_listing():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hdgsa_core.registry import BenchCase
+from hdgsa_core.testing import assert_self_check_passes
 from hdgsa_rmsnorm.bench import bench_cases
 from hdgsa_rmsnorm.selfcheck import self_check
 
@@ -14,12 +15,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_self_check_passes(device):
-    results = self_check(torch.device(device))
-    assert {result.backend for result in results} >= {"torch"}
-    outputs = {result.output for result in results if result.backend == "torch"}
-    assert outputs == {"y", "h", "dx", "dweight", "dresidual"}
-    failed = [result for result in results if not result.passed]
-    assert not failed, failed
+    assert_self_check_passes(self_check, device, {"y", "h", "dx", "dweight", "dresidual"})
 
 
 def test_bench_cases_listing():

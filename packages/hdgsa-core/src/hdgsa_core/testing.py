@@ -12,7 +12,7 @@ Use from a package's ``tests/conftest.py``::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_TOLERANCE",
     "assert_close",
     "assert_matches_reference",
+    "assert_self_check_passes",
     "error_report",
     "grads_of",
     "make_tensor",
@@ -106,6 +107,20 @@ def assert_matches_reference(
     if reference_lowp is not None:
         allowed = max(floor, min(factor * rel_error(reference_lowp, reference64), 5 * floor))
     return assert_close(name, actual, reference64, allowed)
+
+
+def assert_self_check_passes(
+    self_check: Callable[[torch.device], Sequence[object]], device: torch.device | str, outputs: Iterable[str]
+) -> None:
+    """Run an op package's ``selfcheck.self_check(device)`` and assert that it compared exactly
+    ``outputs`` on the PyTorch backend and that every comparison (of every backend) passed."""
+    results = self_check(torch.device(device))
+    compared = {result.output for result in results if result.backend == "torch"}
+    if compared != set(outputs):
+        raise AssertionError(f"self_check compared {sorted(compared)} on torch, expected {sorted(outputs)}")
+    failed = [result for result in results if not result.passed]
+    if failed:
+        raise AssertionError(f"self_check failed: {failed}")
 
 
 def must_not_run(*args: object, **kwargs: object) -> None:
