@@ -26,7 +26,7 @@ TRITON_MAX_N = 32
 _OP = "sinkhorn_knopp"
 
 
-def _check_inputs(logits: torch.Tensor, num_iters: int, eps: float) -> None:
+def _check_arguments(logits: torch.Tensor, num_iters: int, eps: float) -> None:
     """Every argument check, before any kernel runs."""
     check_tensor("logits", logits)
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2] or logits.shape[-1] < 1:
@@ -116,7 +116,7 @@ def sinkhorn_knopp(
         >>> torch.allclose(P.sum(-2), torch.ones(2, 8, 4), atol=1e-5)
         True
     """
-    _check_inputs(logits, num_iters, eps)
+    _check_arguments(logits, num_iters, eps)
     num_iters = int(num_iters)
     eps = float(eps)
     chosen = resolve_backend(
