@@ -48,7 +48,9 @@ def check_dtype(name: str, tensor: torch.Tensor, allowed: Sequence[torch.dtype] 
     check_tensor(name, tensor)
     if tensor.dtype not in allowed:
         names = ", ".join(_dtype_name(dtype) for dtype in allowed)
-        raise TypeError(f"{name}: dtype {_dtype_name(tensor.dtype)} is not supported; expected one of {names}")
+        raise TypeError(
+            f"{name}: dtype {_dtype_name(tensor.dtype)} is not supported; expected one of {names}"
+        )
 
 
 def check_ndim(name: str, tensor: torch.Tensor, ndims: int | Sequence[int], layout: str) -> None:
