@@ -22,13 +22,14 @@ backward reads them and ``do`` again and writes every gradient. FLOPs: the chunk
 matrix products, ``B * HV * T * (6 K V + 2 C (2 K + V) + C (K + V))`` with ``C = 64`` forward (an
 estimate of what fla's kernels do), 3x that for ``fwd+bwd``.
 
-Run ``python -m hdgsa_deltanet_fla.bench`` on a GPU for a quick table of these cases (each
-provider timed with ``triton.testing.do_bench``, median) without the meta-package's runner.
+What the wrapper costs shows in three columns of the runner: ``hdgsa-kernels bench deltanet
+--gpu-time --host-time``: GPU time (the wrapper's own kernels against ``fla``'s ``addcmul``),
+host time per call (its Python and launches against fla's), and the do_bench median (whichever
+of the two bounds the step on that machine).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ from hdgsa_core.registry import BenchCase, ProviderUnavailable
 from ._fla import fla_unavailable_reason
 from .api import gated_delta_rule
 
-__all__ = ["SHAPES", "bench_cases", "main"]
+__all__ = ["SHAPES", "bench_cases"]
 
 _OP = "gated_delta_rule"
 _OP_NAMES = {_OP, "deltanet", "deltanet-fla", "hdgsa_deltanet_fla", "hdgsa-deltanet-fla"}
@@ -215,47 +216,3 @@ def bench_cases(
                     )
     return cases
 
-
-def main(argv: list[str] | None = None, rounds: int = 3) -> int:
-    """Time every case's providers on this GPU and print ms and the hdgsa / fla ratio.
-
-    Providers of a case are timed in ``rounds`` interleaved rounds (``do_bench`` medians), and
-    the median round is reported, so that clock drift hits both sides of the ratio alike.
-    Arguments select modes: ``fwd``, ``fwd+bwd`` (both by default).
-    """
-    import statistics
-
-    import triton.testing
-
-    argv = sys.argv[1:] if argv is None else argv
-    modes = set(argv) or {"fwd", "fwd+bwd"}
-    print(f"device: {torch.cuda.get_device_name()}")
-    print(f"{'case':46s} {'hdgsa ms':>9s} {'fla ms':>9s} {'torch ms':>9s} {'hdgsa/fla':>9s}")
-    for case in bench_cases():
-        if not modes & set(case.tags):
-            continue
-        callables, notes = {}, []
-        for provider, setup in case.providers.items():
-            try:
-                callables[provider] = setup()
-            except ProviderUnavailable as why:
-                notes.append(f"{provider} unavailable: {why}")
-        samples: dict[str, list[float]] = {provider: [] for provider in callables}
-        for _ in range(rounds):
-            for provider, fn in callables.items():
-                samples[provider].append(
-                    triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-                )
-        ms = {provider: statistics.median(values) for provider, values in samples.items()}
-        ratio = f"{ms['hdgsa'] / ms['fla']:9.3f}" if "hdgsa" in ms and "fla" in ms else f"{'-':>9s}"
-        cells = [f"{ms[p]:9.3f}" if p in ms else f"{'-':>9s}" for p in ("hdgsa", "fla", "torch")]
-        print(f"{case.name:46s} {' '.join(cells)} {ratio}", flush=True)
-        for note in notes:
-            print(f"    {note[:160]}")
-        del callables
-        torch.cuda.empty_cache()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
