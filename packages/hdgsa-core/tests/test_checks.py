@@ -82,5 +82,7 @@ def test_autocast_disabled_keeps_float32():
 def test_check_same_dtype_names_the_odd_one():
     q, k = torch.ones(2), torch.ones(2)
     check_same_dtype("q", q, k=k, v=torch.ones(3))
-    with pytest.raises(TypeError, match=r"v: dtype float16 differs from q's float32; q, k, v must share one dtype"):
+    with pytest.raises(
+        TypeError, match=r"v: dtype float16 differs from q's float32; q, k, v must share one dtype"
+    ):
         check_same_dtype("q", q, k=k, v=torch.ones(2, dtype=torch.float16))
