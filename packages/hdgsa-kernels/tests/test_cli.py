@@ -250,43 +250,37 @@ def _baseline(tmp_path, rows: dict[str, float | None], op: str = "stub_op"):
     return path
 
 
-def test_compare_flags_a_regression_of_ours(tmp_path, capsys):
-    baseline = _baseline(tmp_path, {"hdgsa": 1.0, "hdgsa-direct": 0.5, "peer": 2.0})
-    status = _run(tmp_path, {"hdgsa": 1.2, "hdgsa-direct": 0.5, "peer": 2.0}, compare=[baseline])
-    out = capsys.readouterr().out
-    assert status == 1
-    assert "REGRESSION (ours, slower): stub_op | square 64 | hdgsa: 1.0000 -> 1.2000 ms (+20.0%)" in out
-    assert "1 regression(s)" in out
+_BASELINE_MS = {"hdgsa": 1.0, "hdgsa-direct": 0.5, "peer": 2.0}
 
 
-def test_compare_flags_a_variant_of_ours_but_not_a_slower_peer(tmp_path, capsys):
-    baseline = _baseline(tmp_path, {"hdgsa": 1.0, "hdgsa-direct": 0.5, "peer": 2.0})
-    assert _run(tmp_path, {"hdgsa": 1.0, "hdgsa-direct": 0.5, "peer": 3.0}, compare=[baseline]) == 0
-    assert "slower peer (not a failure): stub_op | square 64 | peer" in capsys.readouterr().out
-    assert _run(tmp_path, {"hdgsa": 1.0, "hdgsa-direct": 0.6, "peer": 2.0}, compare=[baseline]) == 1
-    assert "REGRESSION (ours, slower): stub_op | square 64 | hdgsa-direct" in capsys.readouterr().out
-
-
-def test_compare_reports_an_improvement_without_failing(tmp_path, capsys):
-    baseline = _baseline(tmp_path, {"hdgsa": 1.0, "hdgsa-direct": 0.5, "peer": 2.0})
-    assert _run(tmp_path, {"hdgsa": 0.5, "hdgsa-direct": 0.5, "peer": 2.0}, compare=[baseline]) == 0
-    out = capsys.readouterr().out
-    assert "faster: stub_op | square 64 | hdgsa: 1.0000 -> 0.5000 ms (-50.0%)" in out
-    assert "0 regression(s)" in out
-
-
-def test_compare_within_the_threshold_is_quiet(tmp_path, capsys):
-    baseline = _baseline(tmp_path, {"hdgsa": 1.0, "hdgsa-direct": 0.5, "peer": 2.0})
-    times = {"hdgsa": 1.04, "hdgsa-direct": 0.5, "peer": 2.0}
-    assert _run(tmp_path, times, compare=[baseline]) == 0
-    assert "0 regression(s), 0 slower peer row(s), 0 faster" in capsys.readouterr().out
-    times = {"hdgsa": 1.04, "hdgsa-direct": 0.5, "peer": 2.0}
-    assert _run(tmp_path, times, compare=[baseline], compare_threshold=2.0) == 1
+@pytest.mark.parametrize(
+    ("changed", "threshold", "status", "expected"),
+    [
+        (
+            {"hdgsa": 1.2},
+            5.0,
+            1,
+            "REGRESSION (ours, slower): stub_op | square 64 | hdgsa: 1.0000 -> 1.2000 ms (+20.0%)",
+        ),
+        ({"hdgsa-direct": 0.6}, 5.0, 1, "REGRESSION (ours, slower): stub_op | square 64 | hdgsa-direct"),
+        ({"peer": 3.0}, 5.0, 0, "slower peer (not a failure): stub_op | square 64 | peer"),
+        ({"hdgsa": 0.5}, 5.0, 0, "faster: stub_op | square 64 | hdgsa: 1.0000 -> 0.5000 ms (-50.0%)"),
+        ({"hdgsa": 1.04}, 5.0, 0, "0 regression(s), 0 slower peer row(s), 0 faster"),
+        ({"hdgsa": 1.04}, 2.0, 1, "1 regression(s)"),
+    ],
+)
+def test_compare_flags_regressions_of_ours_only(tmp_path, capsys, changed, threshold, status, expected):
+    """Ours (and variants named hdgsa-...) slower beyond the threshold fail the run; a slower peer
+    and a faster row are listed; within the threshold nothing is flagged."""
+    baseline = _baseline(tmp_path, _BASELINE_MS)
+    times = {**_BASELINE_MS, **changed}
+    assert _run(tmp_path, times, compare=[baseline], compare_threshold=threshold) == status
+    assert expected in capsys.readouterr().out
 
 
 def test_compare_reports_missing_and_new_rows(tmp_path, capsys):
     baseline = _baseline(tmp_path, {"hdgsa": 1.0, "absent": 3.0, "gone": 4.0})
-    assert _run(tmp_path, {"hdgsa": 1.0, "hdgsa-direct": 0.5, "peer": 2.0}, compare=[baseline]) == 0
+    assert _run(tmp_path, _BASELINE_MS, compare=[baseline]) == 0
     out = capsys.readouterr().out
     assert "missing: stub_op | square 64 | absent: 3.0000 ms in the baseline, not timed now" in out
     assert "(skipped: stub peer not installed)" in out

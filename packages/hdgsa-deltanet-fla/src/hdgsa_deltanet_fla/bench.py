@@ -215,4 +215,3 @@ def bench_cases(
                         )
                     )
     return cases
-
