@@ -455,3 +455,11 @@ def test_info_says_why_fla_is_unusable(monkeypatch, capsys):
     )
     monkeypatch.setattr(caps, "FLA_VERSION", None)
     assert caps.fla_unusable_reason() is None  # not installed: nothing to explain
+
+
+def test_compare_notes_a_baseline_from_another_card(tmp_path, capsys):
+    baseline = _baseline(tmp_path, _BASELINE_MS)
+    record = json.loads(baseline.read_text())
+    baseline.write_text(json.dumps({**record, "device": "NVIDIA H100 80GB HBM3"}))
+    assert _run(tmp_path, _BASELINE_MS, compare=[baseline]) == 0
+    assert "was measured on NVIDIA H100 80GB HBM3, this run on cpu" in capsys.readouterr().out

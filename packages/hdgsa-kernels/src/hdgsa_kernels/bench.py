@@ -346,9 +346,18 @@ def _compare(
     threshold_pct: float,
     selected: Callable[[Measurement], bool] | None,
     out,
+    device_name: str | None = None,
 ) -> int:
     """Print the comparison with the baselines in ``files``; 1 on a regression of ours."""
-    baseline = [row for record in load_records(files) for row in record["results"]]
+    records = load_records(files)
+    for record in records:
+        if device_name is not None and record["device"] not in (device_name, "unknown"):
+            print(
+                f"note: {record['path']} was measured on {record['device']}, this run on {device_name}:"
+                " the comparison says more about the cards than about the code",
+                file=out,
+            )
+    baseline = [row for record in records for row in record["results"]]
     comparison = compare_results(measurements, baseline, threshold_pct, selected)
     print(format_comparison(comparison, threshold_pct, [str(f) for f in files]), file=out)
     return 1 if comparison.failed else 0
@@ -469,7 +478,7 @@ def run_benchmarks(
                 not providers or row.provider in providers
             )
 
-        status = _compare(measurements, compare, compare_threshold, selected, log)
+        status = _compare(measurements, compare, compare_threshold, selected, log, device_name)
     # ours skipped on purpose (ProviderUnavailable) is reported; ours crashing fails the run
     our_errors = [m for m in measurements if m.ours and m.note.startswith("error")]
     return 1 if our_errors else status
@@ -509,5 +518,7 @@ def render_records(
     else:
         print(format_results(measurements))
     if compare:
-        return _compare(measurements, compare, compare_threshold, None, log)
+        devices = {record["device"] for record in records}
+        device_name = devices.pop() if len(devices) == 1 else None
+        return _compare(measurements, compare, compare_threshold, None, log, device_name)
     return 0

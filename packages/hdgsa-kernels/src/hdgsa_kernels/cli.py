@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="compare with these baseline JSON files: list rows slower or faster by more than"
-        " --compare-threshold and rows not timed now; exit 1 if one of ours got slower",
+        " --compare-threshold and rows not timed now; exit 1 if one of ours got slower (name the"
+        " ops before this option)",
     )
     bench.add_argument(
         "--compare-threshold",
@@ -255,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="time nothing: print the tables (or, with --markdown, the page) of these saved JSON"
-        " files, and compare them with --compare's; needs no GPU",
+        " files, and compare them with --compare's; needs no GPU (name the ops before this option)",
     )
     bench.add_argument(
         "--readings",
