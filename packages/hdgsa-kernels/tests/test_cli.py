@@ -19,6 +19,7 @@ from hdgsa_kernels.bench import (
     summarize,
 )
 from hdgsa_kernels.ops import resolve_op_names
+from hdgsa_kernels.results import device_slug
 
 
 def test_info_prints_versions_and_flags(capsys):
@@ -223,9 +224,10 @@ def _run(tmp_path, times, **options):
 
 def test_save_baseline_writes_one_file_per_op_and_device(tmp_path, capsys):
     assert _run(tmp_path, {"hdgsa": 1.0, "hdgsa-direct": 0.5, "peer": 2.0}, save_baseline=tmp_path) == 0
-    path = tmp_path / "stub_op-cpu.json"
+    (path,) = tmp_path.glob("stub_op-cpu-*.json")
     record = json.loads(path.read_text())
-    assert record["device"] == "cpu"
+    assert record["device"].startswith("CPU ")
+    assert path.name == f"stub_op-{device_slug(record['device'])}.json"
     assert record["command"] == "hdgsa-kernels bench stub"
     assert {row["provider"]: row["ms"] for row in record["results"]} == {
         "hdgsa": 1.0,
@@ -235,7 +237,7 @@ def test_save_baseline_writes_one_file_per_op_and_device(tmp_path, capsys):
     }
     # a second run replaces the baseline, it does not add a file
     assert _run(tmp_path, {"hdgsa": 1.5, "hdgsa-direct": 0.5, "peer": 2.0}, save_baseline=tmp_path) == 0
-    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["stub_op-cpu.json"]
+    assert [p.name for p in tmp_path.glob("*.json")] == [path.name]
     assert json.loads(path.read_text())["results"][0]["ms"] == 1.5
     assert "baseline:" in capsys.readouterr().out
 
@@ -246,7 +248,7 @@ def _baseline(tmp_path, rows: dict[str, float | None], op: str = "stub_op"):
         {"op": op, "case": "square 64", "provider": name, "ms": ms, "ours": name == "hdgsa"}
         for name, ms in rows.items()
     ]
-    path.write_text(json.dumps({"device": "cpu", "results": results}))
+    path.write_text(json.dumps({"results": results}))  # no device: no note about another card
     return path
 
 
@@ -302,7 +304,8 @@ def test_compare_cli_from_saved_records_without_a_gpu(tmp_path, capsys):
         _run(tmp_path, {"hdgsa": 1.5, "hdgsa-direct": 0.5, "peer": 2.0}, save_baseline=tmp_path / "new") == 0
     )
     capsys.readouterr()
-    old, new = tmp_path / "old" / "stub_op-cpu.json", tmp_path / "new" / "stub_op-cpu.json"
+    (old,) = (tmp_path / "old").glob("*.json")
+    (new,) = (tmp_path / "new").glob("*.json")
     cases = [_stub_case()]
     assert bench.render_records([], [new], compare=[old], cases=cases) == 1
     assert (
@@ -332,7 +335,7 @@ def test_markdown_page_has_the_header_and_one_table_per_op(tmp_path, capsys):
     page = captured.out
     assert status == 0
     assert page.startswith("# Benchmarks\n")
-    for field in ("- device: cpu", "- versions: torch " + torch.__version__, "- commit: `", "- date: "):
+    for field in ("- device: CPU ", "- versions: torch " + torch.__version__, "- commit: `", "- date: "):
         assert field in page, field
     assert "- command: `hdgsa-kernels bench stub --markdown`" in page
     assert page.count("\n## ") == 2
@@ -356,7 +359,7 @@ def test_markdown_from_saved_records_keeps_the_readings_and_names_each_run(tmp_p
     cases = [_stub_case(), _stub_case("second_op")]
     status = bench.render_records(
         [],
-        [tmp_path / "stub_op-cpu.json"],
+        list(tmp_path.glob("stub_op-*.json")),
         markdown=True,
         readings_dir=readings,
         rendered_by="hdgsa-kernels bench --markdown --from-json x.json",
@@ -462,4 +465,4 @@ def test_compare_notes_a_baseline_from_another_card(tmp_path, capsys):
     record = json.loads(baseline.read_text())
     baseline.write_text(json.dumps({**record, "device": "NVIDIA H100 80GB HBM3"}))
     assert _run(tmp_path, _BASELINE_MS, compare=[baseline]) == 0
-    assert "was measured on NVIDIA H100 80GB HBM3, this run on cpu" in capsys.readouterr().out
+    assert "was measured on NVIDIA H100 80GB HBM3, this run on CPU " in capsys.readouterr().out

@@ -37,6 +37,7 @@ Baselines and the benchmark page, from the repository root:
 from __future__ import annotations
 
 import datetime
+import platform
 import shlex
 import statistics
 import sys
@@ -69,6 +70,7 @@ __all__ = [
     "Ceilings",
     "Measurement",
     "collect_cases",
+    "cpu_name",
     "gpu_ms",
     "graph_ms",
     "host_ms",
@@ -79,6 +81,7 @@ __all__ = [
     "run_benchmarks",
     "summarize",
     "top_kernels",
+    "wall_timer",
 ]
 
 Timer = Callable[[Callable[[], object]], float]  # returns milliseconds
@@ -92,6 +95,36 @@ def do_bench_timer(warmup_ms: float, rep_ms: float) -> Timer:
         return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
     return timer
+
+
+def wall_timer(warmup_ms: float, rep_ms: float, min_calls: int = 5) -> Timer:
+    """The CPU timer (``--device cpu``): calls for ``warmup_ms``, then for ``rep_ms`` (at least
+    ``min_calls`` calls), and the median wall time of one call, in milliseconds."""
+
+    def timer(fn: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        while (time.perf_counter() - start) * 1e3 < warmup_ms:
+            fn()
+        samples: list[float] = []
+        start = time.perf_counter()
+        while len(samples) < min_calls or (time.perf_counter() - start) * 1e3 < rep_ms:
+            begin = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin) * 1e3)
+        return statistics.median(samples)
+
+    return timer
+
+
+def cpu_name() -> str:
+    """ "CPU <model>, <n> threads": the processor's model name (Linux) and torch's thread count."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {model}, {torch.get_num_threads()} threads"
 
 
 def graph_ms(fn: Callable[[], object], replays: int = 20) -> float | None:
@@ -364,11 +397,18 @@ def _compare(
 
 
 def _sections(
-    cases: Sequence[BenchCase], measurements: Sequence[Measurement], record_of: Callable[[str], dict | None]
-) -> list[tuple[str, list[Measurement], dict | None]]:
-    """``(op, rows, record)`` for the Markdown page, in the cases' op order."""
-    ops = dict.fromkeys([*(case.op for case in cases), *(m.op for m in measurements)])
-    return [(op, [m for m in measurements if m.op == op], record_of(op)) for op in ops]
+    cases: Sequence[BenchCase], records: Sequence[dict]
+) -> list[tuple[str, list[tuple[list[Measurement], dict]]]]:
+    """``(op, [(rows, record), ...])`` for the Markdown page: the cases' ops in order, each with
+    its rows from every record that has some (``record["results"]``: Measurements)."""
+    ops = dict.fromkeys([*(case.op for case in cases), *(m.op for r in records for m in r["results"])])
+    sections = []
+    for op in ops:
+        tables = [
+            (rows, record) for record in records if (rows := [m for m in record["results"] if m.op == op])
+        ]
+        sections.append((op, tables))
+    return sections
 
 
 def run_benchmarks(
@@ -400,20 +440,28 @@ def run_benchmarks(
     baseline by more than ``compare_threshold`` percent, else 0 (peers that are missing or fail
     are listed). ``gpu_time`` adds each call's GPU time (:func:`gpu_ms`), ``host_time`` its host
     time (:func:`host_ms`), ``profile`` its top ``profile`` kernels (:func:`top_kernels`).
-    ``cases`` replaces the registered cases of ``ops`` and ``device="cpu"`` times them on the
-    CPU (no ceilings, peak memory or GPU time): how the tests drive the runner.
+    ``device="cpu"`` times the cases that run on the CPU (``BenchCase.devices``) with
+    :func:`wall_timer`: no ceilings, peak memory or GPU time. ``cases`` replaces the registered
+    cases of ``ops`` (how the tests drive the runner with stub cases).
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("hdgsa-kernels bench: needs a CUDA GPU (none found)", file=sys.stderr)
         return 1
     log = sys.stderr if markdown else sys.stdout  # with markdown, stdout holds the page only
-    timer = timer or do_bench_timer(warmup_ms, rep_ms)
+    if timer is None:
+        timer = do_bench_timer(warmup_ms, rep_ms) if device.type == "cuda" else wall_timer(warmup_ms, rep_ms)
     if cases is None:
-        cases = collect_cases(ops, case_filter)
+        cases = [case for case in collect_cases(ops, case_filter) if device.type in case.devices]
+        if not cases:
+            print(
+                f"hdgsa-kernels bench: no benchmark case of {', '.join(ops)} runs on {device.type}",
+                file=sys.stderr,
+            )
+            return 1
     work = [(case, name) for case in cases for name in case.providers if not providers or name in providers]
     ceilings = None
-    device_name = "cpu"
+    device_name = cpu_name()
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
         print("measuring the copy bandwidth and the matmul rate ...", file=sys.stderr, flush=True)
@@ -460,7 +508,8 @@ def run_benchmarks(
     record["results"] = [asdict(m) for m in measurements]
 
     if markdown:
-        print(format_markdown(_sections(cases, measurements, lambda op: record), readings_dir=readings_dir))
+        page_record = {**record, "results": measurements}
+        print(format_markdown(_sections(cases, [page_record]), readings_dir=readings_dir))
     else:
         print(format_results(measurements))
     if json_path is not None:
@@ -503,18 +552,12 @@ def render_records(
     if cases is None:
         cases = collect_cases(ops)
     wanted = dict.fromkeys(case.op for case in cases)
-    record_by_op: dict[str, dict] = {}
     for record in records:
-        for row in record["results"]:
-            record_by_op.setdefault(row.op, record)
-    # one record per op: the first file that has it (a later file's rows of that op are left out)
-    measurements = [
-        m for op, record in record_by_op.items() if op in wanted for m in record["results"] if m.op == op
-    ]
+        record["results"] = [m for m in record["results"] if m.op in wanted]
+    measurements = [m for record in records for m in record["results"]]
     log = sys.stderr if markdown else sys.stdout
     if markdown:
-        sections = _sections(cases, measurements, record_by_op.get)
-        print(format_markdown(sections, readings_dir=readings_dir, rendered_by=rendered_by))
+        print(format_markdown(_sections(cases, records), readings_dir=readings_dir, rendered_by=rendered_by))
     else:
         print(format_results(measurements))
     if compare:

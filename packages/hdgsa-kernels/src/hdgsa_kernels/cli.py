@@ -141,6 +141,7 @@ def _bench(args: argparse.Namespace) -> int:
         save_baseline=args.baseline_dir if args.save_baseline else None,
         readings_dir=args.readings,
         command=command,
+        device=args.device,
     )
 
 
@@ -178,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir",
         default="bench-results",
         help="where each run writes its JSON (every row, rewritten after each row) and its plot",
+    )
+    bench.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cuda (default): every case on the GPU; cpu: the cases that run on the CPU (the"
+        " PyTorch backends against per-step loops), timed by wall clock",
     )
     bench.add_argument("--providers", nargs="*", default=None, help="only these providers (default all)")
     bench.add_argument("--filter", default=None, help="only cases whose name contains this text")
