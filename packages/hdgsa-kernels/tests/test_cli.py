@@ -466,3 +466,8 @@ def test_compare_notes_a_baseline_from_another_card(tmp_path, capsys):
     baseline.write_text(json.dumps({**record, "device": "NVIDIA H100 80GB HBM3"}))
     assert _run(tmp_path, _BASELINE_MS, compare=[baseline]) == 0
     assert "was measured on NVIDIA H100 80GB HBM3, this run on CPU " in capsys.readouterr().out
+
+
+def test_bench_on_cpu_says_when_an_op_has_no_cpu_case(tmp_path, capsys):
+    assert cli.main(["bench", "rmsnorm", "--device", "cpu", "--output-dir", str(tmp_path)]) == 1
+    assert "no benchmark case of rmsnorm runs on cpu" in capsys.readouterr().err
