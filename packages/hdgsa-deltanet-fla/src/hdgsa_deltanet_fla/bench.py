@@ -1,6 +1,6 @@
 """Benchmark cases for ``hdgsa-kernels bench``: the gated delta rule against fla called directly.
 
-Shapes from the issue / ANCHORS: B4 T4096 H16 K=V=128 and B1 T16384 H16 K=V=128, bf16. Cases,
+The target shapes: B4 T4096 H16 K=V=128 and B1 T16384 H16 K=V=128, bf16. Cases,
 each in the unpacked ``[B, T, H, K]`` and packed ``[B, T, H*K]`` layouts, with and without ``D``:
 
 - ``fwd``: providers ``hdgsa`` (:func:`gated_delta_rule`, ``backend="fla"``: alpha in, the

@@ -19,6 +19,8 @@ Options, each a column or a section of the report:
 - ``host_time``: the host time of one call (:func:`host_ms`): what Python spends in it before
   it returns, the GPU not waited for.
 - ``profile``: the call's top kernels by GPU time (:func:`top_kernels`).
+- ``device="cpu"`` (``--device cpu``): the cases that declare ``devices=("cpu",)`` (the PyTorch
+  backends against per-step loops), timed by wall clock (:func:`wall_timer`).
 
 Baselines and the benchmark page, from the repository root:
 
