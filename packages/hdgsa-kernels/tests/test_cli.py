@@ -397,6 +397,9 @@ def test_host_ms_measures_the_call_not_what_follows():
 
     assert 1.5 < bench.host_ms(call, calls=5, device="cpu") < 100
     assert len(slept) == 5
+    slept.clear()  # a slow call stops at the time budget, after at least min_calls calls
+    assert 1.5 < bench.host_ms(call, calls=1000, device="cpu", budget_ms=1.0, min_calls=3) < 100
+    assert len(slept) == 3
 
 
 def test_bench_help_is_plain_words(capsys):

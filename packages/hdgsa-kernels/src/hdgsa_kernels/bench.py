@@ -202,19 +202,29 @@ def top_kernels(
     return times[:top]
 
 
-def host_ms(fn: Callable[[], object], calls: int = 50, device: torch.device | str = "cuda") -> float:
+def host_ms(
+    fn: Callable[[], object],
+    calls: int = 50,
+    device: torch.device | str = "cuda",
+    budget_ms: float = 1000.0,
+    min_calls: int = 5,
+) -> float:
     """Host milliseconds of one ``fn()``: the median over ``calls`` calls of the wall time that
     Python spends in the call, the device synchronized before each call (outside the timing) and
     not waited for after it. That is the Python, dispatch and kernel-launch cost a training step
     pays per call whatever the shape; the GPU work runs behind it. A call that synchronizes the
     host (reads a device value) also counts the GPU time it waits for. On a CPU ``device`` it is
-    the call's whole time."""
+    the call's whole time. Slow calls stop after ``budget_ms`` of waiting and calling (at least
+    ``min_calls`` calls)."""
     samples = []
-    for _ in range(calls):
+    start = time.perf_counter()
+    while len(samples) < calls:
+        if len(samples) >= min_calls and (time.perf_counter() - start) * 1e3 > budget_ms:
+            break
         _synchronize(device)
-        start = time.perf_counter()
+        begin = time.perf_counter()
         fn()
-        samples.append(time.perf_counter() - start)
+        samples.append(time.perf_counter() - begin)
     _synchronize(device)
     return statistics.median(samples) * 1e3
 
