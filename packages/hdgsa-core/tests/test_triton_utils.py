@@ -143,6 +143,17 @@ _needs_triton = pytest.mark.skipif(
 )
 
 
+def test_cached_launch_can_be_switched_off(fake_triton, monkeypatch):
+    from hdgsa_core.launch import CachedLauncher
+
+    monkeypatch.setenv("HDGSA_CACHED_LAUNCH", "0")
+    kernel = _FakeKernel()
+    launcher = CachedLauncher(kernel)
+    for _ in range(2):
+        launcher((1,), x=torch.randn(4), n=4, scale=1.0, BLOCK=4)
+    assert [call[0] for call in kernel.calls] == ["triton", "triton"]
+
+
 @_needs_triton
 def test_the_installed_triton_has_the_private_names_the_cached_launcher_needs():
     from hdgsa_core.launch import triton_private_api_problems

@@ -15,8 +15,8 @@ Two launches with equal keys get the same compiled kernel from Triton, so the fi
 key goes through Triton (which compiles, or finds its cached kernel) and records what it returns.
 
 Not taken (every launch goes through Triton): under ``TRITON_INTERPRET=1``, with a Triton
-before 3.4 (no ``triton.knobs``), and while a Triton launch hook is set (profilers such as
-proton rely on it). Skipping the binding also skips
+before 3.4 (no ``triton.knobs``), with ``HDGSA_CACHED_LAUNCH=0`` in the environment when the
+launcher is made, and while a Triton launch hook is set (profilers such as proton rely on it). Skipping the binding also skips
 Triton's launch-metadata object and its empty hook chain calls (Triton 3.6 makes both on every
 launch even with no hook set).
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -33,7 +34,12 @@ import torch
 
 from .capabilities import interpreter_enabled
 
-__all__ = ["CachedLauncher", "triton_private_api_problems"]
+__all__ = ["DISABLE_ENV_VAR", "CachedLauncher", "triton_private_api_problems"]
+
+# HDGSA_CACHED_LAUNCH=0 (read when a launcher is made, i.e. when a kernel module is imported):
+# every launch goes through Triton. For measuring what the launcher saves, and a way out if a
+# Triton release breaks the private API it uses.
+DISABLE_ENV_VAR = "HDGSA_CACHED_LAUNCH"
 
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 _MISSING = object()
@@ -169,7 +175,7 @@ class CachedLauncher:
         # Under the interpreter kernels are not JITFunctions, and Triton before 3.4 (no
         # ``triton.knobs``) launches compiled kernels differently: launch through Triton always.
         self._runtime = _runtime_knobs() if params is not None and not interpreter_enabled() else None
-        self._enabled = self._runtime is not None
+        self._enabled = self._runtime is not None and os.environ.get(DISABLE_ENV_VAR, "1") != "0"
         # (name, is_constexpr) per kernel parameter, in signature order.
         self._plan: tuple[tuple[str, bool], ...] = tuple((p.name, p.is_constexpr) for p in params or ())
         self._parameters = frozenset(name for name, _ in self._plan)
