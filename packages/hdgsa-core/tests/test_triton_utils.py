@@ -124,29 +124,14 @@ def test_cached_launcher_goes_through_triton_when_it_cannot_key(fake_triton):
     assert [call[0] for call in kernel.calls] == ["triton"] * 6
 
 
-def test_cached_launcher_always_goes_through_triton_under_the_interpreter(fake_triton, monkeypatch):
-    from hdgsa_core.launch import CachedLauncher
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    kernel = _FakeKernel()
-    launcher = CachedLauncher(kernel)
-    for _ in range(2):
-        launcher((1,), x=torch.randn(4), n=4, scale=1.0, BLOCK=4)
-    assert [call[0] for call in kernel.calls] == ["triton", "triton"]
-
-
-# CachedLauncher calls Triton's private launch API. Every Triton the package allows must have the
-# names it needs; this runs without a GPU (a GPU test of the launcher itself is in hdgsa-sinkhorn's
-# CUDA suite, whose kernels launch through it).
-_needs_triton = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="Triton is not installed: no launcher to check"
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("TRITON_INTERPRET", "1"), ("HDGSA_CACHED_LAUNCH", "0")],  # the interpreter; switched off
 )
-
-
-def test_cached_launch_can_be_switched_off(fake_triton, monkeypatch):
+def test_cached_launcher_always_goes_through_triton(fake_triton, monkeypatch, variable, value):
     from hdgsa_core.launch import CachedLauncher
 
-    monkeypatch.setenv("HDGSA_CACHED_LAUNCH", "0")
+    monkeypatch.setenv(variable, value)
     kernel = _FakeKernel()
     launcher = CachedLauncher(kernel)
     for _ in range(2):
