@@ -1,3 +1,6 @@
+import importlib.util
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -121,12 +124,56 @@ def test_cached_launcher_goes_through_triton_when_it_cannot_key(fake_triton):
     assert [call[0] for call in kernel.calls] == ["triton"] * 6
 
 
-def test_cached_launcher_always_goes_through_triton_under_the_interpreter(fake_triton, monkeypatch):
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("TRITON_INTERPRET", "1"), ("HDGSA_CACHED_LAUNCH", "0")],  # the interpreter; switched off
+)
+def test_cached_launcher_always_goes_through_triton(fake_triton, monkeypatch, variable, value):
     from hdgsa_core.launch import CachedLauncher
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(variable, value)
     kernel = _FakeKernel()
     launcher = CachedLauncher(kernel)
     for _ in range(2):
         launcher((1,), x=torch.randn(4), n=4, scale=1.0, BLOCK=4)
     assert [call[0] for call in kernel.calls] == ["triton", "triton"]
+
+
+# CachedLauncher calls Triton's private launch API. Every Triton the package allows must have the
+# names it needs; this runs without a GPU (a GPU test of the launcher itself is in hdgsa-sinkhorn's
+# CUDA suite, whose kernels launch through it).
+_needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="Triton is not installed: no launcher to check"
+)
+
+
+@_needs_triton
+def test_the_installed_triton_has_the_private_names_the_cached_launcher_needs():
+    from hdgsa_core.launch import triton_private_api_problems
+
+    problems = triton_private_api_problems()
+    assert not problems, "\n".join(problems)
+
+
+@_needs_triton
+def test_a_missing_private_name_is_reported_clearly(monkeypatch):
+    import triton.compiler.compiler
+
+    from hdgsa_core import launch
+
+    monkeypatch.setattr(launch, "_runtime_knobs", lambda: SimpleNamespace(launch_enter_hook=None))
+
+    class CompiledKernel:  # launches with another argument order
+        def __getitem__(self, grid):
+            return lambda *args: self.run(grid, *args)
+
+    monkeypatch.setattr(triton.compiler.compiler, "CompiledKernel", CompiledKernel)
+    problems = launch.triton_private_api_problems()
+    assert len(problems) == 2, problems
+    assert problems[0].startswith(
+        "hdgsa_core.launch.CachedLauncher needs triton.knobs.runtime.launch_exit_hook"
+    )
+    assert "a compiled kernel's run(grid0, grid1, grid2, stream, function, packed_metadata" in problems[1]
+    assert all("Triton's private launch API" in problem for problem in problems)
+    monkeypatch.setattr(launch, "_runtime_knobs", lambda: None)
+    assert "Triton before 3.4" in launch.triton_private_api_problems()[0]

@@ -310,7 +310,7 @@ def test_buffers_only_where_autograd_records_nothing(monkeypatch):
         assert reference._writes_into_buffers(plain, leaf)
     with torch.inference_mode():
         assert reference._writes_into_buffers(leaf)
-    # Through the op: plain tensors (a forward-only call, as benchmarks/cpu_speed.py times it)
+    # Through the op: plain tensors (a forward-only call, as an inference step makes it)
     # and no_grad take the buffers; inputs that need a gradient do not.
     choices = _spy_on_buffer_choice(monkeypatch)
     inputs = make_inputs(1, 40, 2, 8, 8, seed=43)

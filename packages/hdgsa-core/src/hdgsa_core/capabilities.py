@@ -23,6 +23,7 @@ __all__ = [
     "NUMPY_VERSION",
     "TRITON_VERSION",
     "capabilities",
+    "fla_unusable_reason",
     "interpreter_enabled",
     "parse_version",
 ]
@@ -68,6 +69,19 @@ NUMPY_VERSION: str | None = _distribution_version("numpy") if _module_present("n
 def interpreter_enabled() -> bool:
     """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fla_unusable_reason() -> str | None:
+    """Why ``HAS_FLA`` is False although fla-core is installed, or None (fla usable, or simply
+    not installed). Read from the same facts as ``HAS_FLA``; nothing is imported."""
+    if HAS_FLA or FLA_VERSION is None:
+        return None
+    if not HAS_TRITON:
+        return f"fla-core {FLA_VERSION} is installed but Triton is not (fla's kernels are Triton kernels)"
+    if not _module_present("fla"):
+        return f"fla-core {FLA_VERSION} is installed but its module `fla` cannot be found"
+    wanted = ".".join(map(str, FLA_MIN_VERSION))
+    return f"fla-core {FLA_VERSION} is older than {wanted} (pip install -U 'fla-core>={wanted}')"
 
 
 def capabilities() -> dict[str, object]:

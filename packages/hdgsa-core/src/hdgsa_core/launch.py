@@ -14,14 +14,19 @@ current device. Anything else (``None``, tuples) makes the launch go through Tri
 Two launches with equal keys get the same compiled kernel from Triton, so the first launch of a
 key goes through Triton (which compiles, or finds its cached kernel) and records what it returns.
 
-Not taken (every launch goes through Triton): under ``TRITON_INTERPRET=1`` and while a Triton
-launch hook is set (profilers such as proton rely on it). Skipping the binding also skips
+Not taken (every launch goes through Triton): under ``TRITON_INTERPRET=1``, with a Triton
+before 3.4 (no ``triton.knobs``), with ``HDGSA_CACHED_LAUNCH=0`` in the environment when the
+launcher is made, and while a Triton launch hook is set (profilers such as proton rely on it). Skipping the binding also skips
 Triton's launch-metadata object and its empty hook chain calls (Triton 3.6 makes both on every
 launch even with no hook set).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,10 +34,82 @@ import torch
 
 from .capabilities import interpreter_enabled
 
-__all__ = ["CachedLauncher"]
+__all__ = ["DISABLE_ENV_VAR", "CachedLauncher", "triton_private_api_problems"]
+
+# HDGSA_CACHED_LAUNCH=0 (read when a launcher is made, i.e. when a kernel module is imported):
+# every launch goes through Triton. For measuring what the launcher saves, and a way out if a
+# Triton release breaks the private API it uses.
+DISABLE_ENV_VAR = "HDGSA_CACHED_LAUNCH"
 
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 _MISSING = object()
+
+
+# The call a compiled kernel's own launcher makes (``CompiledKernel.__getitem__``'s runner), which
+# CachedLauncher.__call__ repeats with the three launch-metadata and hook arguments as None.
+_RUN_CALL = (
+    "self.run(grid[0],grid[1],grid[2],stream,self.function,self.packed_metadata,launch_metadata,"
+    "knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,*args)"
+)
+
+
+def triton_private_api_problems() -> list[str]:
+    """What :class:`CachedLauncher` needs from Triton's private API and the installed Triton
+    lacks, one sentence each (an empty list: everything is there). Checked without a GPU, from
+    Triton's modules and source: ``triton.knobs.runtime``'s launch hooks, the active driver's
+    current device and stream, a JIT function's parameters (name, constexpr or not), and the
+    argument order of a compiled kernel's ``run`` (what ``CompiledKernel.__getitem__`` passes).
+    A Triton before 3.4 (no ``triton.knobs``) is reported too, though the launcher then simply
+    launches through Triton every time."""
+    try:
+        triton = importlib.import_module("triton")
+    except ImportError as error:
+        return [f"Triton is not importable: {error}"]
+    version = getattr(triton, "__version__", "?")
+    problems = []
+
+    def lacks(what: str, why: str) -> None:
+        problems.append(
+            f"hdgsa_core.launch.CachedLauncher needs {what}, which Triton {version} lacks ({why});"
+            " it relies on Triton's private launch API: pin a Triton this check passes with, or"
+            " remove the launcher from the kernels that use it"
+        )
+
+    knobs = _runtime_knobs()
+    if knobs is None:
+        lacks("triton.knobs.runtime", "Triton before 3.4: every launch goes through Triton")
+    else:
+        for hook in ("launch_enter_hook", "launch_exit_hook"):
+            if not hasattr(knobs, hook):
+                lacks(f"triton.knobs.runtime.{hook}", "launch hooks renamed or removed")
+    driver = getattr(importlib.import_module("triton.runtime"), "driver", None)
+    if driver is None or not hasattr(type(driver), "active"):
+        lacks("triton.runtime.driver.active", "the driver registry changed")
+    try:
+        gpu_driver = importlib.import_module("triton.backends.driver").GPUDriver
+        driver_source = inspect.getsource(gpu_driver.__init__)
+    except (ImportError, AttributeError, OSError, TypeError) as error:
+        lacks("triton.backends.driver.GPUDriver", f"{type(error).__name__}: {error}")
+    else:
+        for method in ("get_current_device", "get_current_stream"):
+            if f"self.{method}" not in driver_source:
+                lacks(f"the driver's {method}()", "no longer set by GPUDriver")
+    kernel_param = getattr(importlib.import_module("triton.runtime.jit"), "KernelParam", None)
+    if kernel_param is None or not all(hasattr(kernel_param, a) for a in ("name", "is_constexpr")):
+        lacks("JITFunction.params with .name and .is_constexpr", "triton.runtime.jit.KernelParam changed")
+    try:
+        compiled = importlib.import_module("triton.compiler.compiler").CompiledKernel
+        compiled_source = inspect.getsource(compiled)
+    except (ImportError, AttributeError, OSError, TypeError) as error:
+        lacks("triton.compiler.compiler.CompiledKernel", f"{type(error).__name__}: {error}")
+    else:
+        if _RUN_CALL not in re.sub(r"\s+", "", compiled_source):
+            lacks(
+                "a compiled kernel's run(grid0, grid1, grid2, stream, function, packed_metadata,"
+                " launch_metadata, enter_hook, exit_hook, *arguments)",
+                "CompiledKernel launches differently",
+            )
+    return problems
 
 
 def _argument_key(value: Any) -> Any:
@@ -98,7 +175,7 @@ class CachedLauncher:
         # Under the interpreter kernels are not JITFunctions, and Triton before 3.4 (no
         # ``triton.knobs``) launches compiled kernels differently: launch through Triton always.
         self._runtime = _runtime_knobs() if params is not None and not interpreter_enabled() else None
-        self._enabled = self._runtime is not None
+        self._enabled = self._runtime is not None and os.environ.get(DISABLE_ENV_VAR, "1") != "0"
         # (name, is_constexpr) per kernel parameter, in signature order.
         self._plan: tuple[tuple[str, bool], ...] = tuple((p.name, p.is_constexpr) for p in params or ())
         self._parameters = frozenset(name for name, _ in self._plan)

@@ -61,7 +61,8 @@ class BenchCase:
     ``providers`` maps a provider name (``"hdgsa"``, ``"liger"``, ``"torch.compile"``...) to a
     setup function that allocates inputs and returns the zero-argument callable to time; it may
     raise :class:`ProviderUnavailable`. ``bytes`` / ``flops`` are the minimum memory traffic and
-    arithmetic of the op, for GB/s, TFLOP/s and the share of the roofline.
+    arithmetic of the op, for GB/s, TFLOP/s and the share of the roofline. ``devices``: where
+    the case runs (``hdgsa-kernels bench --device``); CUDA unless the case says otherwise.
     """
 
     op: str
@@ -71,3 +72,4 @@ class BenchCase:
     flops: float | None = None
     ours: str = "hdgsa"
     tags: tuple[str, ...] = field(default_factory=tuple)
+    devices: tuple[str, ...] = ("cuda",)

@@ -1,6 +1,6 @@
 """Benchmark cases for ``hdgsa-kernels bench``: the gated delta rule against fla called directly.
 
-Shapes from the issue / ANCHORS: B4 T4096 H16 K=V=128 and B1 T16384 H16 K=V=128, bf16. Cases,
+The target shapes: B4 T4096 H16 K=V=128 and B1 T16384 H16 K=V=128, bf16. Cases,
 each in the unpacked ``[B, T, H, K]`` and packed ``[B, T, H*K]`` layouts, with and without ``D``:
 
 - ``fwd``: providers ``hdgsa`` (:func:`gated_delta_rule`, ``backend="fla"``: alpha in, the
@@ -14,6 +14,13 @@ each in the unpacked ``[B, T, H, K]`` and packed ``[B, T, H*K]`` layouts, with a
   accumulates in ``.grad``). Where fla 0.6 refuses the backward (Hopper, Triton >= 3.4 and
   < 3.7.1) ``hdgsa`` and ``fla`` raise :class:`ProviderUnavailable` with fla's reason.
 
+On the CPU (``hdgsa-kernels bench deltanet --device cpu``): B1 T1024 H4 K=V=64 float32, the
+torch backend's forward (``hdgsa``) against per-step loops: this package's float32 recurrent
+reference (``loop``) and, when fla-core imports, fla's ``naive_recurrent_gated_delta_rule``
+(``fla-naive-recurrent``) and its chunk loop ``naive_chunk_gated_delta_rule``
+(``fla-naive-chunk``); ``ours x`` on a loop's row is the speed-up (target >= 20x). And the
+torch backend's forward + backward of every input, on its own.
+
 No ``torch.compile`` provider: compiling the torch backend unrolls its loop over the ``T / 64``
 chunks (64 to 256 iterations here), which takes longer than the whole run.
 
@@ -22,13 +29,14 @@ backward reads them and ``do`` again and writes every gradient. FLOPs: the chunk
 matrix products, ``B * HV * T * (6 K V + 2 C (2 K + V) + C (K + V))`` with ``C = 64`` forward (an
 estimate of what fla's kernels do), 3x that for ``fwd+bwd``.
 
-Run ``python -m hdgsa_deltanet_fla.bench`` on a GPU for a quick table of these cases (each
-provider timed with ``triton.testing.do_bench``, median) without the meta-package's runner.
+What the wrapper costs shows in three columns of the runner: ``hdgsa-kernels bench deltanet
+--gpu-time --host-time``: GPU time (the wrapper's own kernels against ``fla``'s ``addcmul``),
+host time per call (its Python and launches against fla's), and the do_bench median (whichever
+of the two bounds the step on that machine).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -39,8 +47,9 @@ from hdgsa_core.registry import BenchCase, ProviderUnavailable
 
 from ._fla import fla_unavailable_reason
 from .api import gated_delta_rule
+from .reference import recurrent_gated_delta_rule_reference
 
-__all__ = ["SHAPES", "bench_cases", "main"]
+__all__ = ["SHAPES", "bench_cases"]
 
 _OP = "gated_delta_rule"
 _OP_NAMES = {_OP, "deltanet", "deltanet-fla", "hdgsa_deltanet_fla", "hdgsa-deltanet-fla"}
@@ -65,6 +74,7 @@ SHAPES = (
     _Shape("B4 T4096 H16 D128 bf16", 4, 4096, 16, 128),
     _Shape("B1 T16384 H16 D128 bf16", 1, 16384, 16, 128),
 )
+CPU_SHAPES = (_Shape("B1 T1024 H4 D64 fp32 CPU", 1, 1024, 4, 64, torch.float32),)
 
 
 @dataclass(frozen=True)
@@ -168,6 +178,48 @@ def _fla_direct(shape: _Shape, variant: _Variant, log_in_step: bool = False) -> 
     return _timed(forward, leaves, variant.backward)
 
 
+def _cpu_inputs(shape: _Shape, backward: bool) -> dict[str, torch.Tensor]:
+    """Seeded CPU inputs: alpha in (0.5, 1), l2-normalised keys."""
+    generator = torch.Generator().manual_seed(0)
+    b, t, h, d = shape.batch, shape.seq_len, shape.heads, shape.head_dim
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=generator, dtype=shape.dtype)
+
+    inputs = {
+        "q": randn(b, t, h, d),
+        "k": F.normalize(randn(b, t, h, d), dim=-1),
+        "v": randn(b, t, h, d),
+        "alpha": 0.5 + 0.5 * torch.rand(b, t, h, generator=generator, dtype=shape.dtype),
+        "beta": torch.rand(b, t, h, generator=generator, dtype=shape.dtype),
+    }
+    for tensor in inputs.values():
+        tensor.requires_grad_(backward)
+    return inputs
+
+
+def _cpu_torch_backend(shape: _Shape, backward: bool) -> Callable[[], object]:
+    inputs = _cpu_inputs(shape, backward)
+    return _timed(lambda: gated_delta_rule(*inputs.values(), backend="torch"), inputs, backward)
+
+
+def _cpu_loop(shape: _Shape, which: str) -> Callable[[], object]:
+    """A per-step (or per-chunk) Python loop on the same inputs, forward only."""
+    q, k, v, alpha, beta = _cpu_inputs(shape, False).values()
+    g, scale = alpha.log(), shape.head_dim**-0.5
+    if which == "loop":
+        return lambda: recurrent_gated_delta_rule_reference(
+            q, k, v, g, beta, scale, compute_dtype=torch.float32
+        )
+    try:
+        from fla.ops.gated_delta_rule import naive
+    except Exception as error:  # fla missing or broken here
+        raise ProviderUnavailable(f"fla-core not importable: {type(error).__name__}: {error}") from error
+    if which == "fla-naive-recurrent":
+        return lambda: naive.naive_recurrent_gated_delta_rule(q, k, v, beta, g, scale)
+    return lambda: naive.naive_chunk_gated_delta_rule(q, k, v, g, beta, scale=scale)
+
+
 def _cost(shape: _Shape, backward: bool) -> tuple[float, float]:
     d, size = shape.head_dim, shape.dtype.itemsize
     per_token_head = (4 * d + 2) * size  # q, k, v, o + alpha, beta
@@ -179,12 +231,15 @@ def _cost(shape: _Shape, backward: bool) -> tuple[float, float]:
 
 
 def bench_cases(
-    ops_filter: Iterable[str] | None = None, shapes: Iterable[_Shape] = SHAPES
+    ops_filter: Iterable[str] | None = None,
+    shapes: Iterable[_Shape] = SHAPES,
+    cpu_shapes: Iterable[_Shape] = CPU_SHAPES,
 ) -> list[BenchCase]:
-    """The CUDA benchmark cases (nothing is allocated until a provider's setup runs).
+    """The CUDA benchmark cases, then the CPU ones (nothing is allocated until a provider's
+    setup runs).
 
     ``ops_filter``: names to keep (``"gated_delta_rule"``, ``"deltanet"``); None keeps all.
-    ``shapes``: the issue's shapes by default (tests pass small ones).
+    ``shapes`` / ``cpu_shapes``: the target shapes by default (tests pass small ones).
     """
     if ops_filter is not None and not set(ops_filter) & _OP_NAMES:
         return []
@@ -213,49 +268,33 @@ def bench_cases(
                             tags=(mode, "packed" if packed else "unpacked", "D" if with_D else "noD"),
                         )
                     )
+    for shape in cpu_shapes:
+        forward_bytes, forward_flops = _cost(shape, False)
+        loops = {
+            name: lambda s=shape, n=name: _cpu_loop(s, n)
+            for name in ("loop", "fla-naive-recurrent", "fla-naive-chunk")
+        }
+        cases.append(
+            BenchCase(
+                op=_OP,
+                name=f"{shape.label} fwd",
+                providers={"hdgsa": lambda s=shape: _cpu_torch_backend(s, False), **loops},
+                bytes=forward_bytes,
+                flops=forward_flops,
+                tags=("fwd", "cpu"),
+                devices=("cpu",),
+            )
+        )
+        backward_bytes, backward_flops = _cost(shape, True)
+        cases.append(
+            BenchCase(
+                op=_OP,
+                name=f"{shape.label} fwd+bwd",
+                providers={"hdgsa": lambda s=shape: _cpu_torch_backend(s, True)},
+                bytes=backward_bytes,
+                flops=backward_flops,
+                tags=("fwd+bwd", "cpu"),
+                devices=("cpu",),
+            )
+        )
     return cases
-
-
-def main(argv: list[str] | None = None, rounds: int = 3) -> int:
-    """Time every case's providers on this GPU and print ms and the hdgsa / fla ratio.
-
-    Providers of a case are timed in ``rounds`` interleaved rounds (``do_bench`` medians), and
-    the median round is reported, so that clock drift hits both sides of the ratio alike.
-    Arguments select modes: ``fwd``, ``fwd+bwd`` (both by default).
-    """
-    import statistics
-
-    import triton.testing
-
-    argv = sys.argv[1:] if argv is None else argv
-    modes = set(argv) or {"fwd", "fwd+bwd"}
-    print(f"device: {torch.cuda.get_device_name()}")
-    print(f"{'case':46s} {'hdgsa ms':>9s} {'fla ms':>9s} {'torch ms':>9s} {'hdgsa/fla':>9s}")
-    for case in bench_cases():
-        if not modes & set(case.tags):
-            continue
-        callables, notes = {}, []
-        for provider, setup in case.providers.items():
-            try:
-                callables[provider] = setup()
-            except ProviderUnavailable as why:
-                notes.append(f"{provider} unavailable: {why}")
-        samples: dict[str, list[float]] = {provider: [] for provider in callables}
-        for _ in range(rounds):
-            for provider, fn in callables.items():
-                samples[provider].append(
-                    triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-                )
-        ms = {provider: statistics.median(values) for provider, values in samples.items()}
-        ratio = f"{ms['hdgsa'] / ms['fla']:9.3f}" if "hdgsa" in ms and "fla" in ms else f"{'-':>9s}"
-        cells = [f"{ms[p]:9.3f}" if p in ms else f"{'-':>9s}" for p in ("hdgsa", "fla", "torch")]
-        print(f"{case.name:46s} {' '.join(cells)} {ratio}", flush=True)
-        for note in notes:
-            print(f"    {note[:160]}")
-        del callables
-        torch.cuda.empty_cache()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
