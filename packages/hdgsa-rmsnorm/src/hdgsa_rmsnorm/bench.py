@@ -1,7 +1,7 @@
 """Benchmark cases of ``rms_norm`` for ``hdgsa-kernels bench`` (CUDA only; nothing is allocated
 when the cases are listed).
 
-Shapes from issue 3 / ANCHORS (bf16): ``[32768 x 4096]``, ``[16384 x 8192]``, ``[65536 x 2048]``,
+Shapes (bf16): ``[32768 x 4096]``, ``[16384 x 8192]``, ``[65536 x 2048]``,
 ``[4096 x 65536]``, ``[1024 x 262144]``, each as
 - ``fwd residual+prenorm``: reads x, residual, writes y, h: 8 bytes per element;
 - ``fwd+bwd residual+prenorm``: the forward, then a backward that reads dy, dh, h and writes dx

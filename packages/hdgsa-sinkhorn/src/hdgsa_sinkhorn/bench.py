@@ -1,6 +1,6 @@
 """Benchmark cases for ``hdgsa-kernels bench sinkhorn`` (CUDA only; nothing allocated when listing).
 
-Shapes (issue 4): n = 4, 20 iterations, float32, at 1,024 / 16,384 / 65,536 (mHC's B=16, T=4096) /
+Shapes: n = 4, 20 iterations, float32, at 1,024 / 16,384 / 65,536 (mHC's B=16, T=4096) /
 262,144 / 1,048,576 matrices, plus n = 8 and n = 16 at 65,536; ``fwd`` and ``fwd+bwd`` each.
 Minimum bytes: forward reads the logits and writes P (``2 * n * n * 4`` per matrix); forward +
 backward also reads dP and writes d logits (``4 * n * n * 4``).
