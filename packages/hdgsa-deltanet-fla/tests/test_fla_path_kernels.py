@@ -6,6 +6,8 @@ tested in test_gated_delta_rule.py.
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import pytest
 import torch
 
@@ -215,3 +217,86 @@ def test_fused_node_around_stand_in_fla(device, case):
         assert_close(f"d{name}", grad, grad64, tol)
     if "a" in wrt:
         assert torch.all(grads[wrt.index("a")][:, ::7] == 0)  # the clamped alphas
+
+
+# ---------------------------------------------------------------------------------------------
+# The same node as the custom ops that torch.compile traces (hdgsa::gated_delta_rule_fla_fwd /
+# _bwd), with stand-ins that return fla 0.6's A shape ([B, T, HV, 64]), as the fake does.
+# ---------------------------------------------------------------------------------------------
+
+
+def _stand_in_fla_forward_with_A(*, q, k, v, g, beta, scale, initial_state, output_final_state):
+    g_out, o, _, final_state, *rest = _stand_in_fla_forward(
+        q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state,
+    )  # fmt: skip
+    A = k.new_zeros(*v.shape[:3], 64)
+    return (g_out, o, A, final_state, *rest)
+
+
+def _stand_in_fla_backward_with_A(*, A, **kwargs):
+    assert A.shape[-1] == 64
+    # The stand-in differentiates the torch backend with autograd, which the dispatcher keeps off
+    # inside a custom op's implementation (thread-local): run it on a thread of its own. fla's
+    # real backward is plain kernels and needs none of this.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(_stand_in_fla_backward, A=A.new_empty(0), **kwargs).result()
+
+
+def _fla_op_inputs(device, with_D_and_state=True):
+    batch, seq_len, heads, v_heads, head_dim_k, head_dim_v = 2, 21, 1, 2, 8, 12
+    q = make_tensor(batch, seq_len, heads, head_dim_k, seed=30, device=device, requires_grad=True)
+    k = torch.nn.functional.normalize(
+        make_tensor(batch, seq_len, heads, head_dim_k, seed=31, device=device), dim=-1
+    )
+    v = make_tensor(batch, seq_len, v_heads, head_dim_v, seed=32, device=device, requires_grad=True)
+    alpha = torch.sigmoid(make_tensor(batch, seq_len, v_heads, seed=33, device=device) + 2).requires_grad_()
+    beta = torch.sigmoid(make_tensor(batch, seq_len, v_heads, seed=34, device=device)).requires_grad_()
+    D = state = None
+    if with_D_and_state:
+        D = make_tensor(v_heads, seed=35, device=device, requires_grad=True)
+        state = make_tensor(
+            batch, v_heads, head_dim_k, head_dim_v, seed=36, device=device, requires_grad=True
+        )
+    return (q, k.requires_grad_(), v, alpha, beta, D, None, state, 0.3, True, torch.float32)
+
+
+@pytest.fixture
+def stand_in_fla(monkeypatch):
+    from hdgsa_deltanet_fla import _fla
+
+    monkeypatch.setattr(
+        _fla, "fused_entry_points", lambda: (_stand_in_fla_forward_with_A, _stand_in_fla_backward_with_A)
+    )
+
+
+@pytest.mark.parametrize("device", RUNNABLE)
+@pytest.mark.parametrize("with_D_and_state", [True, False], ids=["D-state", "plain"])
+def test_fla_custom_op_matches_the_node_and_compiles_whole(device, with_D_and_state, stand_in_fla):
+    from hdgsa_deltanet_fla._fla_fused import FusedGatedDeltaRule, gated_delta_rule_fla_op
+
+    args = _fla_op_inputs(device, with_D_and_state)
+    leaves = [a for a in args if isinstance(a, torch.Tensor)]
+    o, final_state = FusedGatedDeltaRule.apply(
+        _stand_in_fla_forward_with_A, _stand_in_fla_backward_with_A, *args
+    )
+    expected = torch.autograd.grad((o * o).sum() + final_state.sum(), leaves)
+    compiled = torch.compile(gated_delta_rule_fla_op, fullgraph=True, backend="aot_eager")
+    o_op, final_op = compiled(*args)
+    assert torch.equal(o_op, o)
+    assert torch.equal(final_op, final_state)
+    grads = torch.autograd.grad((o_op * o_op).sum() + final_op.sum(), leaves)
+    for grad, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", RUNNABLE)
+def test_fla_custom_op_opcheck(device, stand_in_fla):
+    from hdgsa_deltanet_fla import _fla_fused  # noqa: F401  (registers the custom ops)
+
+    args = _fla_op_inputs(device)
+    torch.library.opcheck(
+        torch.ops.hdgsa.gated_delta_rule_fla_fwd,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )

@@ -13,6 +13,10 @@ hands them out only for the fla-core minor version this was written against, wit
 parameters it passes, and only when fla would not send the whole op to another backend
 (FlashQLA); otherwise ``gated_delta_rule`` calls fla's public function (the same math, more
 host time). Importing this module imports Triton and fla: only the fla path does.
+
+Under ``torch.compile`` the same steps run as the custom ops ``hdgsa::gated_delta_rule_fla_fwd``
+/ ``hdgsa::gated_delta_rule_fla_bwd`` (fake and autograd registered), so that
+``fullgraph=True`` traces a model through the fla path without a graph break.
 """
 
 from __future__ import annotations
@@ -23,11 +27,16 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from hdgsa_core import FLA_VERSION
+from hdgsa_core.custom_ops import op_name
 from hdgsa_core.triton_utils import device_guard
 
+from . import _fla
 from ._triton import d_skip_bwd, d_skip_fwd, log_decay_bwd, log_decay_fwd
 
-__all__ = ["FusedGatedDeltaRule", "fused_forward"]
+__all__ = ["FusedGatedDeltaRule", "fused_forward", "gated_delta_rule_fla_op"]
+
+# fla 0.6's chunk size: its forward returns A as [B, T, HV, 64] (the inverted intra-chunk blocks).
+_FLA_CHUNK_SIZE = 64
 
 
 def _contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -128,46 +137,214 @@ class FusedGatedDeltaRule(torch.autograd.Function):
     @once_differentiable  # as fla's: no double backward (an error if asked for, not a wrong one)
     def backward(ctx, do: torch.Tensor, dfinal_state: torch.Tensor | None):
         alpha, D, q, k, v, v_skip, beta, initial_state, g_cumsum, A = ctx.saved_tensors
-        q_dtype, beta_dtype, state_dtype = ctx.dtypes
-        do = _contiguous(do)
-        if dfinal_state is not None:
-            dfinal_state = _contiguous(dfinal_state)
-        with device_guard(q.device):
-            dq, dk, dv, dbeta, dg, dinitial_state = ctx.fla_backward(
-                q=q,
-                k=k,
-                v=v,
-                g=g_cumsum,
-                beta=beta,
-                A=A,
-                scale=ctx.scale,
-                initial_state=initial_state,
-                do=do if do.dtype == q_dtype else do.to(q_dtype),
-                dht=dfinal_state,
-            )[:6]
         # needs_input_grad: (fla_forward, fla_backward, q, k, v, alpha, beta, D, v_skip, ...)
         needs = ctx.needs_input_grad
-        dD = dv_skip = None
-        if D is not None and v_skip is not None:
-            dv_skip, dD = d_skip_bwd(do, v_skip, D)
-        elif D is not None and (needs[4] or needs[7]):
-            # dv = fla's dv + D[h] * do, summed in float32 and rounded once; dD = sum(do * v).
-            dv, dD = d_skip_bwd(do, v, D, dv_base=dv)
-        dalpha = log_decay_bwd(alpha, dg) if needs[5] else None
-        if dinitial_state is not None and dinitial_state.dtype != state_dtype:
-            dinitial_state = dinitial_state.to(state_dtype)
-        return (
-            None,
-            None,
-            dq.to(q_dtype),
-            dk.to(q_dtype),
-            dv.to(q_dtype),
-            dalpha,
-            dbeta.to(beta_dtype),
-            dD,
-            dv_skip,
-            dinitial_state,
-            None,
-            None,
-            None,
-        )
+        grads = fused_backward(
+            ctx.fla_backward, ctx.scale, (alpha, D, q, k, v, v_skip, beta, initial_state, g_cumsum, A),
+            do, dfinal_state, need_dv=needs[4] or needs[7], need_dalpha=needs[5],
+        )  # fmt: skip
+        return (None, None, *grads, None, None, None)
+
+
+def fused_backward(
+    fla_backward: Callable,
+    scale: float,
+    saved: tuple[torch.Tensor | None, ...],
+    do: torch.Tensor,
+    dfinal_state: torch.Tensor | None,
+    *,
+    need_dv: bool,
+    need_dalpha: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """``(dq, dk, dv, dalpha, dbeta, dD, dv_skip, dinitial_state)`` from fla's chunked backward
+    and our two kernels. ``saved``: ``(alpha, D, q, k, v, v_skip, beta, initial_state, g_cumsum,
+    A)`` as :func:`fused_forward` left them (q, k, v, beta and the state contiguous)."""
+    alpha, D, q, k, v, v_skip, beta, initial_state, g_cumsum, A = saved
+    q_dtype, beta_dtype = q.dtype, beta.dtype
+    state_dtype = None if initial_state is None else initial_state.dtype
+    do = _contiguous(do)
+    if dfinal_state is not None:
+        dfinal_state = _contiguous(dfinal_state)
+    with device_guard(q.device):
+        dq, dk, dv, dbeta, dg, dinitial_state = fla_backward(
+            q=q,
+            k=k,
+            v=v,
+            g=g_cumsum,
+            beta=beta,
+            A=A,
+            scale=scale,
+            initial_state=initial_state,
+            do=do if do.dtype == q_dtype else do.to(q_dtype),
+            dht=dfinal_state,
+        )[:6]
+    dD = dv_skip = None
+    if D is not None and v_skip is not None:
+        dv_skip, dD = d_skip_bwd(do, v_skip, D)
+    elif D is not None and need_dv:
+        # dv = fla's dv + D[h] * do, summed in float32 and rounded once; dD = sum(do * v).
+        dv, dD = d_skip_bwd(do, v, D, dv_base=dv)
+    dalpha = log_decay_bwd(alpha, dg) if need_dalpha else None
+    if dinitial_state is not None and dinitial_state.dtype != state_dtype:
+        dinitial_state = dinitial_state.to(state_dtype)
+    return (
+        dq.to(q_dtype),
+        dk.to(q_dtype),
+        dv.to(q_dtype),
+        dalpha,
+        dbeta.to(beta_dtype),
+        dD,
+        dv_skip,
+        dinitial_state,
+    )
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+def _entry_points() -> tuple[Callable, Callable]:
+    fused = _fla.fused_entry_points()
+    if fused is None:  # gated_delta_rule checks this before taking the custom op
+        raise RuntimeError(f"fla-core {FLA_VERSION}: the fused fla path needs fla-core 0.6.x")
+    return fused
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+@torch.library.custom_op(op_name("gated_delta_rule_fla_fwd"), mutates_args=())
+def _fla_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    D: torch.Tensor | None,
+    v_skip: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    scale: float,
+    output_final_state: bool,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(o, S_T or empty, g_cumsum, A)``: :func:`fused_forward`, and what its backward reads."""
+    o, final_state, saved = fused_forward(
+        _entry_points()[0],
+        q,
+        k,
+        v,
+        alpha,
+        beta,
+        D,
+        v_skip,
+        initial_state,
+        scale,
+        output_final_state,
+        out_dtype,
+    )
+    g_cumsum, A = saved[-2:]
+    return o, (final_state if final_state is not None else _empty(o).float()), g_cumsum, A
+
+
+@_fla_fwd_op.register_fake
+def _(q, k, v, alpha, beta, D, v_skip, initial_state, scale, output_final_state, out_dtype):
+    batch, seq_len, v_heads, head_dim_v = v.shape
+    o = v.new_empty(v.shape, dtype=out_dtype)
+    if output_final_state:
+        final_state = v.new_empty((batch, v_heads, k.shape[-1], head_dim_v), dtype=torch.float32)
+    else:
+        final_state = v.new_empty(0, dtype=torch.float32)
+    g_cumsum = v.new_empty((batch, seq_len, v_heads), dtype=torch.float32)
+    A = k.new_empty((batch, seq_len, v_heads, _FLA_CHUNK_SIZE))
+    return o, final_state, g_cumsum, A
+
+
+@torch.library.custom_op(op_name("gated_delta_rule_fla_bwd"), mutates_args=())
+def _fla_bwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    D: torch.Tensor | None,
+    v_skip: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    g_cumsum: torch.Tensor,
+    A: torch.Tensor,
+    do: torch.Tensor,
+    dfinal_state: torch.Tensor | None,
+    scale: float,
+    need_dv: bool,
+    need_dalpha: bool,
+) -> list[torch.Tensor]:
+    """The eight gradients of :func:`fused_backward`; an empty tensor where there is none."""
+    saved = (alpha, D, _contiguous(q), _contiguous(k), _contiguous(v), v_skip, _contiguous(beta),
+             None if initial_state is None else _contiguous(initial_state), g_cumsum, A)  # fmt: skip
+    grads = fused_backward(
+        _entry_points()[1], scale, saved, do, dfinal_state, need_dv=need_dv, need_dalpha=need_dalpha
+    )
+    return [_empty(do) if grad is None else grad for grad in grads]
+
+
+@_fla_bwd_op.register_fake
+def _(
+    q, k, v, alpha, beta, D, v_skip, initial_state, g_cumsum, A, do, dfinal_state, scale, need_dv, need_dalpha
+):
+    def like(t: torch.Tensor | None, present: bool = True) -> torch.Tensor:
+        return t.new_empty(t.shape) if t is not None and present else do.new_empty(0)
+
+    dv_skip_present = D is not None and v_skip is not None
+    return [
+        like(q), like(k), like(v), like(alpha, need_dalpha), like(beta),
+        like(D), like(v_skip, dv_skip_present), like(initial_state),
+    ]  # fmt: skip
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, alpha, beta, D, v_skip, initial_state, scale, _output_final_state, _out_dtype = inputs
+    _o, _final_state, g_cumsum, A = output
+    ctx.mark_non_differentiable(g_cumsum, A)
+    ctx.save_for_backward(q, k, v, alpha, beta, D, v_skip, initial_state, g_cumsum, A)
+    ctx.scale = scale
+
+
+def _fwd_backward(ctx, do, dfinal_state, _dg_cumsum, _dA):
+    q, k, v, alpha, beta, D, v_skip, initial_state, g_cumsum, A = ctx.saved_tensors
+    needs = ctx.needs_input_grad  # (q, k, v, alpha, beta, D, v_skip, initial_state, ...)
+    if dfinal_state is not None and dfinal_state.numel() == 0:  # no S_T was returned
+        dfinal_state = None
+    grads = torch.ops.hdgsa.gated_delta_rule_fla_bwd(
+        q, k, v, alpha, beta, D, v_skip, initial_state, g_cumsum, A, do, dfinal_state,
+        ctx.scale, needs[2] or needs[5], needs[3],
+    )  # fmt: skip
+    present = (True, True, True, needs[3], True, D is not None, D is not None and v_skip is not None,
+               initial_state is not None)  # fmt: skip
+    grads = [
+        grad if keep and need else None for grad, keep, need in zip(grads, present, needs[:8], strict=True)
+    ]
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd(
+    op_name("gated_delta_rule_fla_fwd"), _fwd_backward, setup_context=_fwd_setup_context
+)
+
+
+def gated_delta_rule_fla_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    D: torch.Tensor | None,
+    v_skip: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    scale: float,
+    output_final_state: bool,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused fla path through its custom op (what ``torch.compile`` traces): ``(o, S_T or None)``."""
+    o, final_state, _g_cumsum, _A = torch.ops.hdgsa.gated_delta_rule_fla_fwd(
+        q, k, v, alpha, beta, D, v_skip, initial_state, scale, output_final_state, out_dtype
+    )
+    return o, (final_state if output_final_state else None)

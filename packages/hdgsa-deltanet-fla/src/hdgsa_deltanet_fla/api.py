@@ -21,6 +21,7 @@ from hdgsa_core import (
     check_shape,
     resolve_backend,
 )
+from hdgsa_core.custom_ops import is_compiling
 
 from . import _fla
 from ._fla import fla_unavailable_reason
@@ -463,10 +464,29 @@ def _run_fla_path(
     )
 
 
-@torch.compiler.disable  # as fla's public function: Dynamo does not trace into fla (nor this choice)
 def _run_fla_fused(args: tuple, needs_backward: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The fla path as one autograd node (:mod:`._fla_fused`), ``args`` as its ``apply`` takes
-    them after fla's two functions; None where it cannot be (:func:`_fla.fused_entry_points`)."""
+    them after fla's two functions; None where it cannot be (:func:`_fla.fused_entry_points`).
+
+    Under ``torch.compile`` the node is the custom op ``hdgsa::gated_delta_rule_fla_fwd``, which
+    Dynamo traces without a graph break; where the fused path cannot run, the eager call below
+    (excluded from tracing, so a graph break) calls fla's public function."""
+    if is_compiling() and _fused_path_available():
+        from ._fla_fused import gated_delta_rule_fla_op
+
+        return gated_delta_rule_fla_op(*args)
+    return _run_fla_fused_eager(args, needs_backward)
+
+
+@torch.compiler.assume_constant_result  # read once while tracing; the installed fla does not change
+def _fused_path_available() -> bool:
+    return _fla.fused_entry_points() is not None
+
+
+@torch.compiler.disable  # as fla's public function: Dynamo does not trace into fla (nor this choice)
+def _run_fla_fused_eager(
+    args: tuple, needs_backward: bool
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     fused = _fla.fused_entry_points()
     if fused is None:
         return None
