@@ -170,3 +170,18 @@ def test_autocast_changes_nothing(device, backend, dtype, autocast_dtype, residu
     for name, a, b in zip(("y", "h", "dx", "dweight", "dresidual"), outside, inside, strict=True):
         assert a.dtype == b.dtype, name
         assert torch.equal(a, b), f"{name} changed under autocast({autocast_dtype})"
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=_name)
+def test_weight_gradient_sums_rows_in_float32(device, backend, dtype):
+    """``dweight`` sums over rows: in float32, then rounded once. In float16 the partial sum
+    40000 + 40000 overflows where the total 40000 + 40000 - 40000 - 39000 fits. (``x`` of ones
+    and ``eps = 0``: the normalized rows are exactly 1, so ``dweight`` is the column sum of
+    ``dy``.)"""
+    x = torch.ones(4, 2, dtype=dtype, device=device, requires_grad=True)
+    w = torch.ones(2, dtype=dtype, device=device, requires_grad=True)
+    column = torch.tensor([40000.0, 40000.0, -40000.0, -39000.0], device=device)
+    dy = torch.stack([column, -column], dim=-1).to(dtype)
+    (dw,) = torch.autograd.grad(rms_norm(x, w, 0.0, backend=backend), (w,), dy)
+    assert torch.equal(dw, dy.double().sum(0).to(dtype))
