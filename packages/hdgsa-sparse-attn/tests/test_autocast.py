@@ -26,14 +26,18 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _run(q, k, v, indices, grad_out, backend, autocast_dtype=None):
+def _run(q, k, v, indices, grad_out, backend, autocast_dtype=None, backward_inside=False):
     """``(out, lse, dq, dk, dv)``; the forward inside an autocast region of ``autocast_dtype``
-    (None: no region), the backward outside it (as PyTorch recommends)."""
+    (None: no region), the backward outside it (as PyTorch recommends) or, with
+    ``backward_inside``, inside it too."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     enabled = autocast_dtype is not None
     with torch.autocast(q.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
         out, lse = sparse_attention(*leaves, indices, return_lse=True, backend=backend)
-    grads = torch.autograd.grad(out, leaves, grad_out)
+        if backward_inside:
+            grads = torch.autograd.grad(out, leaves, grad_out)
+    if not backward_inside:
+        grads = torch.autograd.grad(out, leaves, grad_out)
     return (out.detach(), lse.detach(), *grads)
 
 
@@ -73,9 +77,13 @@ def test_other_half_dtype_over_several_query_chunks(device, backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES], ids=_name)
 @pytest.mark.parametrize("autocast_dtype", HALF_DTYPES, ids=_name)
 @pytest.mark.parametrize("layout", ["per_query", "per_kv", "shared3d"])
-def test_autocast_changes_nothing(device, backend, dtype, autocast_dtype, layout, monkeypatch):
+@pytest.mark.parametrize("backward_inside", [False, True], ids=["backward-outside", "backward-inside"])
+def test_autocast_changes_nothing(
+    device, backend, dtype, autocast_dtype, layout, backward_inside, monkeypatch
+):
     """Every input dtype in a region of each half dtype, GQA and every index layout, with
-    chunks of 3 queries (several chunks, recomputed in the backward): bitwise the same."""
+    chunks of 3 queries (several chunks, recomputed in the backward): the same results, also
+    when the backward runs inside the region (its matmuls run with autocast off too)."""
     monkeypatch.setattr(reference, "query_chunk_size", lambda *args, **kwargs: 3)
     batch, seq_len, hq, hkv, dim, dim_v, num_keys, topk = 2, 11, 4, 2, 16, 8, 13, 5
     q = make_tensor(batch, seq_len, hq, dim, dtype=dtype, device=device, seed=6)
@@ -90,12 +98,8 @@ def test_autocast_changes_nothing(device, backend, dtype, autocast_dtype, layout
     indices = torch.randint(-2, num_keys, shape, generator=generator).to(device)
     grad_out = make_tensor(batch, seq_len, hq, dim_v, dtype=dtype, device=device, seed=10)
     expected = _run(q, k, v, indices, grad_out, backend)
-    _assert_same(
-        _run(q, k, v, indices, grad_out, backend, autocast_dtype),
-        expected,
-        device,
-        f"autocast({autocast_dtype})",
-    )
+    got = _run(q, k, v, indices, grad_out, backend, autocast_dtype, backward_inside)
+    _assert_same(got, expected, device, f"autocast({autocast_dtype})")
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)

@@ -20,6 +20,7 @@ Neither function checks its arguments; :func:`hdgsa_sparse_attn.sparse_attention
 :func:`sparse_attention_torch` and :func:`attend_chunk` turn autocast off: under
 ``torch.autocast`` the matmuls would otherwise run in bfloat16 / float16 instead of float32, and
 the chunks' outputs (in the inputs' dtype) could not be joined in a region of the other half dtype.
+The matmuls' backward turns it off too (a backward called inside an autocast region runs in it).
 """
 
 from __future__ import annotations
@@ -91,6 +92,32 @@ def query_chunk_size(
     return max(1, workspace_bytes // per_query)
 
 
+class _Float32MatMul(torch.autograd.Function):
+    """``torch.matmul(a, b)`` whose backward also runs with autocast off: autograd runs a
+    backward in the autocast state of the code that calls it, so a ``.backward()`` inside an
+    autocast region would otherwise take the gradients' matmuls in bfloat16 / float16. Its
+    backward is itself differentiable (plain matmuls)."""
+
+    @staticmethod
+    def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        grad_a = grad_b = None
+        with autocast_disabled(grad.device):
+            if ctx.needs_input_grad[0]:
+                grad_a = torch.matmul(grad, b.mT)
+            if ctx.needs_input_grad[1]:
+                grad_b = torch.matmul(a.mT, grad)
+        return grad_a, grad_b
+
+
 def attend_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -128,7 +155,7 @@ def attend_chunk(
     with autocast_disabled(q.device):
         # Query heads of a KV group that share one list form the rows of one small matmul.
         q_groups = q.unflatten(2, (num_kv_heads, lists_per_group, group // lists_per_group))
-        scores = torch.matmul(q_groups, k_sel.transpose(-1, -2)) * scale  # [B, Tc, Hkv, Gi, G/Gi, K]
+        scores = _Float32MatMul.apply(q_groups, k_sel.transpose(-1, -2)) * scale  # [B, Tc, Hkv, Gi, G/Gi, K]
         scores = scores.masked_fill(~valid.unsqueeze(4), -math.inf)
         if topk > 0:
             row_max = scores.detach().amax(-1, keepdim=True)
@@ -141,7 +168,7 @@ def attend_chunk(
         total = weights.sum(-1, keepdim=True)
         nonempty = total > 0
         safe_total = torch.where(nonempty, total, torch.ones_like(total))
-        out = torch.matmul(weights, v_sel) / safe_total  # [B, Tc, Hkv, Gi, G/Gi, Dv]
+        out = _Float32MatMul.apply(weights, v_sel) / safe_total  # [B, Tc, Hkv, Gi, G/Gi, Dv]
         lse = torch.where(nonempty, row_max + torch.log(safe_total), torch.full_like(total, -math.inf))
         return out.reshape(batch, chunk, num_q_heads, v.shape[-1]), lse.reshape(batch, chunk, num_q_heads)
 
