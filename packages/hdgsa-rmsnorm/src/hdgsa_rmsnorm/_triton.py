@@ -38,13 +38,15 @@ def _save(
     h: torch.Tensor | None,
     rstd: torch.Tensor | None,
 ) -> None:
-    """What the backward reads: the prenorm output ``h`` when there is one (fewest bytes), else
-    ``x`` and ``residual`` (``h`` recomputed exactly, as many bytes as storing it), with
-    ``rstd`` and ``weight``."""
+    """What the backward reads: the prenorm output ``h`` when it is the float32 ``h`` the
+    forward normalized (fewest bytes), else ``x`` and ``residual``, from which the backward
+    recomputes that float32 ``h`` exactly; with ``rstd`` and ``weight``. A ``h`` returned in a
+    half dtype is rounded (or inf where ``x + residual`` overflows it): the gradient read from
+    it would be that of another function."""
     ctx.has_residual = residual is not None
     ctx.x_dtype = x.dtype
     ctx.residual_dtype = residual.dtype if residual is not None else None
-    if residual is not None and h is not None:
+    if residual is not None and h is not None and h.dtype == torch.float32:
         ctx.save_for_backward(h, None, rstd, weight)
     else:
         ctx.save_for_backward(x, residual, rstd, weight)

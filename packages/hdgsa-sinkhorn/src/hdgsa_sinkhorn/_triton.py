@@ -161,9 +161,22 @@ def _reciprocal(x, FAST_DIV: tl.constexpr):
 
 
 @triton.jit
-def _iteration(rows, eps, N: tl.constexpr, FAST_DIV: tl.constexpr):
+def _column_denominators(b_sums, eps, N: tl.constexpr, BN: tl.constexpr):
+    """``column sum + eps`` ([BLOCK, BN]), and 1 in the padded columns (``n`` not a power of two):
+    their sum is 0, and ``1 / (0 + eps)`` is inf for ``eps = 0`` (huge for a subnormal eps), so
+    dividing by it would make ``0 * inf = NaN`` there, which the next row sum takes in. With 1 the
+    padded entries stay 0 and never enter a sum or a division."""
+    if N == BN:
+        return b_sums + eps
+    else:
+        return tl.where((tl.arange(0, BN) < N)[None, :], b_sums + eps, 1.0)
+
+
+@triton.jit
+def _iteration(rows, eps, N: tl.constexpr, BN: tl.constexpr, FAST_DIV: tl.constexpr):
     """One Sinkhorn iteration (rows, then columns); returns the new rows and both normalizers:
-    ``re`` (tuple of N [BLOCK], row sum + eps) and ``ce`` ([BLOCK, BN], column sum + eps)."""
+    ``re`` (tuple of N [BLOCK], row sum + eps) and ``ce`` ([BLOCK, BN], column sum + eps; 1 in
+    padded columns)."""
     normalized = ()
     row_norms = ()
     for i in tl.static_range(N):
@@ -173,7 +186,7 @@ def _iteration(rows, eps, N: tl.constexpr, FAST_DIV: tl.constexpr):
     b_ce = normalized[0]
     for i in tl.static_range(1, N):
         b_ce = b_ce + normalized[i]
-    b_ce = b_ce + eps
+    b_ce = _column_denominators(b_ce, eps, N, BN)
     b_ic = _reciprocal(b_ce, FAST_DIV)
     out = ()
     for i in tl.static_range(N):
@@ -207,7 +220,9 @@ def _row_reciprocals(denoms, N: tl.constexpr, FAST_DIV: tl.constexpr, PAIR_ROWS:
 
 
 @triton.jit
-def _scaled_iteration(kern, u, v, eps, N: tl.constexpr, FAST_DIV: tl.constexpr, PAIR_ROWS: tl.constexpr):
+def _scaled_iteration(
+    kern, u, v, eps, N: tl.constexpr, BN: tl.constexpr, FAST_DIV: tl.constexpr, PAIR_ROWS: tl.constexpr
+):
     """One iteration in scaling form, ``P = diag(u) kern diag(v)``: the same row and column sums
     as :func:`_iteration` (``u_i (kern v)_i`` is row i's sum), but only u and v are updated."""
     denoms = ()
@@ -220,12 +235,19 @@ def _scaled_iteration(kern, u, v, eps, N: tl.constexpr, FAST_DIV: tl.constexpr, 
     b_c = kern[0] * new_u[0][:, None]
     for i in tl.static_range(1, N):
         b_c = b_c + kern[i] * new_u[i][:, None]
-    return new_u, v * _reciprocal(v * b_c + eps, FAST_DIV)
+    return new_u, v * _reciprocal(_column_denominators(v * b_c, eps, N, BN), FAST_DIV)
 
 
 @triton.jit
 def _iterations(
-    rows, eps, count, N: tl.constexpr, FAST_DIV: tl.constexpr, RESTART: tl.constexpr, PAIR_ROWS: tl.constexpr
+    rows,
+    eps,
+    count,
+    N: tl.constexpr,
+    BN: tl.constexpr,
+    FAST_DIV: tl.constexpr,
+    RESTART: tl.constexpr,
+    PAIR_ROWS: tl.constexpr,
 ):
     """``count`` iterations, nothing kept (loops, not unrolled: the trip count may be large).
 
@@ -239,14 +261,14 @@ def _iterations(
         for _ in range(count // RESTART):
             u, v = _ones_like_norms(rows, N)
             for _step in tl.static_range(RESTART):
-                u, v = _scaled_iteration(rows, u, v, eps, N, FAST_DIV, PAIR_ROWS)
+                u, v = _scaled_iteration(rows, u, v, eps, N, BN, FAST_DIV, PAIR_ROWS)
             scaled = ()
             for i in tl.static_range(N):
                 scaled = scaled + (rows[i] * v * u[i][:, None],)  # noqa: RUF005
             rows = scaled
         count = count % RESTART
     for _ in range(count):
-        rows, _row_norms, _col_norms = _iteration(rows, eps, N, FAST_DIV)
+        rows, _row_norms, _col_norms = _iteration(rows, eps, N, BN, FAST_DIV)
     return rows
 
 
@@ -277,6 +299,7 @@ def _segment_adjoint(
     SEG: tl.constexpr,
     PADDED: tl.constexpr,
     N: tl.constexpr,
+    BN: tl.constexpr,
     FAST_DIV: tl.constexpr,
 ):
     """Iterations [start, start + SEG) backwards: recompute P_start from P_0 (a plain loop), run
@@ -284,15 +307,15 @@ def _segment_adjoint(
     dP itself when ``last``) back to Q at its start. With PADDED, ``start`` may be negative and the
     iterations before 0 are skipped (the first segment of a count that SEG does not divide)."""
     # The plain form here: the scaling form measured 1% slower in this kernel (n = 4 and 8, H100).
-    probs = _iterations(probs0, eps, start, N, FAST_DIV, 1, False)
+    probs = _iterations(probs0, eps, start, N, BN, FAST_DIV, 1, False)
     history = ()
     for step in tl.static_range(SEG):
         if PADDED:
             row_norms, b_ce = _ones_like_norms(probs, N)
             if start + step >= 0:
-                probs, row_norms, b_ce = _iteration(probs, eps, N, FAST_DIV)
+                probs, row_norms, b_ce = _iteration(probs, eps, N, BN, FAST_DIV)
         else:
-            probs, row_norms, b_ce = _iteration(probs, eps, N, FAST_DIV)
+            probs, row_norms, b_ce = _iteration(probs, eps, N, BN, FAST_DIV)
         history = history + ((row_norms, b_ce),)  # noqa: RUF005
     if last:
         # Q_K = dP * P_K, with P_K in float32 (the cast to the output dtype passes dP through).
@@ -334,7 +357,7 @@ def _sinkhorn_fwd_kernel(
 ):
     o_b, o_j, m_bj, rows = _load_logits(x, M, stride_xb, stride_xi, stride_xj, N, BN, BLOCK, X_CONTIGUOUS)
     probs, _b_max = _exp_minus_max(rows, N)
-    probs = _iterations(probs, eps, NUM_ITERS, N, FAST_DIV, RESTART, PAIR_ROWS)
+    probs = _iterations(probs, eps, NUM_ITERS, N, BN, FAST_DIV, RESTART, PAIR_ROWS)
     _store_rows(p, probs, o_b, o_j, m_bj, N)
 
 
@@ -383,6 +406,7 @@ def _sinkhorn_bwd_kernel(
             SEG,
             NUM_ITERS % SEG != 0,
             N,
+            BN,
             FAST_DIV,
         )
     # Path through the max: d max = -sum(Q_0), shared evenly by the entries equal to the max

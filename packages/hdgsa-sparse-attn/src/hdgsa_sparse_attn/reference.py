@@ -17,8 +17,10 @@ chunk in the backward (activation checkpointing), so memory stays bounded in bot
 by how many times each key was selected): an independent formulation for tests.
 
 Neither function checks its arguments; :func:`hdgsa_sparse_attn.sparse_attention` does.
-:func:`attend_chunk` turns autocast off: under ``torch.autocast`` its matmuls would otherwise
-run in bfloat16 / float16 instead of float32.
+:func:`sparse_attention_torch` and :func:`attend_chunk` turn autocast off: under
+``torch.autocast`` the matmuls would otherwise run in bfloat16 / float16 instead of float32, and
+the chunks' outputs (in the inputs' dtype) could not be joined in a region of the other half dtype.
+The matmuls' backward turns it off too (a backward called inside an autocast region runs in it).
 """
 
 from __future__ import annotations
@@ -90,6 +92,32 @@ def query_chunk_size(
     return max(1, workspace_bytes // per_query)
 
 
+class _Float32MatMul(torch.autograd.Function):
+    """``torch.matmul(a, b)`` whose backward also runs with autocast off: autograd runs a
+    backward in the autocast state of the code that calls it, so a ``.backward()`` inside an
+    autocast region would otherwise take the gradients' matmuls in bfloat16 / float16. Its
+    backward is itself differentiable (plain matmuls)."""
+
+    @staticmethod
+    def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        grad_a = grad_b = None
+        with autocast_disabled(grad.device):
+            if ctx.needs_input_grad[0]:
+                grad_a = torch.matmul(grad, b.mT)
+            if ctx.needs_input_grad[1]:
+                grad_b = torch.matmul(a.mT, grad)
+        return grad_a, grad_b
+
+
 def attend_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -127,7 +155,7 @@ def attend_chunk(
     with autocast_disabled(q.device):
         # Query heads of a KV group that share one list form the rows of one small matmul.
         q_groups = q.unflatten(2, (num_kv_heads, lists_per_group, group // lists_per_group))
-        scores = torch.matmul(q_groups, k_sel.transpose(-1, -2)) * scale  # [B, Tc, Hkv, Gi, G/Gi, K]
+        scores = _Float32MatMul.apply(q_groups, k_sel.transpose(-1, -2)) * scale  # [B, Tc, Hkv, Gi, G/Gi, K]
         scores = scores.masked_fill(~valid.unsqueeze(4), -math.inf)
         if topk > 0:
             row_max = scores.detach().amax(-1, keepdim=True)
@@ -140,7 +168,7 @@ def attend_chunk(
         total = weights.sum(-1, keepdim=True)
         nonempty = total > 0
         safe_total = torch.where(nonempty, total, torch.ones_like(total))
-        out = torch.matmul(weights, v_sel) / safe_total  # [B, Tc, Hkv, Gi, G/Gi, Dv]
+        out = _Float32MatMul.apply(weights, v_sel) / safe_total  # [B, Tc, Hkv, Gi, G/Gi, Dv]
         lse = torch.where(nonempty, row_max + torch.log(safe_total), torch.full_like(total, -math.inf))
         return out.reshape(batch, chunk, num_q_heads, v.shape[-1]), lse.reshape(batch, chunk, num_q_heads)
 
@@ -179,40 +207,45 @@ def sparse_attention_torch(
     num_keys, num_kv_heads = k.shape[1], k.shape[2]
     if scale is None:
         scale = head_dim**-0.5
-    compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    k_c, v_c = k.to(compute_dtype), v.to(compute_dtype)
-    if num_keys == 0:
-        # Every slot is masked; one zero row keeps the gather in range and the grads connected.
-        k_c = torch.cat([k_c, k_c.new_zeros(batch, 1, num_kv_heads, k.shape[3])], 1)
-        v_c = torch.cat([v_c, v_c.new_zeros(batch, 1, num_kv_heads, v.shape[3])], 1)
-    chunk_fn = attend_chunk if chunk_fn is None else chunk_fn
-    if chunk_size is None:
-        chunk_size = query_chunk_size(
-            batch, num_q_heads, num_kv_heads, indices.shape[1], indices.shape[-1], head_dim, v.shape[3]
+    # Autocast off for the whole computation, not only each chunk's math: torch.cat of the
+    # chunks' float16 outputs inside a bfloat16 region (or bfloat16 in float16) is an error.
+    with autocast_disabled(q.device):
+        compute_dtype = torch.promote_types(q.dtype, torch.float32)
+        k_c, v_c = k.to(compute_dtype), v.to(compute_dtype)
+        if num_keys == 0:
+            # Every slot is masked; one zero row keeps the gather in range and the grads connected.
+            k_c = torch.cat([k_c, k_c.new_zeros(batch, 1, num_kv_heads, k.shape[3])], 1)
+            v_c = torch.cat([v_c, v_c.new_zeros(batch, 1, num_kv_heads, v.shape[3])], 1)
+        chunk_fn = attend_chunk if chunk_fn is None else chunk_fn
+        if chunk_size is None:
+            chunk_size = query_chunk_size(
+                batch, num_q_heads, num_kv_heads, indices.shape[1], indices.shape[-1], head_dim, v.shape[3]
+            )
+        # Recompute each chunk in the backward so its gathered rows are not all kept alive.
+        recompute = (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and seq_len > chunk_size
         )
-    # Recompute each chunk in the backward so its gathered rows are not all kept alive.
-    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and seq_len > chunk_size
-    outs, lses = [], []
-    for start in range(0, seq_len, chunk_size) or [0]:
-        stop = start + chunk_size
-        args = (
-            q[:, start:stop].to(compute_dtype),
-            k_c,
-            v_c,
-            indices[:, :, start:stop],
-            None if mask is None else mask[:, :, start:stop],
-            scale,
-            num_keys,
-        )
-        if recompute:
-            out, lse = checkpoint(chunk_fn, *args, use_reentrant=False)
-        else:
-            out, lse = chunk_fn(*args)
-        outs.append(out.to(q.dtype))
-        lses.append(lse)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
-    lse = lses[0] if len(lses) == 1 else torch.cat(lses, 1)
-    return out, lse.transpose(1, 2).contiguous()
+        outs, lses = [], []
+        for start in range(0, seq_len, chunk_size) or [0]:
+            stop = start + chunk_size
+            args = (
+                q[:, start:stop].to(compute_dtype),
+                k_c,
+                v_c,
+                indices[:, :, start:stop],
+                None if mask is None else mask[:, :, start:stop],
+                scale,
+                num_keys,
+            )
+            if recompute:
+                out, lse = checkpoint(chunk_fn, *args, use_reentrant=False)
+            else:
+                out, lse = chunk_fn(*args)
+            outs.append(out.to(q.dtype))
+            lses.append(lse)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+        lse = lses[0] if len(lses) == 1 else torch.cat(lses, 1)
+        return out, lse.transpose(1, 2).contiguous()
 
 
 def sparse_attention_dense(
