@@ -10,7 +10,6 @@ import torch
 from hdgsa_core import HAS_CUDA, runnable_backends
 from hdgsa_core.testing import make_tensor, must_not_run, strided_rows
 from hdgsa_indexer import gated_indexer, indexer_topk
-from hdgsa_indexer.api import TRITON_IMPLEMENTED
 from hdgsa_indexer.reference import (
     DEFAULT_WORKSPACE_BYTES,
     chunk_sizes,
@@ -22,7 +21,7 @@ DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if HAS_CUDA else [])
 DEVICE_BACKENDS = [
     pytest.param(device, backend, id=f"{device.type}-{backend}")
     for device in DEVICES
-    for backend in runnable_backends(device, implemented=TRITON_IMPLEMENTED)
+    for backend in runnable_backends(device)
 ]
 
 
@@ -314,15 +313,17 @@ def test_torch_compile_fullgraph():
 
 def test_backend_choice(monkeypatch):
     inputs = make_inputs(1, 4, 4, 2, 8)
-    expected = indexer_topk(*inputs, 2, backend="torch")
-    assert all(torch.equal(a, b) for a, b in zip(indexer_topk(*inputs, 2), expected, strict=True))
+    backends = runnable_backends(torch.device("cpu"))
+    expected = {name: indexer_topk(*inputs, 2, backend=name) for name in backends}
+    auto = "triton" if "triton" in expected else "torch"
+    assert all(torch.equal(a, b) for a, b in zip(indexer_topk(*inputs, 2), expected[auto], strict=True))
     with pytest.raises(ValueError, match="backend"):
         indexer_topk(*inputs, 2, backend="fla")
-    if not TRITON_IMPLEMENTED:
-        with pytest.raises(RuntimeError, match="not implemented yet"):
+    if "triton" not in expected:
+        with pytest.raises(RuntimeError, match="cannot run here"):
             indexer_topk(*inputs, 2, backend="triton")
     monkeypatch.setenv("HDGSA_BACKEND", "torch")
-    assert all(torch.equal(a, b) for a, b in zip(indexer_topk(*inputs, 2), expected, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(indexer_topk(*inputs, 2), expected["torch"], strict=True))
 
 
 @pytest.mark.parametrize(

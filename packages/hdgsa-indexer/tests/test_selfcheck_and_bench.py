@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hdgsa_core import HAS_CUDA
+from hdgsa_core import HAS_CUDA, runnable_backends
 from hdgsa_indexer import bench
 from hdgsa_indexer.selfcheck import self_check
 
@@ -60,4 +60,5 @@ def test_self_check_passes(device):
     failed = [result for result in results if not result.passed]
     assert results
     assert not failed, failed
-    assert {result.op for result in results} == {"gated_indexer", "indexer_topk"}
+    assert {result.op for result in results} == {"gated_indexer", "indexer_topk", "indexer_scores_at"}
+    assert {result.backend for result in results} == set(runnable_backends(device))
