@@ -7,10 +7,7 @@ Two doors to the same launchers (as in the other packages):
   ``hdgsa::indexer_scores_at_fwd`` / ``_bwd`` (fake implementations, ``register_autograd``)
   and ``hdgsa::indexer_topk`` (not differentiable), so ``fullgraph=True`` traces through.
 
-``indexer_topk`` scores a chunk of queries with the dense forward kernel into a workspace of
-at most ``reference.DEFAULT_WORKSPACE_BYTES`` (never the whole ``[B, Tq, Tkv]`` matrix) and
-selects with ``torch.topk`` over distinct int64 keys (score bits, then the reversed key index),
-exactly as the PyTorch backend does over its own scores.
+``indexer_topk`` is one fused kernel (``_triton_topk``): the scores exist only tile by tile.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ from hdgsa_core.custom_ops import is_compiling, op_name
 
 from ._triton_bwd import gated_indexer_bwd, indexer_scores_at_bwd
 from ._triton_fwd import gated_indexer_fwd, indexer_scores_at_fwd
-from .reference import indexer_topk_reference
+from ._triton_topk import indexer_topk_fwd
 
 __all__ = ["gated_indexer_triton", "indexer_scores_at_triton", "indexer_topk_triton"]
 
@@ -218,24 +215,8 @@ def indexer_scores_at_triton(
 # ----------------------------------------------------------------------------- top-k
 
 
-def _triton_chunk_scores(q_rows, k_rows, w_rows, bias, scale, causal, q_offset):
-    return gated_indexer_fwd(q_rows, k_rows, w_rows, bias, scale, causal, q_offset)
-
-
 def _topk(q, k, w, bias, topk, scale, causal, q_offset, sink_size, return_stats):
-    return indexer_topk_reference(
-        q,
-        k,
-        w,
-        bias,
-        topk,
-        scale,
-        causal,
-        q_offset,
-        sink_size,
-        return_stats,
-        chunk_scores_fn=_triton_chunk_scores,
-    )
+    return indexer_topk_fwd(q, k, w, bias, topk, scale, causal, q_offset, sink_size, return_stats)
 
 
 @torch.library.custom_op(op_name("indexer_topk"), mutates_args=())
@@ -251,7 +232,7 @@ def _topk_op(
     sink_size: int,
     return_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _topk(q, k, w, bias, topk, scale, causal, q_offset, sink_size, True)
+    return _topk(q, k, w, bias, topk, scale, causal, q_offset, sink_size, return_stats)
 
 
 @_topk_op.register_fake
@@ -282,6 +263,6 @@ def indexer_topk_triton(
         outputs = torch.ops.hdgsa.indexer_topk(
             q, k, w, bias, topk, scale, causal, q_offset, sink_size, return_stats
         )
-        return tuple(outputs) if return_stats else (outputs[0], outputs[1])
-    with torch.no_grad():
-        return _topk(q, k, w, bias, topk, scale, causal, q_offset, sink_size, return_stats)
+    else:
+        outputs = indexer_topk_fwd(q, k, w, bias, topk, scale, causal, q_offset, sink_size, return_stats)
+    return tuple(outputs) if return_stats else (outputs[0], outputs[1])

@@ -18,11 +18,12 @@ import triton.language as tl
 from hdgsa_core.launch import CachedLauncher
 from hdgsa_core.triton_utils import cdiv, next_power_of_2, on_input_device
 
-__all__ = ["dot_options", "gated_indexer_fwd", "indexer_scores_at_fwd"]
+__all__ = ["SCORE_TILE", "dot_options", "gated_indexer_fwd", "indexer_scores_at_fwd", "score_tile"]
 
 # Score tiles: 64 queries x 64 keys, 4 warps. The top-k path reuses this kernel (and so these
 # tiles), so its scores are bitwise the dense forward's.
-_BLOCK_M, _BLOCK_N, _NUM_WARPS = 64, 64, 4
+SCORE_TILE = (64, 64, 4)  # BLOCK_M, BLOCK_N, num_warps
+_BLOCK_M, _BLOCK_N, _NUM_WARPS = SCORE_TILE
 # indexer_scores_at: one query per program, its slots 64 at a time.
 _BLOCK_K = 64
 
@@ -59,6 +60,47 @@ def _key_gate(b_z, FAST_TANH: tl.constexpr):
     if FAST_TANH:
         return _tanh_approx(0.5 * b_z)
     return 1.0 / (1.0 + tl.exp(-b_z))
+
+
+@triton.jit
+def score_tile(
+    p_q,
+    p_w,
+    bias,
+    b_k,
+    m_m,
+    m_d,
+    stride_qh,
+    stride_wh,
+    stride_bias,
+    scale,
+    H: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    FAST_TANH: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Unmasked float32 scores of a query block (``p_q`` ``[BLOCK_M, BLOCK_D]`` pointers to
+    head 0, ``p_w`` ``[BLOCK_M]``) against a key tile ``b_k`` ``[BLOCK_N, BLOCK_D]``. The one
+    score computation of the backend: the dense forward and the top-k both call it with the
+    same tiles, so their scores agree bitwise."""
+    b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    b_half_gates = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for h in range(H):
+        b_q = tl.load(p_q + h * stride_qh, mask=m_m[:, None] & m_d[None, :], other=0.0)
+        b_w = tl.load(p_w + h * stride_wh, mask=m_m, other=0.0).to(tl.float32)
+        b_bias = tl.load(bias + h * stride_bias).to(tl.float32)
+        b_gate = 1.0 / (1.0 + tl.exp(-b_w))
+        b_z = _head_dot(b_q, b_k, DOT_FP32) * scale + b_bias
+        if FAST_TANH:
+            # sigmoid(z) = 0.5 + 0.5 tanh(z / 2): the 0.5 * gate part is added once below.
+            b_acc += (0.5 * b_gate)[:, None] * _key_gate(b_z, FAST_TANH)
+            b_half_gates += 0.5 * b_gate
+        else:
+            b_acc += b_gate[:, None] * _key_gate(b_z, FAST_TANH)
+    if FAST_TANH:
+        b_acc += b_half_gates[:, None]
+    return b_acc
 
 
 @triton.jit(do_not_specialize=["Tq", "Tkv", "q_offset"])
@@ -112,22 +154,23 @@ def _gated_indexer_fwd_kernel(
         b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
         p_q = q + i_b64 * stride_qb + o_m.to(tl.int64)[:, None] * stride_qt + o_d[None, :]
         p_w = w + i_b64 * stride_wb + o_m.to(tl.int64) * stride_wt
-        b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        b_half_gates = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for h in range(H):
-            b_q = tl.load(p_q + h * stride_qh, mask=m_m[:, None] & m_d[None, :], other=0.0)
-            b_w = tl.load(p_w + h * stride_wh, mask=m_m, other=0.0).to(tl.float32)
-            b_bias = tl.load(bias + h * stride_bias).to(tl.float32)
-            b_gate = 1.0 / (1.0 + tl.exp(-b_w))
-            b_z = _head_dot(b_q, b_k, DOT_FP32) * scale + b_bias
-            if FAST_TANH:
-                # sigmoid(z) = 0.5 + 0.5 tanh(z / 2): the 0.5 * gate part is added once below.
-                b_acc += (0.5 * b_gate)[:, None] * _key_gate(b_z, FAST_TANH)
-                b_half_gates += 0.5 * b_gate
-            else:
-                b_acc += b_gate[:, None] * _key_gate(b_z, FAST_TANH)
-        if FAST_TANH:
-            b_acc += b_half_gates[:, None]
+        b_acc = score_tile(
+            p_q,
+            p_w,
+            bias,
+            b_k,
+            m_m,
+            m_d,
+            stride_qh,
+            stride_wh,
+            stride_bias,
+            scale,
+            H,
+            DOT_FP32,
+            FAST_TANH,
+            BLOCK_M,
+            BLOCK_N,
+        )
         if CAUSAL:
             b_acc = tl.where(o_n[None, :] <= o_m[:, None] + q_offset, b_acc, float("-inf"))
         tl.store(p_out, b_acc, mask=m_out)

@@ -227,7 +227,6 @@ def indexer_topk_reference(
     return_stats: bool = False,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
     query_chunk: int | None = None,
-    chunk_scores_fn: ChunkScores | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Chunked top-k of the gated indexer scores, never building ``[B, Tq, Tkv]``.
 
@@ -241,8 +240,6 @@ def indexer_topk_reference(
         workspace_bytes: the chunk's workspace budget (:func:`chunk_sizes`).
         query_chunk: queries per chunk (all batch elements at once); overrides
             ``workspace_bytes`` (tests use it to cross chunk boundaries on small inputs).
-        chunk_scores_fn: computes one chunk's masked float32 scores (the Triton backend
-            passes its score kernel); None uses this module's PyTorch scores.
 
     Returns:
         ``(indices, scores)`` int32 / float32 ``[B, Tq, topk]``, plus ``(mean, var)``
@@ -273,7 +270,7 @@ def indexer_topk_reference(
     for batch_start in range(0, batch, batch_chunk):
         b = slice(batch_start, min(batch_start + batch_chunk, batch))
         # Casting k costs [b, Tkv, d] floats, the size of an input: not a [Tq, Tkv] quantity.
-        k_compute = k[b].to(compute_dtype) if chunk_scores_fn is None else k
+        k_compute = k[b].to(compute_dtype)
         for start in range(0, num_queries, chunk):
             stop = min(start + chunk, num_queries)
             t = slice(start, stop)
@@ -282,18 +279,12 @@ def indexer_topk_reference(
             visible = min(num_keys, max(0, stop + q_offset)) if causal else num_keys
             if visible == 0:
                 continue
-            if chunk_scores_fn is not None:
-                # Queries start..stop-1 sit at key positions start + q_offset onwards.
-                chunk_scores = chunk_scores_fn(
-                    q[b, t], k[b, :visible], w[b, t], bias, scale, causal, start + q_offset
-                )
-            else:
-                chunk_scores = _chunk_scores(
-                    q[b, t], k_compute[:, :visible], w[b, t], bias_compute, scale, compute_dtype
-                )
-                if causal:
-                    keys = torch.arange(visible, device=device)
-                    chunk_scores.masked_fill_(keys[None, :] >= chunk_counts[:, None], float("-inf"))
+            chunk_scores = _chunk_scores(
+                q[b, t], k_compute[:, :visible], w[b, t], bias_compute, scale, compute_dtype
+            )
+            if causal:
+                keys = torch.arange(visible, device=device)
+                chunk_scores.masked_fill_(keys[None, :] >= chunk_counts[:, None], float("-inf"))
             indices[b, t], scores[b, t] = _select_topk(chunk_scores, topk, sink_size, chunk_counts)
             if return_stats:
                 mean[b, t], var[b, t] = _row_stats(chunk_scores, chunk_counts)
