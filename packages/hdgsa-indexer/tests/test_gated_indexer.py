@@ -344,3 +344,48 @@ def test_no_host_sync_on_cuda():
         gated_indexer(*inputs, 0.25, q_offset=3)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
+# Head counts and head dims of the model's indexer, subsampled: (H, d, dtype).
+HEAD_SHAPES = [
+    pytest.param(1, 16, torch.float32, id="H1-d16-fp32"),
+    pytest.param(4, 32, torch.bfloat16, id="H4-d32-bf16"),
+    pytest.param(8, 64, torch.float16, id="H8-d64-fp16"),
+    pytest.param(16, 128, torch.float32, id="H16-d128-fp32"),
+    pytest.param(4, 64, torch.float32, id="H4-d64-fp32"),
+]
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+@pytest.mark.parametrize(("H", "d", "dtype"), HEAD_SHAPES)
+def test_head_counts_and_dims(device, backend, H, d, dtype):
+    # Tq < Tkv with q_offset, sizes that cross tile edges (64) on both axes.
+    B, Tq, Tkv, q_offset = 1, 67, 83, 16
+    scale = d**-0.5
+    inputs = make_inputs(B, Tq, Tkv, H, d, dtype, device, seed=11, requires_grad=True)
+    out = gated_indexer(*inputs, scale, True, q_offset=q_offset, backend=backend)
+    inputs64 = as64(*inputs)
+    expected = naive_scores(*inputs64, scale, True, q_offset)
+    error = assert_matches_reference("scores", out, expected)
+    if dtype == torch.float32 and backend == "triton":
+        assert error <= 1e-5  # float32 inputs keep float32 accuracy
+    grad_out = make_tensor(B, Tq, Tkv, device=device, seed=12)
+    for name, grad, grad64 in zip(
+        ("dq", "dk", "dw", "dbias"),
+        grads_of(out, inputs, grad_out),
+        grads_of(expected, inputs64, grad_out.double()),
+    ):
+        assert_matches_reference(name, grad, grad64)
+
+
+@pytest.mark.parametrize(
+    "device", [d for d in DEVICES if "triton" in runnable_backends(d)], ids=lambda d: d.type
+)
+def test_opcheck(device):
+    import hdgsa_indexer._triton  # noqa: F401  (registers the custom ops)
+
+    q, k, w, bias = make_inputs(1, 5, 7, 2, 8, torch.float32, device, requires_grad=True)
+    torch.library.opcheck(torch.ops.hdgsa.gated_indexer_fwd.default, (q, k, w, bias, 0.5, True, 1))
+    dscore = make_tensor(1, 5, 7, device=device, seed=5)
+    args = (dscore, q.detach(), k.detach(), w.detach(), bias.detach(), 0.5, True, 1)
+    torch.library.opcheck(torch.ops.hdgsa.gated_indexer_bwd.default, args)

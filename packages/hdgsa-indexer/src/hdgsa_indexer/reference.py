@@ -271,7 +271,8 @@ def indexer_topk_reference(
         b = slice(batch_start, min(batch_start + batch_chunk, batch))
         # Casting k costs [b, Tkv, d] floats, the size of an input: not a [Tq, Tkv] quantity.
         k_compute = k[b].to(compute_dtype)
-        for start in range(0, num_queries, chunk):
+        # Empty inputs still go through once, so the (empty) output has its autograd graph.
+        for start in range(0, num_queries, chunk) or [0]:
             stop = min(start + chunk, num_queries)
             t = slice(start, stop)
             chunk_counts = counts[t]
@@ -317,15 +318,14 @@ def indexer_scores_at_reference(
     batch, num_queries, heads, dim = q.shape
     num_slots = indices.shape[-1]
     compute_dtype = _compute_dtype(q, k, w, bias)
-    if batch * num_queries * num_slots == 0:
-        return torch.full(indices.shape, float("-inf"), dtype=compute_dtype, device=q.device)
     chunk = _scores_at_chunk(batch, num_slots, heads, dim, workspace_bytes)
     bias_compute = bias.to(compute_dtype)
     k_compute = k.to(compute_dtype)
     batch_index = torch.arange(batch, device=q.device)[:, None, None]
     pieces = []
     with autocast_disabled(q.device):
-        for start in range(0, num_queries, chunk):
+        # Empty inputs still go through once, so the (empty) output has its autograd graph.
+        for start in range(0, num_queries, chunk) or [0]:
             t = slice(start, min(start + chunk, num_queries))
             slots = indices[:, t].long()
             empty = slots < 0
