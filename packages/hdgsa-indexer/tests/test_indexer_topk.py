@@ -433,7 +433,7 @@ def _exact_topk_of(scores, topk, sink_size, causal, q_offset):
     """torch.topk over the float32 scores with the documented order, via distinct int64 keys."""
     from hdgsa_indexer.reference import _select_topk, valid_key_counts
 
-    B, Tq, Tkv = scores.shape
+    _, Tq, Tkv = scores.shape
     counts = valid_key_counts(Tq, Tkv, causal, q_offset, scores.device)
     return _select_topk(scores, topk, sink_size, counts)
 
