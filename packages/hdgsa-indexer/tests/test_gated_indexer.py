@@ -374,6 +374,7 @@ def test_head_counts_and_dims(device, backend, H, d, dtype):
         ("dq", "dk", "dw", "dbias"),
         grads_of(out, inputs, grad_out),
         grads_of(expected, inputs64, grad_out.double()),
+        strict=True,
     ):
         assert_matches_reference(name, grad, grad64)
 
