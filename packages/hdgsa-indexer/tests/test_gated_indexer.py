@@ -1,4 +1,4 @@
-"""gated_indexer: scores and gradients against a float64 einsum of SPEC 3.3's formula."""
+"""gated_indexer: scores and gradients against a float64 einsum of the score formula."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def naive_scores(q, k, w, bias, scale, causal, q_offset):
-    """SPEC 3.3 written out with einsum (float64 in, float64 out)."""
+    """The formula written out with einsum (float64 in, float64 out)."""
     logits = torch.einsum("bthd,bsd->bths", q, k) * scale + bias[:, None]
     scores = (torch.sigmoid(w)[..., None] * torch.sigmoid(logits)).sum(2)
     if causal:
@@ -297,7 +297,7 @@ def test_signature():
 @pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 def test_autocast_keeps_float32(device, backend):
     # A model trained under torch.autocast calls the op there: scores stay float32 math and
-    # float32 output (SPEC 3.3), bitwise what they are outside the autocast region.
+    # float32 output, bitwise what they are outside the autocast region.
     inputs = make_inputs(2, 9, 11, 3, 16, torch.float32, device, requires_grad=True)
     grad_out = make_tensor(2, 9, 11, device=device, seed=6)
     expected = gated_indexer(*inputs, 0.25, q_offset=2, backend=backend)
