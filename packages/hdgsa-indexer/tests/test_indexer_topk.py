@@ -499,3 +499,18 @@ def test_opcheck(device):
 
     q, k, w, bias = make_inputs(1, 6, 9, 2, 8, device=device)
     torch.library.opcheck(torch.ops.hdgsa.indexer_topk.default, (q, k, w, bias, 4, 0.5, True, 1, 1, True))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="measures CUDA memory")
+def test_fused_topk_memory_is_outputs_plus_bounded_workspace_on_cuda():
+    B, T, H, d, topk = 1, 8192, 4, 64, 512
+    q, k, w, bias = make_inputs(B, T, T, H, d, torch.bfloat16, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    indexer_topk(q, k, w, bias, topk, d**-0.5, return_stats=True, backend="triton")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - start
+    outputs = B * T * topk * 8 + B * T * 8
+    assert extra <= outputs + DEFAULT_WORKSPACE_BYTES, extra
+    assert extra < 4 * B * T * T // 2  # far from the [B, T, T] float32 scores

@@ -358,9 +358,10 @@ def _indexer_scores_at_bwd_kernel(
         b_dw += tl.sum(b_do[None, :] * b_sig, 1)
         b_dz = b_do[None, :] * b_gate[:, None] * b_sig * (1.0 - b_sig)
         b_db += tl.sum(b_dz, 1)
-        b_dq += tl.dot(b_dz, b_k.to(tl.float32), input_precision="ieee")
+        b_dq += _dot_nn(_cast_for_dot(b_dz, DOT_FP32, b_k.dtype), b_k, DOT_FP32)
         if ATOMIC_DK:
-            b_contrib = tl.dot(tl.trans(b_dz), b_q.to(tl.float32), input_precision="ieee") * scale
+            b_dzt = _cast_for_dot(tl.trans(b_dz), DOT_FP32, b_q.dtype)
+            b_contrib = _dot_nn(b_dzt, b_q, DOT_FP32) * scale
             p_dk = dk32 + (i_b * Tkv + tl.maximum(b_idx, 0))[:, None] * D + o_d[None, :]
             tl.atomic_add(p_dk, b_contrib, mask=m_valid[:, None] & m_d[None, :], sem="relaxed")
     p_dq = dq + ((i_b * Tq + i_t) * H + o_h[:, None]) * D + o_d[None, :]
