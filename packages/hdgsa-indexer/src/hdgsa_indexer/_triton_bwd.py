@@ -21,7 +21,7 @@ import triton.language as tl
 from hdgsa_core.launch import CachedLauncher
 from hdgsa_core.triton_utils import cdiv, next_power_of_2, on_input_device
 
-from ._triton_fwd import _head_dot, dot_options
+from ._triton_fwd import _head_dot, dot_options, input_strides
 
 __all__ = ["gated_indexer_bwd", "indexer_scores_at_bwd"]
 
@@ -242,15 +242,7 @@ def gated_indexer_bwd(
         w=w,
         bias=bias,
         dscore=dscore,
-        stride_qb=q.stride(0),
-        stride_qt=q.stride(1),
-        stride_qh=q.stride(2),
-        stride_kb=k.stride(0),
-        stride_kt=k.stride(1),
-        stride_wb=w.stride(0),
-        stride_wt=w.stride(1),
-        stride_wh=w.stride(2),
-        stride_bias=bias.stride(0),
+        **input_strides(q, k, w, bias),
         stride_gb=dscore.stride(0),
         stride_gt=dscore.stride(1),
         Tq=num_queries,
@@ -471,17 +463,7 @@ def indexer_scores_at_bwd(
     dot_fp32, _ = dot_options(q, k, False)
     dbias_part = torch.empty(batch, num_queries, heads, dtype=torch.float32, device=q.device)
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if not deterministic else dq
-    strides = dict(
-        stride_qb=q.stride(0),
-        stride_qt=q.stride(1),
-        stride_qh=q.stride(2),
-        stride_kb=k.stride(0),
-        stride_kt=k.stride(1),
-        stride_wb=w.stride(0),
-        stride_wt=w.stride(1),
-        stride_wh=w.stride(2),
-        stride_bias=bias.stride(0),
-    )
+    strides = input_strides(q, k, w, bias)
     block_d = max(16, next_power_of_2(dim))
     _at_bwd_launcher(
         (num_queries, batch),

@@ -18,7 +18,14 @@ import triton.language as tl
 from hdgsa_core.launch import CachedLauncher
 from hdgsa_core.triton_utils import cdiv, next_power_of_2, on_input_device
 
-__all__ = ["SCORE_TILE", "dot_options", "gated_indexer_fwd", "indexer_scores_at_fwd", "score_tile"]
+__all__ = [
+    "SCORE_TILE",
+    "dot_options",
+    "gated_indexer_fwd",
+    "indexer_scores_at_fwd",
+    "input_strides",
+    "score_tile",
+]
 
 # Score tiles: 64 queries x 64 keys, 4 warps. The top-k path reuses this kernel (and so these
 # tiles), so its scores are bitwise the dense forward's.
@@ -37,6 +44,22 @@ def dot_options(q: torch.Tensor, k: torch.Tensor, fast_ok: bool = True) -> tuple
     16-bit inputs on a GPU (the interpreter cannot run inline assembly)."""
     low = q.dtype == k.dtype and q.dtype in _LOW_PRECISION and q.is_cuda
     return (not low), (low and fast_ok)
+
+
+def input_strides(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> dict[str, int]:
+    """The strides every kernel takes for ``q`` ``[B, Tq, H, d]``, ``k`` ``[B, Tkv, d]``,
+    ``w`` ``[B, Tq, H]`` and ``bias`` ``[H]`` (the last dims of ``q`` and ``k`` have stride 1)."""
+    return {
+        "stride_qb": q.stride(0),
+        "stride_qt": q.stride(1),
+        "stride_qh": q.stride(2),
+        "stride_kb": k.stride(0),
+        "stride_kt": k.stride(1),
+        "stride_wb": w.stride(0),
+        "stride_wt": w.stride(1),
+        "stride_wh": w.stride(2),
+        "stride_bias": bias.stride(0),
+    }
 
 
 @triton.jit
@@ -215,15 +238,7 @@ def gated_indexer_fwd(
         w=w,
         bias=bias,
         out=out,
-        stride_qb=q.stride(0),
-        stride_qt=q.stride(1),
-        stride_qh=q.stride(2),
-        stride_kb=k.stride(0),
-        stride_kt=k.stride(1),
-        stride_wb=w.stride(0),
-        stride_wt=w.stride(1),
-        stride_wh=w.stride(2),
-        stride_bias=bias.stride(0),
+        **input_strides(q, k, w, bias),
         stride_ob=out.stride(0),
         stride_ot=out.stride(1),
         Tq=num_queries,
@@ -335,15 +350,7 @@ def indexer_scores_at_fwd(
         bias=bias,
         indices=indices,
         out=out,
-        stride_qb=q.stride(0),
-        stride_qt=q.stride(1),
-        stride_qh=q.stride(2),
-        stride_kb=k.stride(0),
-        stride_kt=k.stride(1),
-        stride_wb=w.stride(0),
-        stride_wt=w.stride(1),
-        stride_wh=w.stride(2),
-        stride_bias=bias.stride(0),
+        **input_strides(q, k, w, bias),
         stride_ib=indices.stride(0),
         stride_it=indices.stride(1),
         stride_ob=out.stride(0),

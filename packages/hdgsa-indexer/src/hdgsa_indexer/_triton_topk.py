@@ -34,7 +34,7 @@ import triton.language as tl
 from hdgsa_core import interpreter_enabled
 from hdgsa_core.triton_utils import cdiv, next_power_of_2, on_input_device
 
-from ._triton_fwd import SCORE_TILE, dot_options, score_tile
+from ._triton_fwd import SCORE_TILE, dot_options, input_strides, score_tile
 from .reference import DEFAULT_WORKSPACE_BYTES
 
 __all__ = ["indexer_topk_fwd"]
@@ -311,15 +311,7 @@ def indexer_topk_fwd(
         out_mean=mean,
         out_var=var,
         workspace=workspace,
-        stride_qb=q.stride(0),
-        stride_qt=q.stride(1),
-        stride_qh=q.stride(2),
-        stride_kb=k.stride(0),
-        stride_kt=k.stride(1),
-        stride_wb=w.stride(0),
-        stride_wt=w.stride(1),
-        stride_wh=w.stride(2),
-        stride_bias=bias.stride(0),
+        **input_strides(q, k, w, bias),
         Tq=num_queries,
         Tkv=num_keys,
         q_offset=q_offset,
