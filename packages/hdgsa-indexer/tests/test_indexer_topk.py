@@ -10,7 +10,6 @@ import torch
 from hdgsa_core import HAS_CUDA, runnable_backends
 from hdgsa_core.testing import make_tensor, must_not_run, strided_rows
 from hdgsa_indexer import gated_indexer, indexer_topk
-from hdgsa_indexer.api import TRITON_IMPLEMENTED
 from hdgsa_indexer.reference import (
     DEFAULT_WORKSPACE_BYTES,
     chunk_sizes,
@@ -22,7 +21,7 @@ DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if HAS_CUDA else [])
 DEVICE_BACKENDS = [
     pytest.param(device, backend, id=f"{device.type}-{backend}")
     for device in DEVICES
-    for backend in runnable_backends(device, implemented=TRITON_IMPLEMENTED)
+    for backend in runnable_backends(device)
 ]
 
 
@@ -314,15 +313,17 @@ def test_torch_compile_fullgraph():
 
 def test_backend_choice(monkeypatch):
     inputs = make_inputs(1, 4, 4, 2, 8)
-    expected = indexer_topk(*inputs, 2, backend="torch")
-    assert all(torch.equal(a, b) for a, b in zip(indexer_topk(*inputs, 2), expected, strict=True))
+    backends = runnable_backends(torch.device("cpu"))
+    expected = {name: indexer_topk(*inputs, 2, backend=name) for name in backends}
+    auto = "triton" if "triton" in expected else "torch"
+    assert all(torch.equal(a, b) for a, b in zip(indexer_topk(*inputs, 2), expected[auto], strict=True))
     with pytest.raises(ValueError, match="backend"):
         indexer_topk(*inputs, 2, backend="fla")
-    if not TRITON_IMPLEMENTED:
-        with pytest.raises(RuntimeError, match="not implemented yet"):
+    if "triton" not in expected:
+        with pytest.raises(RuntimeError, match="cannot run here"):
             indexer_topk(*inputs, 2, backend="triton")
     monkeypatch.setenv("HDGSA_BACKEND", "torch")
-    assert all(torch.equal(a, b) for a, b in zip(indexer_topk(*inputs, 2), expected, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(indexer_topk(*inputs, 2), expected["torch"], strict=True))
 
 
 @pytest.mark.parametrize(
@@ -426,3 +427,90 @@ def test_no_host_sync_on_cuda():
         indexer_topk(*inputs, 8, 0.25, q_offset=7, sink_size=2, return_stats=True)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
+def _exact_topk_of(scores, topk, sink_size, causal, q_offset):
+    """torch.topk over the float32 scores with the documented order, via distinct int64 keys."""
+    from hdgsa_indexer.reference import _select_topk, valid_key_counts
+
+    _, Tq, Tkv = scores.shape
+    counts = valid_key_counts(Tq, Tkv, causal, q_offset, scores.device)
+    return _select_topk(scores, topk, sink_size, counts)
+
+
+TRITON_DEVICES = [d for d in DEVICES if "triton" in runnable_backends(d)]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES, ids=lambda d: d.type)
+@pytest.mark.parametrize(
+    ("B", "Tq", "Tkv", "H", "d", "causal", "q_offset", "topk", "sink_size", "dtype", "workspace"),
+    [
+        pytest.param(2, 70, 70, 3, 16, True, 0, 5, 0, torch.float32, None, id="causal"),
+        pytest.param(1, 37, 150, 4, 32, True, 113, 9, 2, torch.bfloat16, None, id="decode-offset-sinks"),
+        pytest.param(1, 40, 200, 2, 16, False, 0, 3, 1, torch.float16, 64 * 128 * 8, id="noncausal-overflow"),
+        pytest.param(1, 130, 130, 2, 16, True, 0, 70, 2, torch.float32, 64 * 256 * 8, id="k70-overflow"),
+        pytest.param(1, 9, 6, 2, 5, False, 0, 11, 3, torch.float32, None, id="topk-gt-Tkv"),
+        pytest.param(1, 8, 5, 2, 4, True, -3, 3, 1, torch.float32, None, id="negative-offset"),
+    ],
+)
+def test_triton_topk_is_exactly_torch_topk_of_its_scores(
+    device, B, Tq, Tkv, H, d, causal, q_offset, topk, sink_size, dtype, workspace
+):
+    # The fused kernel against torch.topk over the dense Triton scores (the same score code):
+    # bitwise the same indices and scores, ties to the lower index. A small workspace forces
+    # the candidate buffers to compact (one program, many thresholds).
+    from hdgsa_indexer._triton_fwd import gated_indexer_fwd
+    from hdgsa_indexer._triton_topk import indexer_topk_fwd
+    from hdgsa_indexer.reference import _row_stats, valid_key_counts
+
+    q, k, w, bias = make_inputs(B, Tq, Tkv, H, d, dtype, device, seed=13)
+    options = {} if workspace is None else {"workspace_bytes": workspace}
+    got = indexer_topk_fwd(q, k, w, bias, topk, 0.3, causal, q_offset, sink_size, True, **options)
+    scores = gated_indexer_fwd(q, k, w, bias, 0.3, causal, q_offset)
+    indices, values = _exact_topk_of(scores, topk, sink_size, causal, q_offset)
+    assert torch.equal(got[0], indices)
+    assert torch.equal(got[1], values)
+    mean, var = _row_stats(scores.double(), valid_key_counts(Tq, Tkv, causal, q_offset, device))
+    torch.testing.assert_close(got[2], mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[3], var, rtol=1e-4, atol=1e-6)
+    if device.type == "cpu" and workspace is not None:  # the GPU's grouping of rows for the sorts
+        for rows in (8,):
+            again = indexer_topk_fwd(
+                q, k, w, bias, topk, 0.3, causal, q_offset, sink_size, True, sort_rows=rows, **options
+            )
+            assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES, ids=lambda d: d.type)
+def test_triton_topk_bitwise_repeat(device):
+    q, k, w, bias = make_inputs(2, 45, 45, 4, 16, torch.bfloat16, device, seed=21)
+    runs = [
+        indexer_topk(q, k, w, bias, 12, 0.25, q_offset=0, sink_size=1, return_stats=True, backend="triton")
+        for _ in range(10)
+    ]
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES, ids=lambda d: d.type)
+def test_opcheck(device):
+    import hdgsa_indexer._triton  # noqa: F401  (registers the custom ops)
+
+    q, k, w, bias = make_inputs(1, 6, 9, 2, 8, device=device)
+    torch.library.opcheck(torch.ops.hdgsa.indexer_topk.default, (q, k, w, bias, 4, 0.5, True, 1, 1, True))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="measures CUDA memory")
+def test_fused_topk_memory_is_outputs_plus_bounded_workspace_on_cuda():
+    B, T, H, d, topk = 1, 8192, 4, 64, 512
+    q, k, w, bias = make_inputs(B, T, T, H, d, torch.bfloat16, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    indexer_topk(q, k, w, bias, topk, d**-0.5, return_stats=True, backend="triton")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - start
+    outputs = B * T * topk * 8 + B * T * 8
+    assert extra <= outputs + DEFAULT_WORKSPACE_BYTES, extra
+    assert extra < 4 * B * T * T // 2  # far from the [B, T, T] float32 scores

@@ -27,6 +27,7 @@ UNIFIED_NAMES = [
     "sinkhorn_knopp",
     "gated_indexer",
     "indexer_topk",
+    "indexer_scores_at",
     "sparse_attention",
     "gated_delta_rule",
 ]
@@ -131,3 +132,11 @@ def test_triton_names_run_the_triton_backend_on_cpu_interpreter():
     )
     x, weight = make_tensor(3, 40, seed=22), make_tensor(40, seed=23)
     assert_close("y", hdgsa_kernels.triton_rmsnorm(x, weight), hdgsa_kernels.pytorch_rmsnorm(x, weight), 1e-5)
+    q, k = make_tensor(1, 5, 2, 8, seed=24), make_tensor(1, 5, 8, seed=25)
+    w, bias = make_tensor(1, 5, 2, seed=26), make_tensor(2, seed=27)
+    assert_close(
+        "scores",
+        hdgsa_kernels.triton_gated_indexer(q, k, w, bias, 0.5, True),
+        hdgsa_kernels.pytorch_gated_indexer(q, k, w, bias, 0.5, True),
+        1e-5,
+    )

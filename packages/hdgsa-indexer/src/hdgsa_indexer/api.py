@@ -1,12 +1,15 @@
-"""Public functions: :func:`gated_indexer` (scores) and :func:`indexer_topk` (fused selection)."""
+"""Public functions: :func:`gated_indexer` (scores), :func:`indexer_topk` (selection) and
+:func:`indexer_scores_at` (scores at chosen keys, for training at long context)."""
 
 from __future__ import annotations
 
 import torch
 
 from hdgsa_core import (
+    INDEX_DTYPES,
     check_bool,
     check_dtype,
+    check_index_range,
     check_int,
     check_ndim,
     check_real,
@@ -15,13 +18,11 @@ from hdgsa_core import (
     check_tensor,
     resolve_backend,
 )
+from hdgsa_core.custom_ops import is_compiling
 
-from .reference import gated_indexer_reference, indexer_topk_reference
+from .reference import gated_indexer_reference, indexer_scores_at_reference, indexer_topk_reference
 
-__all__ = ["TRITON_IMPLEMENTED", "gated_indexer", "indexer_topk"]
-
-# No Triton kernel yet (issue 2): backend="triton" raises "not implemented yet", auto picks torch.
-TRITON_IMPLEMENTED = False
+__all__ = ["gated_indexer", "indexer_scores_at", "indexer_topk"]
 
 
 def _check_inputs(
@@ -34,7 +35,7 @@ def _check_inputs(
     causal: bool,
     q_offset: int,
 ) -> torch.device:
-    """Raise SPEC section 2's errors for the arguments shared by both ops; return the device."""
+    """Raise the documented errors for the arguments every op shares; return the device."""
     for name, tensor in (("q", q), ("k", k), ("w", w), ("bias", bias)):
         check_tensor(name, tensor)
     check_ndim("q", q, 4, "[B, Tq, H, d]")
@@ -84,8 +85,9 @@ def gated_indexer(
             (``Tkv - Tq`` when the queries are the last ``Tq`` positions). Any integer; a
             negative offset leaves the first queries with no valid key (a row of ``-inf``).
             Ignored when ``causal`` is False.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (SPEC section 2). There is no Triton
-            kernel yet: ``"triton"`` raises ``RuntimeError`` and ``"auto"`` runs PyTorch.
+        backend: ``"auto"`` (Triton on CUDA tensors, or on the CPU under
+            ``TRITON_INTERPRET=1``, when Triton is installed; else PyTorch), ``"triton"`` or
+            ``"torch"``. ``HDGSA_BACKEND=torch|triton`` overrides ``"auto"``.
 
     Returns:
         Scores ``[B, Tq, Tkv]``, float32, ``-inf`` at masked keys. Differentiable with respect
@@ -107,8 +109,10 @@ def gated_indexer(
         torch.Size([1, 6, 6])
     """
     device = _check_inputs("gated_indexer", q, k, w, bias, scale, causal, q_offset)
-    resolve_backend(backend, device, op="gated_indexer", implemented=TRITON_IMPLEMENTED)
-    # Only the torch backend exists; resolve_backend has raised for anything else.
+    if resolve_backend(backend, device, op="gated_indexer") == "triton":
+        from ._triton import gated_indexer_triton  # Triton is imported only when its backend runs
+
+        return gated_indexer_triton(q, k, w, bias, float(scale), causal, int(q_offset))
     return gated_indexer_reference(q, k, w, bias, float(scale), causal, int(q_offset))
 
 
@@ -155,8 +159,9 @@ def indexer_topk(
             integer; ignored when ``causal`` is False.
         sink_size: number of leading keys always kept, 0 <= sink_size <= topk (default 0).
         return_stats: also return the mean and variance of each query's valid scores.
-        backend: ``"auto"``, ``"triton"`` or ``"torch"``. There is no Triton kernel yet:
-            ``"triton"`` raises ``RuntimeError`` and ``"auto"`` runs PyTorch.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``, as :func:`gated_indexer`. Both
+            select over their own float32 scores: Triton's are :func:`gated_indexer`'s with
+            ``backend="triton"`` bitwise (the same kernel).
 
     Returns:
         ``(indices, scores)``: int32 and float32 ``[B, Tq, topk]``. With ``return_stats``,
@@ -185,16 +190,72 @@ def indexer_topk(
     if not 0 <= sink_size <= topk:
         raise ValueError(f"indexer_topk: sink_size must be in [0, topk={topk}], got {sink_size}")
     check_bool("indexer_topk: return_stats", return_stats)
-    resolve_backend(backend, device, op="indexer_topk", implemented=TRITON_IMPLEMENTED)
-    return indexer_topk_reference(
-        q,
-        k,
-        w,
-        bias,
-        int(topk),
-        float(scale),
-        causal,
-        int(q_offset),
-        int(sink_size),
-        return_stats,
-    )
+    args = (int(topk), float(scale), causal, int(q_offset), int(sink_size), return_stats)
+    if resolve_backend(backend, device, op="indexer_topk") == "triton":
+        from ._triton import indexer_topk_triton
+
+        return indexer_topk_triton(q, k, w, bias, *args)
+    return indexer_topk_reference(q, k, w, bias, *args)
+
+
+def indexer_scores_at(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float = 1.0,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Gated indexer scores at chosen keys: ``out[b, t, j] = score[b, t, indices[b, t, j]]``.
+
+    ``score`` is :func:`gated_indexer`'s (without its causal rule: the caller chose the keys);
+    a negative index gives ``-inf`` and passes no gradient. Memory is O(B * Tq * K): this is
+    how the indexer is trained at long context (a loss on the selected keys, e.g. from
+    :func:`indexer_topk`), where the dense scores and their gradient do not fit.
+
+    Args:
+        q: queries ``[B, Tq, H, d]``, any strides.
+        k: keys ``[B, Tkv, d]``.
+        w: head gate logits ``[B, Tq, H]``.
+        bias: per-head bias ``[H]``.
+        indices: key positions ``[B, Tq, K]``, int32 or int64; negative = empty slot.
+            A repeated index gives the same score twice (and twice the gradient).
+        scale: multiplies the dot products (default 1.0).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``, as :func:`gated_indexer`.
+
+    Returns:
+        Scores ``[B, Tq, K]``, float32. Differentiable with respect to ``q``, ``k``, ``w`` and
+        ``bias`` (gradients in the inputs' dtypes). On the Triton backend the ``k`` gradient
+        is a scatter over the slots: float atomics, or, when
+        ``torch.are_deterministic_algorithms_enabled()``, a bitwise reproducible key-major
+        pass (a stable sort of the ``B * Tq * K`` slots by key first).
+
+    Raises:
+        ValueError: as :func:`gated_indexer`; ``indices`` not ``[B, Tq, K]``; an index
+            ``>= Tkv``. Checking the range reads one value back to the host (a sync), except
+            under ``torch.compile``, which skips the check.
+        TypeError: as :func:`gated_indexer`; ``indices`` not int32 or int64.
+        RuntimeError: the requested backend cannot run here.
+
+    Example:
+        >>> q, k = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 16)
+        >>> w, bias = torch.randn(1, 8, 4), torch.zeros(4)
+        >>> indices, _ = indexer_topk(q, k, w, bias, topk=3)
+        >>> indexer_scores_at(q, k, w, bias, indices).shape
+        torch.Size([1, 8, 3])
+    """
+    device = _check_inputs("indexer_scores_at", q, k, w, bias, scale, False, 0)
+    check_tensor("indices", indices)
+    check_ndim("indices", indices, 3, "[B, Tq, K]")
+    check_dtype("indices", indices, INDEX_DTYPES)
+    check_shape("indices", indices, (q.shape[0], q.shape[1], None), "[B, Tq, K]")
+    device = check_same_device(q=q, indices=indices)
+    if not is_compiling():
+        check_index_range("indices", indices, k.shape[1])
+    if resolve_backend(backend, device, op="indexer_scores_at") == "triton":
+        from ._triton import indexer_scores_at_triton
+
+        return indexer_scores_at_triton(q, k, w, bias, indices, float(scale))
+    return indexer_scores_at_reference(q, k, w, bias, indices, float(scale))

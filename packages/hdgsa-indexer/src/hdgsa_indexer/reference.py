@@ -19,14 +19,22 @@ scores come back in that dtype instead of float32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from hdgsa_core import autocast_disabled
+
+# (q_rows, k_rows, w_rows, bias, scale, causal, q_offset) -> masked float32 scores [B, C, S].
+ChunkScores = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, bool, int], torch.Tensor
+]
 
 __all__ = [
     "DEFAULT_WORKSPACE_BYTES",
     "chunk_sizes",
     "gated_indexer_reference",
+    "indexer_scores_at_reference",
     "indexer_topk_reference",
     "valid_key_counts",
 ]
@@ -263,7 +271,8 @@ def indexer_topk_reference(
         b = slice(batch_start, min(batch_start + batch_chunk, batch))
         # Casting k costs [b, Tkv, d] floats, the size of an input: not a [Tq, Tkv] quantity.
         k_compute = k[b].to(compute_dtype)
-        for start in range(0, num_queries, chunk):
+        # Empty inputs still go through once, so the (empty) output has its autograd graph.
+        for start in range(0, num_queries, chunk) or [0]:
             stop = min(start + chunk, num_queries)
             t = slice(start, stop)
             chunk_counts = counts[t]
@@ -281,3 +290,50 @@ def indexer_topk_reference(
             if return_stats:
                 mean[b, t], var[b, t] = _row_stats(chunk_scores, chunk_counts)
     return outputs
+
+
+# Workspace of one query chunk of indexer_scores_at: the gathered keys and the head logits.
+def _scores_at_chunk(batch: int, num_slots: int, heads: int, dim: int, workspace_bytes: int) -> int:
+    per_query = max(1, batch * num_slots * (dim + 3 * heads + 4) * 4)
+    return max(1, workspace_bytes // per_query)
+
+
+def indexer_scores_at_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float = 1.0,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+) -> torch.Tensor:
+    """Gated indexer scores at chosen keys, ``[B, Tq, K]`` (float32; float64 for float64 inputs).
+
+    ``out[b, t, j] = score[b, t, indices[b, t, j]]`` for ``indices[b, t, j] >= 0``, ``-inf``
+    for negative slots (which pass zero gradient). Indices are assumed ``< Tkv`` (the public
+    function checks). Walks the queries in chunks whose gathered keys ``[B, C, K, d]`` and
+    head logits ``[B, C, H, K]`` fit ``workspace_bytes``; differentiable through autograd
+    (autograd keeps each chunk's gathered keys and gates for the backward).
+    """
+    batch, num_queries, heads, dim = q.shape
+    num_slots = indices.shape[-1]
+    compute_dtype = _compute_dtype(q, k, w, bias)
+    chunk = _scores_at_chunk(batch, num_slots, heads, dim, workspace_bytes)
+    bias_compute = bias.to(compute_dtype)
+    k_compute = k.to(compute_dtype)
+    batch_index = torch.arange(batch, device=q.device)[:, None, None]
+    pieces = []
+    with autocast_disabled(q.device):
+        # Empty inputs still go through once, so the (empty) output has its autograd graph.
+        for start in range(0, num_queries, chunk) or [0]:
+            t = slice(start, min(start + chunk, num_queries))
+            slots = indices[:, t].long()
+            empty = slots < 0
+            keys = k_compute[batch_index, slots.clamp(min=0)]  # [B, C, K, d]
+            q_rows = q[:, t].to(compute_dtype)  # [B, C, H, d]
+            logits = torch.matmul(q_rows, keys.transpose(-1, -2))  # [B, C, H, K]
+            key_gates = torch.sigmoid(logits * scale + bias_compute[:, None])
+            head_gates = torch.sigmoid(w[:, t].to(compute_dtype))
+            scores = torch.matmul(head_gates.unsqueeze(-2), key_gates).squeeze(-2)
+            pieces.append(scores.masked_fill(empty, float("-inf")))
+    return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]

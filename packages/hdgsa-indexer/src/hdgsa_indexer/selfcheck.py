@@ -1,9 +1,11 @@
 """``hdgsa-kernels check`` for the indexer: every runnable backend against float64, on small inputs.
 
 :func:`self_check` runs :func:`gated_indexer` (scores and the gradients of ``q``, ``k``, ``w``,
-``bias``) and :func:`indexer_topk` (selected scores, the float64 scores of the selected keys,
-mean and variance, and the exact tie rule on inputs built to tie) on each backend of
-``runnable_backends(device)``, and compares them with float64 computations of SPEC 3.3.
+``bias``), :func:`indexer_topk` (selected scores, the float64 scores of the selected keys,
+mean and variance, and the exact tie rule on inputs built to tie) and
+:func:`indexer_scores_at` (scores at random keys with empty slots, and the four gradients) on
+each backend of ``runnable_backends(device)``, against float64 computations of the documented
+formulas (``docs/api.md``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from hdgsa_core import runnable_backends
 from hdgsa_core.registry import CheckResult, compare_outputs
 from hdgsa_core.testing import DEFAULT_TOLERANCE, make_tensor
 
-from .api import TRITON_IMPLEMENTED, gated_indexer, indexer_topk
+from .api import gated_indexer, indexer_scores_at, indexer_topk
 from .reference import valid_key_counts
 
 __all__ = ["self_check"]
@@ -28,7 +30,7 @@ _CASES: dict[str, tuple] = {
 
 
 def _scores64(q, k, w, bias, scale, causal, q_offset):
-    """SPEC 3.3 in float64, written out independently of reference.py."""
+    """The score formula in float64, written out independently of reference.py."""
     logits = torch.einsum("bthd,bsd->bths", q, k) * scale + bias[:, None]
     scores = (torch.sigmoid(w)[..., None] * torch.sigmoid(logits)).sum(2)
     if causal:
@@ -148,12 +150,54 @@ def _check_ties(device, backend):
     return [CheckResult("indexer_topk", backend, "exact ties B2 T21 sink1", "tie rule", float(mismatch), 0.0)]
 
 
+def _check_scores_at(device, backend, case, B, Tq, Tkv, H, d, dtype, num_slots):
+    """Scores at random keys (about one slot in five empty) and their four gradients."""
+    scale = d**-0.5
+    inputs = _inputs(B, Tq, Tkv, H, d, dtype, device, requires_grad=True)
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    generator = torch.Generator().manual_seed(6)
+    indices = torch.randint(-Tkv // 4, Tkv, (B, Tq, num_slots), generator=generator).clamp(min=-1).to(device)
+    grad_out = make_tensor(B, Tq, num_slots, device=device, seed=7)
+    out = indexer_scores_at(*inputs, indices, scale, backend=backend)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    dense64 = _scores64(*inputs64, scale, False, 0)
+    out64 = _gather_or_neginf(dense64, indices)
+    grads64 = torch.autograd.grad(out64, inputs64, grad_out.double().masked_fill(indices < 0, 0.0))
+    names = ("dq", "dk", "dw", "dbias")
+    results = compare_outputs(
+        "indexer_scores_at",
+        backend,
+        case,
+        {"scores": out},
+        {"scores": out64},
+        DEFAULT_TOLERANCE[torch.float32],
+    )
+    results += compare_outputs(
+        "indexer_scores_at",
+        backend,
+        case,
+        dict(zip(names, grads, strict=True)),
+        dict(zip(names, grads64, strict=True)),
+        DEFAULT_TOLERANCE[dtype],
+    )
+    return results
+
+
+# name: (B, Tq, Tkv, H, d, dtype, K)
+_SCORES_AT_CASES: dict[str, tuple] = {
+    "B2 Tq9 Tkv40 H3 d20 K13 fp32": (2, 9, 40, 3, 20, torch.float32, 13),
+    "B1 Tq6 Tkv70 H4 d16 K70 bf16": (1, 6, 70, 4, 16, torch.bfloat16, 70),
+}
+
+
 def self_check(device: torch.device) -> list[CheckResult]:
     """Compare every backend that runs on ``device`` with float64, forward and backward."""
     device = torch.device(device)
     results: list[CheckResult] = []
-    for backend in runnable_backends(device, implemented=TRITON_IMPLEMENTED):
+    for backend in runnable_backends(device):
         for case, shape in _CASES.items():
             results += _check_case(device, backend, case, *shape)
         results += _check_ties(device, backend)
+        for case, shape in _SCORES_AT_CASES.items():
+            results += _check_scores_at(device, backend, case, *shape)
     return results

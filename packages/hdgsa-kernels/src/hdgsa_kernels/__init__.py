@@ -9,7 +9,7 @@ Unified names and the seed's names (docs/api.md) are both exported::
 
 from hdgsa_core import HAS_CUDA, HAS_FLA, HAS_TRITON, capabilities
 from hdgsa_deltanet_fla import gated_delta_rule
-from hdgsa_indexer import gated_indexer, indexer_topk
+from hdgsa_indexer import gated_indexer, indexer_scores_at, indexer_topk
 from hdgsa_rmsnorm import RMSNorm, rms_norm
 from hdgsa_sinkhorn import sinkhorn_knopp
 from hdgsa_sparse_attn import sparse_attention
@@ -40,6 +40,7 @@ __all__ = [
     "fla_gated_delta_rule",
     "gated_delta_rule",
     "gated_indexer",
+    "indexer_scores_at",
     "indexer_topk",
     "pytorch_gated_indexer",
     "pytorch_rmsnorm",

@@ -1,0 +1,340 @@
+"""The fused Triton top-k of the gated indexer: the scores exist only tile by tile.
+
+Each program owns a query block of ``BLOCK_M`` rows at a time (persistent: it takes blocks
+``pid, pid + P, ...``, heaviest causal blocks first) and walks its keys in tiles of
+``BLOCK_N``, computing the scores with the dense forward's own ``score_tile`` (the same tiles,
+so the same float32 bits). Every valid key of a row becomes a distinct int64 sort key
+``(score bits << 32) | (0xFFFFFFFF - key)``: scores are >= 0, so their float bits order like
+integers, and equal scores order by the lower key index. Per row:
+
+- a threshold ``tau`` (a sort key; -1 at the start) and a candidate buffer of ``CAP = 2 * KP``
+  sort keys in a workspace (``KP``: ``topk`` rounded up to a power of two, at least a tile);
+- keys above ``tau`` are appended in key order (a prefix sum over the tile gives each its slot:
+  no atomics, the buffer's content does not depend on thread timing);
+- when a tile would overflow a row's buffer, that row's buffer is sorted (``tl.sort``), its best
+  ``KP`` keys kept and ``tau`` raised to the ``KP``-th best: a key at or below it can no longer
+  reach the top ``topk``;
+- at the end the buffer is sorted once more and its first ``topk - sinks`` keys are the answer.
+
+Sinks (the first ``sink_size`` valid keys) skip the buffer: their scores go straight to the
+first output slots. ``return_stats``: each row's count, mean and sum of squared deviations
+are merged tile by tile (Chan et al.), in key order.
+
+Extra memory: the outputs plus ``P * BLOCK_M * CAP * 8`` bytes of workspace, P chosen so this
+stays within ``DEFAULT_WORKSPACE_BYTES`` (256 MiB). Bitwise reproducible: every sum and every
+selection has a fixed order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hdgsa_core import interpreter_enabled
+from hdgsa_core.triton_utils import cdiv, next_power_of_2, on_input_device
+
+from ._triton_fwd import SCORE_TILE, dot_options, input_strides, score_tile
+from .reference import DEFAULT_WORKSPACE_BYTES
+
+__all__ = ["indexer_topk_fwd"]
+
+_BLOCK_M, _BLOCK_N, _NUM_WARPS = SCORE_TILE
+_LOW_MASK = tl.constexpr(0xFFFFFFFF)
+# Rows sorted together: ROWS * CAP int64 keys in registers (4096: 32 per thread at 4 warps).
+# The interpreter sorts a whole block at once (its cost is per operation, not per element).
+_SORT_ELEMENTS = 4096
+
+
+@triton.jit
+def _gather_rows(b_values, sel):
+    """``b_values[o_g]`` for the rows of a group (``sel[i, j] = o_g[i] == j``), ``[ROWS]``."""
+    return tl.sum(tl.where(sel, b_values[None, :], 0), 1)
+
+
+@triton.jit
+def _indicator(N_DIMS: tl.constexpr, j: tl.constexpr):
+    """0 / 1 along the ``j``-th innermost axis of a ``[2] * N_DIMS`` hypercube."""
+    return tl.reshape(tl.arange(0, 2), [1] * (N_DIMS - j - 1) + [2] + [1] * j)
+
+
+@triton.jit
+def _compare_and_swap(h, flip, i: tl.constexpr, N_DIMS: tl.constexpr):
+    """Order the pairs along the ``i``-th innermost axis: min left, max right (``flip``
+    reverses). By max / min reductions, which the interpreter runs in numpy."""
+    b_hi = tl.max(h, N_DIMS - 1 - i, keep_dims=True)
+    b_lo = tl.min(h, N_DIMS - 1 - i, keep_dims=True)
+    return tl.where((flip ^ _indicator(N_DIMS, i)).to(tl.int1), b_hi, b_lo)
+
+
+@triton.jit
+def _sort_rows_bitonic(x, LOG_CAP: tl.constexpr, N_DIMS: tl.constexpr):
+    """Descending bitonic sort of each row of ``x`` (``[ROWS, 2**LOG_CAP]``, ``2**N_DIMS``
+    elements): the network of ``tl.sort``, for the interpreter (whose ``tl.sort`` runs its
+    integer compare-and-swap one element at a time in Python). The result is the same: a
+    sort of distinct keys (the only repeats, the -1 fill, are equal) is unique."""
+    h = tl.reshape(x, [2] * N_DIMS)
+    for stage in tl.static_range(1, LOG_CAP + 1):
+        if stage < LOG_CAP:
+            flip = _indicator(N_DIMS, stage)
+        else:
+            flip = 1
+        for i in tl.static_range(stage):
+            h = _compare_and_swap(h, flip, stage - 1 - i, N_DIMS)
+    return tl.reshape(h, x.shape)
+
+
+@triton.jit
+def _sorted_rows(
+    p_buf, o_g, b_n_g, CAP: tl.constexpr, LOG_CAP: tl.constexpr, N_DIMS: tl.constexpr, INTERPRET: tl.constexpr
+):
+    """The buffered keys of rows ``o_g`` (``b_n_g`` each), sorted descending, ``[ROWS, CAP]``;
+    unused slots read as -1, below every key."""
+    o_c = tl.arange(0, CAP)
+    p_rows = p_buf + o_g[:, None] * CAP + o_c[None, :]
+    b_keys = tl.load(p_rows, mask=o_c[None, :] < b_n_g[:, None], other=-1)
+    if INTERPRET:
+        return _sort_rows_bitonic(b_keys, LOG_CAP, N_DIMS)
+    return tl.sort(b_keys, dim=1, descending=True)
+
+
+@triton.jit(do_not_specialize=["Tq", "Tkv", "q_offset", "sink_size", "num_blocks_m", "num_blocks"])
+def _indexer_topk_fwd_kernel(
+    q,
+    k,
+    w,
+    bias,
+    out_idx,
+    out_score,
+    out_mean,
+    out_var,
+    workspace,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_wb,
+    stride_wt,
+    stride_wh,
+    stride_bias,
+    Tq,
+    Tkv,
+    q_offset,
+    sink_size,
+    num_blocks_m,
+    num_blocks,
+    scale,
+    TOPK: tl.constexpr,
+    KP: tl.constexpr,
+    CAP: tl.constexpr,
+    ROWS: tl.constexpr,
+    LOG_CAP: tl.constexpr,
+    N_DIMS: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    FAST_TANH: tl.constexpr,
+    STATS: tl.constexpr,
+):
+    pid, num_programs = tl.program_id(0), tl.num_programs(0)
+    p_buf = workspace + pid.to(tl.int64) * (BLOCK_M * CAP)
+    o_r = tl.arange(0, BLOCK_M)
+    o_d = tl.arange(0, BLOCK_D)
+    o_c = tl.arange(0, CAP)
+    m_d = o_d < D
+    for blk in range(pid, num_blocks, num_programs):
+        i_b = (blk // num_blocks_m).to(tl.int64)
+        i_m = num_blocks_m - 1 - blk % num_blocks_m  # heaviest (last) causal blocks first
+        o_m = i_m * BLOCK_M + o_r
+        m_m = o_m < Tq
+        o_m64 = o_m.to(tl.int64)
+        # Valid keys of each row: the prefix 0 .. n_valid - 1.
+        if CAUSAL:
+            n_valid = tl.minimum(tl.maximum(o_m + q_offset + 1, 0), Tkv)
+        else:
+            n_valid = tl.zeros([BLOCK_M], dtype=tl.int32) + Tkv
+        n_valid = tl.where(m_m, n_valid, 0)
+        n_sink = tl.minimum(n_valid, sink_size)
+        n_end = tl.max(n_valid, 0)
+        p_q = q + i_b * stride_qb + o_m64[:, None] * stride_qt + o_d[None, :]
+        p_w = w + i_b * stride_wb + o_m64 * stride_wt
+        p_out = (i_b * Tq + o_m64) * TOPK
+        b_tau = tl.full([BLOCK_M], -1, dtype=tl.int64)
+        b_n = tl.zeros([BLOCK_M], dtype=tl.int32)
+        b_count = tl.zeros([BLOCK_M], dtype=tl.float32)
+        b_mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+        b_m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        tl.debug_barrier()  # the previous block's last reads of the buffer are done
+        for n0 in range(0, n_end, BLOCK_N):
+            o_n = n0 + tl.arange(0, BLOCK_N)
+            m_n = o_n < Tkv
+            p_k = k + i_b * stride_kb + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :]
+            b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
+            b_s = score_tile(
+                p_q,
+                p_w,
+                bias,
+                b_k,
+                m_m,
+                m_d,
+                stride_qh,
+                stride_wh,
+                stride_bias,
+                scale,
+                H,
+                DOT_FP32,
+                FAST_TANH,
+                BLOCK_M,
+                BLOCK_N,
+            )
+            m_valid = o_n[None, :] < n_valid[:, None]
+            if STATS:
+                b_c = tl.sum(m_valid.to(tl.float32), 1)
+                b_tile_mean = tl.sum(tl.where(m_valid, b_s, 0.0), 1) / tl.maximum(b_c, 1.0)
+                b_dev = tl.where(m_valid, b_s - b_tile_mean[:, None], 0.0)
+                b_tile_m2 = tl.sum(b_dev * b_dev, 1)
+                b_total = b_count + b_c
+                b_delta = b_tile_mean - b_mean
+                b_mean += b_delta * (b_c / tl.maximum(b_total, 1.0))
+                b_m2 += b_tile_m2 + b_delta * b_delta * (b_count * b_c / tl.maximum(b_total, 1.0))
+                b_count = b_total
+            m_sink = m_valid & (o_n[None, :] < n_sink[:, None])
+            tl.store(out_score + p_out[:, None] + o_n[None, :], b_s, mask=m_sink)
+            b_sink_idx = tl.broadcast_to(o_n[None, :], [BLOCK_M, BLOCK_N])
+            tl.store(out_idx + p_out[:, None] + o_n[None, :], b_sink_idx, mask=m_sink)
+            b_low = o_n.to(tl.int64) ^ _LOW_MASK  # 0xFFFFFFFF - key: ties go to the lower key
+            b_key = (b_s.to(tl.int32, bitcast=True).to(tl.int64) << 32) | b_low[None, :]
+            b_key = tl.where(m_valid & ~m_sink, b_key, -1)
+            m_take = b_key > b_tau[:, None]
+            b_c_take = tl.sum(m_take.to(tl.int32), 1)
+            m_over = (b_n + b_c_take) > CAP
+            if tl.max(m_over.to(tl.int32), 0) > 0:
+                tl.debug_barrier()  # earlier appends are visible to every thread
+                for g in range(0, BLOCK_M, ROWS):
+                    o_g = g + tl.arange(0, ROWS)
+                    sel = o_r[None, :] == o_g[:, None]
+                    m_over_g = _gather_rows(m_over.to(tl.int32), sel) > 0
+                    if tl.max(m_over_g.to(tl.int32), 0) > 0:
+                        b_sorted = _sorted_rows(
+                            p_buf, o_g, _gather_rows(b_n, sel), CAP, LOG_CAP, N_DIMS, INTERPRET
+                        )
+                        p_rows = p_buf + o_g[:, None] * CAP + o_c[None, :]
+                        tl.store(p_rows, b_sorted, mask=m_over_g[:, None])
+                        # The KP-th best key becomes the row's threshold; KP keys stay.
+                        b_tau_g = tl.sum(tl.where(o_c[None, :] == KP - 1, b_sorted, 0), 1)
+                        m_row = tl.sum((sel & m_over_g[:, None]).to(tl.int32), 0) > 0
+                        b_tau = tl.where(m_row, tl.sum(tl.where(sel, b_tau_g[:, None], 0), 0), b_tau)
+                        b_n = tl.where(m_row, KP, b_n)
+                tl.debug_barrier()  # the compacted rows are visible before the appends below
+                m_take = b_key > b_tau[:, None]
+                b_c_take = tl.sum(m_take.to(tl.int32), 1)
+            b_pos = b_n[:, None] + tl.cumsum(m_take.to(tl.int32), 1) - 1
+            tl.store(p_buf + o_r[:, None] * CAP + b_pos, b_key, mask=m_take)
+            b_n += b_c_take
+        tl.debug_barrier()
+        for g in range(0, BLOCK_M, ROWS):
+            o_g = g + tl.arange(0, ROWS)
+            sel = o_r[None, :] == o_g[:, None]
+            b_n_g = _gather_rows(b_n, sel)
+            b_sinks_g = _gather_rows(n_sink, sel)
+            b_sorted = _sorted_rows(p_buf, o_g, b_n_g, CAP, LOG_CAP, N_DIMS, INTERPRET)
+            o_row = i_m * BLOCK_M + o_g
+            m_out = (o_row < Tq)[:, None] & (o_c[None, :] < b_n_g[:, None])
+            m_out = m_out & (o_c[None, :] < TOPK - b_sinks_g[:, None])
+            b_index = ((b_sorted & _LOW_MASK) ^ _LOW_MASK).to(tl.int32)
+            b_score = (b_sorted >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            p_row = (i_b * Tq + o_row.to(tl.int64))[:, None] * TOPK + b_sinks_g[:, None] + o_c[None, :]
+            tl.store(out_idx + p_row, b_index, mask=m_out)
+            tl.store(out_score + p_row, b_score, mask=m_out)
+        if STATS:
+            tl.store(out_mean + i_b * Tq + o_m64, b_mean, mask=m_m)
+            tl.store(out_var + i_b * Tq + o_m64, b_m2 / tl.maximum(b_count, 1.0), mask=m_m)
+
+
+@on_input_device
+def indexer_topk_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor,
+    topk: int,
+    scale: float,
+    causal: bool,
+    q_offset: int,
+    sink_size: int,
+    return_stats: bool,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    sort_rows: int | None = None,
+    builtin_sort: bool | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """``(indices, scores, mean, var)``; ``mean`` / ``var`` are zeros unless ``return_stats``.
+
+    ``workspace_bytes`` bounds the candidate buffers (and so the number of programs).
+    ``sort_rows`` (rows sorted together) and ``builtin_sort`` (``tl.sort`` rather than the
+    interpreter-friendly network) default to what suits the device; tests set them to run
+    the GPU's choices under the interpreter."""
+    batch, num_queries, heads, dim = q.shape
+    num_keys = k.shape[1]
+    device = q.device
+    indices = torch.full((batch, num_queries, topk), -1, dtype=torch.int32, device=device)
+    scores = torch.full((batch, num_queries, topk), float("-inf"), dtype=torch.float32, device=device)
+    mean = torch.zeros(batch, num_queries, dtype=torch.float32, device=device)
+    var = torch.zeros(batch, num_queries, dtype=torch.float32, device=device)
+    if batch * num_queries * num_keys == 0:
+        return indices, scores, mean, var
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    dot_fp32, fast_tanh = dot_options(q, k)
+    keep = next_power_of_2(max(topk, _BLOCK_N))
+    capacity = 2 * keep
+    num_blocks_m = cdiv(num_queries, _BLOCK_M)
+    per_program = _BLOCK_M * capacity * 8
+    programs = max(1, min(batch * num_blocks_m, workspace_bytes // per_program))
+    interpret = interpreter_enabled() if builtin_sort is None else not builtin_sort
+    rows = sort_rows or (
+        _BLOCK_M if interpreter_enabled() else max(1, min(_BLOCK_M, _SORT_ELEMENTS // capacity))
+    )
+    workspace = torch.empty(programs * _BLOCK_M * capacity, dtype=torch.int64, device=device)
+    _indexer_topk_fwd_kernel[(programs,)](
+        q=q,
+        k=k,
+        w=w,
+        bias=bias,
+        out_idx=indices,
+        out_score=scores,
+        out_mean=mean,
+        out_var=var,
+        workspace=workspace,
+        **input_strides(q, k, w, bias),
+        Tq=num_queries,
+        Tkv=num_keys,
+        q_offset=q_offset,
+        sink_size=sink_size,
+        num_blocks_m=num_blocks_m,
+        num_blocks=batch * num_blocks_m,
+        scale=float(scale),
+        TOPK=topk,
+        KP=keep,
+        CAP=capacity,
+        ROWS=rows,
+        LOG_CAP=capacity.bit_length() - 1,
+        N_DIMS=(rows * capacity).bit_length() - 1,
+        INTERPRET=interpret,
+        H=heads,
+        D=dim,
+        BLOCK_D=max(16, next_power_of_2(dim)),
+        BLOCK_M=_BLOCK_M,
+        BLOCK_N=_BLOCK_N,
+        CAUSAL=causal,
+        DOT_FP32=dot_fp32,
+        FAST_TANH=fast_tanh,
+        STATS=return_stats,
+        num_warps=_NUM_WARPS,
+    )
+    return indices, scores, mean, var
