@@ -1,0 +1,487 @@
+"""Sparse attention backward kernels.
+
+With ``p = exp(s - lse)`` recomputed from the saved ``lse`` and
+``delta[t, h] = sum(dout * out) - dlse`` (precomputed per row, in float32)::
+
+    dp_j = <dout, v_j>      ds_j = p_j * (dp_j - delta)
+    dq   = scale * sum_j ds_j k_j
+    dk_j += scale * ds_j q  dv_j += p_j dout     (scatters into the selected rows)
+
+- ``_sparse_attention_bwd_dq_kernel``: the forward's programs (one per query and head
+  program, the same gather or tensor-core paths) compute ``dq``. With ``ATOMIC`` they also add
+  their ``dk``/``dv`` contributions into float32 buffers with atomics: the fast path, whose
+  float sums depend on the order in which programs run.
+- The deterministic path (``torch.are_deterministic_algorithms_enabled()``) has no float
+  atomics: :func:`key_major_order` sorts the valid slots by the key row they read (a stable
+  counting sort: ``argsort(stable=True)`` of the slot's bucket, ``bincount`` and ``cumsum``),
+  and ``_sparse_attention_bwd_dkv_kernel`` runs one program per key row and KV head, which
+  sums the contributions of its slots in that fixed order and writes its ``dk``/``dv`` rows
+  once. The gradients are bitwise the same run after run.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hdgsa_core.capabilities import interpreter_enabled
+from hdgsa_core.triton_utils import autotune_configs, on_input_device
+
+from ._triton_fwd import (
+    LOG2E,
+    _scores,
+    _slot_rows,
+    _weighted_rows,
+    block_dim,
+    head_stride,
+    mask_view,
+    precision_of,
+    slot_layout,
+    unit_last,
+)
+
+__all__ = ["key_major_order", "sparse_attention_bwd"]
+
+_DQ_CONFIGS = [
+    triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_K": 32}, num_warps=8, num_stages=3),
+]
+# One key row per program; BLOCK_E slots (query rows of q and dout) per step.
+_DKV_CONFIGS = [
+    triton.Config({"BLOCK_E": 16}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_E": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_E": 64}, num_warps=8, num_stages=2),
+]
+
+
+@triton.jit
+def _outer(b_a, b_b, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``[BH, BK]^T x [BH, DX] -> [BK, DX]`` float32 (``b_a`` float32)."""
+    if USE_DOT:
+        b_at = tl.trans(b_a).to(b_b.dtype)
+        if DOT_FP32:
+            b_at = b_at.to(tl.float32)
+            b_b = b_b.to(tl.float32)
+        b_o = tl.dot(b_at, b_b, input_precision=PRECISION)
+    else:
+        b_o = tl.sum(b_a, 0)[:, None] * b_b.to(tl.float32)
+    return b_o
+
+
+@triton.heuristics({"USE_DOT": lambda args: args["HEADS"] > 1})
+@triton.autotune(
+    configs=autotune_configs(_DQ_CONFIGS),
+    key=["HEADS", "D", "DV", "HAS_MASK", "ATOMIC", "Q_DTYPE"],
+    reset_to_zero=["DK_ACC", "DV_ACC"],
+)
+@triton.jit(do_not_specialize=["T", "TKV", "NUM_SLOTS"])
+def _sparse_attention_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    INDEX,
+    MASK,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    DK_ACC,
+    DV_ACC,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ib,
+    stride_ih,
+    stride_it,
+    stride_ik,
+    stride_mb,
+    stride_mh,
+    stride_mt,
+    stride_mk,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    stride_dqb,
+    stride_dqt,
+    stride_dqh,
+    stride_ab,
+    stride_at,
+    stride_ah,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    T,
+    TKV,
+    NUM_SLOTS,
+    HQ,
+    scale,
+    qk_scale,
+    GROUP: tl.constexpr,
+    HEADS: tl.constexpr,
+    INDEX_DIV: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    Q_DTYPE: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    i_hp = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    if HEADS == 1:
+        i_h0 = i_hp
+        i_hkv = i_hp // GROUP
+    else:
+        i_hkv = i_hp
+        i_h0 = i_hp * GROUP
+    i_ih = i_h0 // INDEX_DIV
+
+    o_h = tl.arange(0, BLOCK_H)
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_h = o_h < HEADS
+    m_d = o_d < D
+    m_dv = o_dv < DV
+    m_hd = m_h[:, None] & m_d[None, :]
+
+    b_q = tl.load(
+        Q + i_b * stride_qb + i_t * stride_qt + (i_h0 + o_h)[:, None] * stride_qh + o_d[None, :], mask=m_hd, other=0.0
+    )
+    b_do = tl.load(
+        DO + i_b * stride_dob + i_t * stride_dot + (i_h0 + o_h)[:, None] * stride_doh + o_dv[None, :],
+        mask=m_h[:, None] & m_dv[None, :],
+        other=0.0,
+    )
+    o_row = (i_b * HQ + i_h0 + o_h) * T + i_t
+    # An empty row (lse = -inf) and a padding head get lse = +inf: p = exp2(s - inf) = 0.
+    b_lse = tl.load(LSE + o_row, mask=m_h, other=float("inf"))
+    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
+    b_delta = tl.load(DELTA + o_row, mask=m_h, other=0.0)
+
+    p_k = K + i_b * stride_kb + i_hkv * stride_kh
+    p_v = V + i_b * stride_vb + i_hkv * stride_vh
+    p_index = INDEX + i_b * stride_ib + i_ih * stride_ih + i_t * stride_it
+    p_mask = MASK + i_b * stride_mb + i_ih * stride_mh + i_t * stride_mt
+    p_dk = DK_ACC + i_b * stride_ab + i_hkv * stride_ah
+    p_dv = DV_ACC + i_b * stride_cb + i_hkv * stride_ch
+
+    b_dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for start in range(0, NUM_SLOTS, BLOCK_K):
+        o_k = start + tl.arange(0, BLOCK_K)
+        b_row, m_valid = _slot_rows(p_index, p_mask, o_k, NUM_SLOTS, TKV, stride_ik, stride_mk, HAS_MASK)
+        m_kd = m_valid[:, None] & m_d[None, :]
+        m_kdv = m_valid[:, None] & m_dv[None, :]
+        b_k = tl.load(p_k + b_row[:, None] * stride_kt + o_d[None, :], mask=m_kd, other=0.0)
+        b_v = tl.load(p_v + b_row[:, None] * stride_vt + o_dv[None, :], mask=m_kdv, other=0.0)
+        b_s = _scores(b_q, b_k, USE_DOT, PRECISION, DOT_FP32) * qk_scale
+        b_p = tl.where(m_valid[None, :], tl.exp2(b_s - b_lse2[:, None]), 0.0)
+        b_dp = _scores(b_do, b_v, USE_DOT, PRECISION, DOT_FP32)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += _weighted_rows(b_ds, b_k, USE_DOT, PRECISION, DOT_FP32)
+        if ATOMIC:
+            b_dv_part = _outer(b_p, b_do, USE_DOT, PRECISION, DOT_FP32)
+            b_dk_part = _outer(b_ds, b_q, USE_DOT, PRECISION, DOT_FP32) * scale
+            tl.atomic_add(p_dv + b_row[:, None] * stride_ct + o_dv[None, :], b_dv_part, mask=m_kdv, sem="relaxed")
+            tl.atomic_add(p_dk + b_row[:, None] * stride_at + o_d[None, :], b_dk_part, mask=m_kd, sem="relaxed")
+
+    p_dq = DQ + i_b * stride_dqb + i_t * stride_dqt + (i_h0 + o_h)[:, None] * stride_dqh + o_d[None, :]
+    tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_hd)
+
+
+@triton.autotune(configs=autotune_configs(_DKV_CONFIGS), key=["HEADS", "D", "DV", "Q_DTYPE"])
+@triton.jit(do_not_specialize=["T", "TKV", "NUM_SLOTS", "HI", "NL"])
+def _sparse_attention_bwd_dkv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    ORDER,
+    OFFSETS,
+    DK_OUT,
+    DV_OUT,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    stride_dkb,
+    stride_dkt,
+    stride_dkh,
+    stride_dvb,
+    stride_dvt,
+    stride_dvh,
+    T,
+    TKV,
+    NUM_SLOTS,
+    HI,
+    HQ,
+    NL,
+    scale,
+    qk_scale,
+    GROUP: tl.constexpr,
+    HEADS: tl.constexpr,
+    PER_HEAD_LISTS: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    Q_DTYPE: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """One key row ``s`` of one KV head: the sum over the slots that select it, in the order
+    of ``ORDER`` (flat slot ids of ``[B, Hi, T, K]``, grouped by bucket ``(b, list group, s)``
+    with the bucket starts in ``OFFSETS``)."""
+    i_s = tl.program_id(0).to(tl.int64)
+    i_hkv = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    i_bucket = (i_b * NL + i_hkv % NL) * TKV + i_s
+    i_start = tl.load(OFFSETS + i_bucket)
+    i_end = tl.load(OFFSETS + i_bucket + 1)
+
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_d = o_d < D
+    m_dv = o_dv < DV
+    b_k = tl.load(K + i_b * stride_kb + i_s * stride_kt + i_hkv * stride_kh + o_d, mask=m_d, other=0.0)
+    b_v = tl.load(V + i_b * stride_vb + i_s * stride_vt + i_hkv * stride_vh + o_dv, mask=m_dv, other=0.0)
+    b_k = b_k.to(tl.float32)
+    b_v = b_v.to(tl.float32)
+
+    b_dk = tl.zeros([BLOCK_D], tl.float32)
+    b_dv = tl.zeros([BLOCK_DV], tl.float32)
+    for e0 in range(i_start, i_end, BLOCK_E):
+        o_e = e0 + tl.arange(0, BLOCK_E)
+        m_e = o_e < i_end
+        b_slot = tl.load(ORDER + o_e, mask=m_e, other=0).to(tl.int64)
+        b_t = (b_slot // NUM_SLOTS) % T
+        b_ih = (b_slot // (NUM_SLOTS * T)) % HI
+        for g in range(HEADS):
+            if PER_HEAD_LISTS:
+                b_h = b_ih
+            else:
+                b_h = b_ih * 0 + i_hkv * GROUP + g
+            b_q = tl.load(
+                Q + i_b * stride_qb + b_t[:, None] * stride_qt + b_h[:, None] * stride_qh + o_d[None, :],
+                mask=m_e[:, None] & m_d[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            b_do = tl.load(
+                DO + i_b * stride_dob + b_t[:, None] * stride_dot + b_h[:, None] * stride_doh + o_dv[None, :],
+                mask=m_e[:, None] & m_dv[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            o_row = (i_b * HQ + b_h) * T + b_t
+            # A listed slot makes its row non-empty: its lse is finite.
+            b_lse2 = tl.load(LSE + o_row, mask=m_e, other=0.0) * 1.4426950408889634
+            b_delta = tl.load(DELTA + o_row, mask=m_e, other=0.0)
+            b_s = tl.sum(b_q * b_k[None, :], 1) * qk_scale
+            b_p = tl.where(m_e, tl.exp2(b_s - b_lse2), 0.0)
+            b_ds = b_p * (tl.sum(b_do * b_v[None, :], 1) - b_delta)
+            b_dv += tl.sum(b_p[:, None] * b_do, 0)
+            b_dk += tl.sum(b_ds[:, None] * b_q, 0)
+
+    tl.store(
+        DK_OUT + i_b * stride_dkb + i_s * stride_dkt + i_hkv * stride_dkh + o_d,
+        (b_dk * scale).to(DK_OUT.dtype.element_ty),
+        mask=m_d,
+    )
+    tl.store(DV_OUT + i_b * stride_dvb + i_s * stride_dvt + i_hkv * stride_dvh + o_dv, b_dv.to(DV_OUT.dtype.element_ty), mask=m_dv)
+
+
+def key_major_order(
+    indices: torch.Tensor, mask: torch.Tensor | None, num_keys: int, num_kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The inverse index: ``(order, offsets, NL)``.
+
+    Slot ``(b, i, t, j)`` of ``indices`` ``[B, Hi, T, K]`` (flat id in that order) reads key row
+    ``indices[b, i, t, j]`` of the KV heads of its list group (``NL = Hkv`` groups, list ``i`` in
+    group ``i // (Hi // Hkv)``; ``NL = 1`` when ``Hi = 1``: one list read by every KV head).
+    ``order`` lists the valid slots' flat ids sorted by bucket ``(b * NL + group) * Tkv + key``,
+    stable (slot order within a bucket); the slots of bucket ``u`` are
+    ``order[offsets[u]:offsets[u + 1]]``. Integer sorts and counts: deterministic.
+    """
+    batch, num_lists, _, _ = indices.shape
+    num_groups = 1 if num_lists == 1 else num_kv_heads
+    num_buckets = batch * num_groups * num_keys
+    bucket_dtype = torch.int32 if num_buckets < 2**31 - 1 else torch.int64
+    device = indices.device
+    rows = indices.to(bucket_dtype)
+    valid = (indices >= 0) & (indices < num_keys)
+    if mask is not None:
+        valid = valid & mask
+    group = torch.arange(num_lists, device=device, dtype=bucket_dtype) // (num_lists // num_groups)
+    base = torch.arange(batch, device=device, dtype=bucket_dtype)[:, None] * num_groups + group[None, :]
+    bucket = base[:, :, None, None] * num_keys + rows
+    bucket = torch.where(valid, bucket, num_buckets).reshape(-1)  # invalid slots sort last
+    order = torch.argsort(bucket, stable=True)
+    counts = torch.bincount(bucket, minlength=num_buckets + 1)[:num_buckets]
+    offsets = torch.zeros(num_buckets + 1, dtype=torch.int64, device=device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return order, offsets, num_groups
+
+
+@on_input_device
+def sparse_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    scale: float,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` in the inputs' dtype; ``indices``/``mask`` 4-D, ``lse`` ``[B, Hq, T]``."""
+    batch, seq_len, num_q_heads, head_dim = q.shape
+    num_keys, num_kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
+    q, k, v, grad_out = unit_last(q), unit_last(k), unit_last(v), unit_last(grad_out)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if batch * seq_len * num_q_heads == 0 or indices.shape[3] == 0 or num_keys == 0:
+        return dq.zero_(), torch.zeros(k.shape, dtype=k.dtype, device=k.device), torch.zeros_like(v)
+    delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2)  # [B, Hq, T]
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    delta = delta.contiguous()
+    layout = slot_layout(q, k, indices)
+    mask_arg = mask_view(indices, mask)
+    common = {
+        "T": seq_len,
+        "TKV": num_keys,
+        "NUM_SLOTS": indices.shape[3],
+        "HQ": num_q_heads,
+        "scale": scale,
+        "qk_scale": scale * LOG2E,
+        "GROUP": layout.group,
+        "HEADS": layout.heads,
+        "D": head_dim,
+        "DV": value_dim,
+        "BLOCK_D": block_dim(head_dim),
+        "BLOCK_DV": block_dim(value_dim),
+        "Q_DTYPE": str(q.dtype),
+    }
+    if deterministic:  # no float32 buffers: placeholders the kernel does not touch
+        dk_acc = dv_acc = torch.zeros(1, 1, 1, 1, dtype=torch.float32, device=q.device)
+    else:
+        dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    grid = (seq_len, layout.head_programs, batch)
+    _sparse_attention_bwd_dq_kernel[grid](
+        Q=q,
+        K=k,
+        V=v,
+        INDEX=indices,
+        MASK=mask_arg,
+        DO=grad_out,
+        LSE=lse,
+        DELTA=delta,
+        DQ=dq,
+        DK_ACC=dk_acc,
+        DV_ACC=dv_acc,
+        stride_qb=q.stride(0),
+        stride_qt=q.stride(1),
+        stride_qh=q.stride(2),
+        stride_kb=k.stride(0),
+        stride_kt=k.stride(1),
+        stride_kh=k.stride(2),
+        stride_vb=v.stride(0),
+        stride_vt=v.stride(1),
+        stride_vh=v.stride(2),
+        stride_ib=indices.stride(0),
+        stride_ih=head_stride(indices),
+        stride_it=indices.stride(2),
+        stride_ik=indices.stride(3),
+        stride_mb=mask_arg.stride(0),
+        stride_mh=head_stride(mask_arg),
+        stride_mt=mask_arg.stride(2),
+        stride_mk=mask_arg.stride(3),
+        stride_dob=grad_out.stride(0),
+        stride_dot=grad_out.stride(1),
+        stride_doh=grad_out.stride(2),
+        stride_dqb=dq.stride(0),
+        stride_dqt=dq.stride(1),
+        stride_dqh=dq.stride(2),
+        stride_ab=dk_acc.stride(0),
+        stride_at=dk_acc.stride(1),
+        stride_ah=dk_acc.stride(2),
+        stride_cb=dv_acc.stride(0),
+        stride_ct=dv_acc.stride(1),
+        stride_ch=dv_acc.stride(2),
+        INDEX_DIV=layout.index_div,
+        BLOCK_H=layout.block_h,
+        HAS_MASK=mask is not None,
+        ATOMIC=not deterministic,
+        PRECISION=precision_of(q.dtype),
+        DOT_FP32=interpreter_enabled(),
+        **common,
+    )
+    if not deterministic:
+        return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+
+    order, offsets, num_groups = key_major_order(indices, mask, num_keys, num_kv_heads)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    per_head_lists = indices.shape[1] == num_q_heads and layout.group > 1
+    common["HEADS"] = 1 if per_head_lists else layout.group
+    _sparse_attention_bwd_dkv_kernel[(num_keys, num_kv_heads, batch)](
+        Q=q,
+        K=k,
+        V=v,
+        DO=grad_out,
+        LSE=lse,
+        DELTA=delta,
+        ORDER=order,
+        OFFSETS=offsets,
+        DK_OUT=dk,
+        DV_OUT=dv,
+        stride_qb=q.stride(0),
+        stride_qt=q.stride(1),
+        stride_qh=q.stride(2),
+        stride_kb=k.stride(0),
+        stride_kt=k.stride(1),
+        stride_kh=k.stride(2),
+        stride_vb=v.stride(0),
+        stride_vt=v.stride(1),
+        stride_vh=v.stride(2),
+        stride_dob=grad_out.stride(0),
+        stride_dot=grad_out.stride(1),
+        stride_doh=grad_out.stride(2),
+        stride_dkb=dk.stride(0),
+        stride_dkt=dk.stride(1),
+        stride_dkh=dk.stride(2),
+        stride_dvb=dv.stride(0),
+        stride_dvt=dv.stride(1),
+        stride_dvh=dv.stride(2),
+        HI=indices.shape[1],
+        NL=num_groups,
+        PER_HEAD_LISTS=per_head_lists,
+        **common,
+    )
+    return dq, dk, dv
