@@ -11,7 +11,6 @@ import torch
 from hdgsa_core import runnable_backends
 from hdgsa_core.testing import DEFAULT_TOLERANCE, assert_close, make_tensor, must_not_run, strided_rows
 from hdgsa_sparse_attn import sparse_attention
-from hdgsa_sparse_attn.api import _TRITON_IMPLEMENTED
 from hdgsa_sparse_attn.reference import (
     WORKSPACE_BYTES,
     query_chunk_size,
@@ -23,7 +22,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [
     (device, backend)
     for device in DEVICES
-    for backend in runnable_backends(torch.device(device), implemented=_TRITON_IMPLEMENTED)
+    for backend in runnable_backends(torch.device(device))
 ]
 CASE_IDS = [f"{device}-{backend}" for device, backend in CASES]
 
@@ -396,21 +395,22 @@ def test_bad_scale_and_backend(monkeypatch):
         sparse_attention(q, k, v, idx, scale=torch.tensor(0.1))
     with pytest.raises(ValueError, match="backend"):
         sparse_attention(q, k, v, idx, backend="cuda")
-    with pytest.raises(TypeError, match="return_lse: expected a bool, got int"):
+    with pytest.raises(TypeError, match="return_lse must be a bool, got int"):
         sparse_attention(q, k, v, idx, return_lse=1)
-    with pytest.raises(TypeError, match="validate: expected a bool, got NoneType"):
+    with pytest.raises(TypeError, match="validate must be a bool, got NoneType"):
         sparse_attention(q, k, v, idx + 7, validate=None)  # None must not skip the check silently
 
 
-def test_triton_backend_not_implemented_yet(monkeypatch):
+def test_triton_backend_where_it_cannot_run(monkeypatch):
     q, k, v, idx = _inputs()
-    with pytest.raises(RuntimeError, match="not implemented yet"):
+    monkeypatch.setattr("hdgsa_core.backend.interpreter_enabled", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         sparse_attention(q, k, v, idx, backend="triton")
+    monkeypatch.setenv("HDGSA_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        sparse_attention(q, k, v, idx)
     monkeypatch.setenv("HDGSA_BACKEND", "torch")
     sparse_attention(q, k, v, idx)
-    monkeypatch.setenv("HDGSA_BACKEND", "triton")
-    with pytest.raises(RuntimeError, match="not implemented yet"):
-        sparse_attention(q, k, v, idx)
 
 
 def test_backend_environment(monkeypatch):

@@ -13,7 +13,8 @@ With ``p = exp(s - lse)`` recomputed from the saved ``lse`` and
   float sums depend on the order in which programs run.
 - The deterministic path (``torch.are_deterministic_algorithms_enabled()``) has no float
   atomics: :func:`key_major_order` sorts the valid slots by the key row they read (a stable
-  counting sort: ``argsort(stable=True)`` of the slot's bucket, ``bincount`` and ``cumsum``),
+  sort of the slots' buckets, ``torch.sort(stable=True)``, and ``searchsorted`` for the bucket
+  starts: integer work, deterministic, no host sync),
   and ``_sparse_attention_bwd_dkv_kernel`` runs one program per key row and KV head, which
   sums the contributions of its slots in that fixed order and writes its ``dk``/``dv`` rows
   once. The gradients are bitwise the same run after run.
@@ -323,7 +324,7 @@ def key_major_order(
     group ``i // (Hi // Hkv)``; ``NL = 1`` when ``Hi = 1``: one list read by every KV head).
     ``order`` lists the valid slots' flat ids sorted by bucket ``(b * NL + group) * Tkv + key``,
     stable (slot order within a bucket); the slots of bucket ``u`` are
-    ``order[offsets[u]:offsets[u + 1]]``. Integer sorts and counts: deterministic.
+    ``order[offsets[u]:offsets[u + 1]]``. Integer sorts and searches: deterministic, no host sync.
     """
     batch, num_lists, _, _ = indices.shape
     num_groups = 1 if num_lists == 1 else num_kv_heads
@@ -338,10 +339,10 @@ def key_major_order(
     base = torch.arange(batch, device=device, dtype=bucket_dtype)[:, None] * num_groups + group[None, :]
     bucket = base[:, :, None, None] * num_keys + rows
     bucket = torch.where(valid, bucket, num_buckets).reshape(-1)  # invalid slots sort last
-    order = torch.argsort(bucket, stable=True)
-    counts = torch.bincount(bucket, minlength=num_buckets + 1)[:num_buckets]
-    offsets = torch.zeros(num_buckets + 1, dtype=torch.int64, device=device)
-    torch.cumsum(counts, 0, out=offsets[1:])
+    sorted_bucket, order = torch.sort(bucket, stable=True)
+    # Bucket u's slots start at the first sorted bucket >= u (no bincount: it syncs on CUDA).
+    bounds = torch.arange(num_buckets + 1, device=device, dtype=bucket_dtype)
+    offsets = torch.searchsorted(sorted_bucket, bounds)
     return order, offsets, num_groups
 
 
