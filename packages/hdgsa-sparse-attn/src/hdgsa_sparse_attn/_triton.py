@@ -37,7 +37,19 @@ def _backward(ctx: Any, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | 
         return None, None, None
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    return bwd(grad_out, q, k, v, indices, mask, out, lse, grad_lse, ctx.scale, torch.are_deterministic_algorithms_enabled())
+    return bwd(
+        grad_out,
+        q,
+        k,
+        v,
+        indices,
+        mask,
+        out,
+        lse,
+        grad_lse,
+        ctx.scale,
+        torch.are_deterministic_algorithms_enabled(),
+    )
 
 
 class _SparseAttentionFunction(torch.autograd.Function):

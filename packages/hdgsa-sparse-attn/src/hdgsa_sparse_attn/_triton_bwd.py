@@ -162,7 +162,9 @@ def _sparse_attention_bwd_dq_kernel(
     m_hd = m_h[:, None] & m_d[None, :]
 
     b_q = tl.load(
-        Q + i_b * stride_qb + i_t * stride_qt + (i_h0 + o_h)[:, None] * stride_qh + o_d[None, :], mask=m_hd, other=0.0
+        Q + i_b * stride_qb + i_t * stride_qt + (i_h0 + o_h)[:, None] * stride_qh + o_d[None, :],
+        mask=m_hd,
+        other=0.0,
     )
     b_do = tl.load(
         DO + i_b * stride_dob + i_t * stride_dot + (i_h0 + o_h)[:, None] * stride_doh + o_dv[None, :],
@@ -198,8 +200,12 @@ def _sparse_attention_bwd_dq_kernel(
         if ATOMIC:
             b_dv_part = _outer(b_p, b_do, USE_DOT, PRECISION, DOT_FP32)
             b_dk_part = _outer(b_ds, b_q, USE_DOT, PRECISION, DOT_FP32) * scale
-            tl.atomic_add(p_dv + b_row[:, None] * stride_ct + o_dv[None, :], b_dv_part, mask=m_kdv, sem="relaxed")
-            tl.atomic_add(p_dk + b_row[:, None] * stride_at + o_d[None, :], b_dk_part, mask=m_kd, sem="relaxed")
+            tl.atomic_add(
+                p_dv + b_row[:, None] * stride_ct + o_dv[None, :], b_dv_part, mask=m_kdv, sem="relaxed"
+            )
+            tl.atomic_add(
+                p_dk + b_row[:, None] * stride_at + o_d[None, :], b_dk_part, mask=m_kd, sem="relaxed"
+            )
 
     p_dq = DQ + i_b * stride_dqb + i_t * stride_dqt + (i_h0 + o_h)[:, None] * stride_dqh + o_d[None, :]
     tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_hd)
@@ -311,7 +317,11 @@ def _sparse_attention_bwd_dkv_kernel(
         (b_dk * scale).to(DK_OUT.dtype.element_ty),
         mask=m_d,
     )
-    tl.store(DV_OUT + i_b * stride_dvb + i_s * stride_dvt + i_hkv * stride_dvh + o_dv, b_dv.to(DV_OUT.dtype.element_ty), mask=m_dv)
+    tl.store(
+        DV_OUT + i_b * stride_dvb + i_s * stride_dvt + i_hkv * stride_dvh + o_dv,
+        b_dv.to(DV_OUT.dtype.element_ty),
+        mask=m_dv,
+    )
 
 
 def key_major_order(

@@ -214,7 +214,9 @@ def _sparse_attention_fwd_kernel(
     m_nonempty = b_l > 0
     b_out = b_acc / tl.where(m_nonempty, b_l, 1.0)[:, None]
     # natural-log lse: (m + log2 l) / log2(e)
-    b_lse = tl.where(m_nonempty, (b_m + tl.log2(tl.where(m_nonempty, b_l, 1.0))) * 0.6931471805599453, float("-inf"))
+    b_lse = tl.where(
+        m_nonempty, (b_m + tl.log2(tl.where(m_nonempty, b_l, 1.0))) * 0.6931471805599453, float("-inf")
+    )
     p_out = OUT + i_b * stride_ob + i_t * stride_ot + (i_h0 + o_h)[:, None] * stride_oh + o_dv[None, :]
     tl.store(p_out, b_out.to(OUT.dtype.element_ty), mask=m_h[:, None] & m_dv[None, :])
     tl.store(LSE + (i_b * HQ + i_h0 + o_h) * T + i_t, b_lse, mask=m_h)
@@ -314,4 +316,3 @@ def sparse_attention_fwd(
         Q_DTYPE=str(q.dtype),
     )
     return out, lse
-
