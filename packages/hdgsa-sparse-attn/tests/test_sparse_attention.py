@@ -23,8 +23,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [(device, backend) for device in DEVICES for backend in runnable_backends(torch.device(device))]
 CASE_IDS = [f"{device}-{backend}" for device, backend in CASES]
 TRITON_DEVICES = [device for device, backend in CASES if backend == "triton"]
-# The two Triton backward paths: float atomics, and the key-major deterministic one.
-BACKWARD_PATHS = ["atomic", "deterministic"]
+# The Triton backward's dk/dv paths: float atomics from the dq kernel ("scatter"), the
+# key-major kernel over an atomic counting sort ("key_major"), and the deterministic one.
+BACKWARD_PATHS = ["scatter", "key_major", "deterministic"]
 
 
 @contextlib.contextmanager
@@ -37,6 +38,13 @@ def deterministic_algorithms(enabled: bool):
         yield
     finally:
         torch.use_deterministic_algorithms(was_enabled, warn_only=was_warn_only)
+
+
+def backward_path(path: str, monkeypatch: pytest.MonkeyPatch) -> contextlib.AbstractContextManager:
+    """Make the Triton backward take ``path``: the deterministic mode, or a forced fast path."""
+    if path != "deterministic":
+        monkeypatch.setattr("hdgsa_sparse_attn._triton_bwd.fast_path_for", lambda *_: path)
+    return deterministic_algorithms(path == "deterministic")
 
 
 def index_shape(layout: str, batch: int, seq_len: int, topk: int, hq: int, hkv: int) -> tuple[int, ...]:
@@ -589,7 +597,7 @@ def test_no_host_sync_without_validate(layout):
 @pytest.mark.parametrize("path", BACKWARD_PATHS)
 @pytest.mark.parametrize("layout", ["per_query", "per_kv", "shared", "shared3d"])
 @pytest.mark.parametrize(("hq", "hkv"), [(2, 2), (4, 2), (4, 1)], ids=["group1", "group2", "group4"])
-def test_triton_backward_paths(device, path, layout, hq, hkv):
+def test_triton_backward_paths(device, path, layout, hq, hkv, monkeypatch):
     # T != Tkv, odd K, empty rows (query 0), negative and repeated indices, hot keys (Tkv small).
     batch, seq_len, num_keys, topk, dim, dim_v = 2, 4, 7, 9, 32, 64
     q = make_tensor(batch, seq_len, hq, dim, dtype=torch.bfloat16, device=device, seed=201)
@@ -598,7 +606,7 @@ def test_triton_backward_paths(device, path, layout, hq, hkv):
     shape = index_shape(layout, batch, seq_len, topk, hq, hkv)
     indices = make_indices(shape, num_keys, seed=204, dtype=torch.int32).to(device)
     mask = make_mask(shape, seed=205).to(device)
-    with deterministic_algorithms(path == "deterministic"):
+    with backward_path(path, monkeypatch):
         check_against_dense(q, k, v, indices, mask, backend="triton")
 
 
@@ -606,12 +614,12 @@ def test_triton_backward_paths(device, path, layout, hq, hkv):
 @pytest.mark.parametrize("path", BACKWARD_PATHS)
 @pytest.mark.parametrize(("dim", "dim_v"), [(32, 32), (64, 32), (128, 128), (256, 64), (20, 12)])
 @pytest.mark.parametrize("layout", ["per_query", "per_kv"])
-def test_triton_head_dims(device, path, dim, dim_v, layout):
+def test_triton_head_dims(device, path, dim, dim_v, layout, monkeypatch):
     q = make_tensor(1, 3, 4, dim, device=device, seed=211)
     k = make_tensor(1, 10, 2, dim, device=device, seed=212)
     v = make_tensor(1, 10, 2, dim_v, device=device, seed=213)
     indices = make_indices(index_shape(layout, 1, 3, 37, 4, 2), 10, seed=214).to(device)
-    with deterministic_algorithms(path == "deterministic"):
+    with backward_path(path, monkeypatch):
         check_against_dense(q, k, v, indices, backend="triton")
 
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from hdgsa_core.capabilities import interpreter_enabled
-from hdgsa_core.triton_utils import autotune_configs, on_input_device
+from hdgsa_core.triton_utils import cdiv, next_power_of_2, on_input_device
 
 from ._triton_fwd import (
     LOG2E,
@@ -36,6 +36,7 @@ from ._triton_fwd import (
     _weighted_rows,
     block_dim,
     head_stride,
+    launch,
     mask_view,
     precision_of,
     slot_layout,
@@ -72,12 +73,6 @@ def _outer(b_a, b_b, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: t
     return b_o
 
 
-@triton.heuristics({"USE_DOT": lambda args: args["HEADS"] > 1})
-@triton.autotune(
-    configs=autotune_configs(_DQ_CONFIGS),
-    key=["HEADS", "D", "DV", "HAS_MASK", "ATOMIC", "Q_DTYPE"],
-    reset_to_zero=["DK_ACC", "DV_ACC"],
-)
 @triton.jit(do_not_specialize=["T", "TKV", "NUM_SLOTS"])
 def _sparse_attention_bwd_dq_kernel(
     Q,
@@ -184,7 +179,10 @@ def _sparse_attention_bwd_dq_kernel(
     p_dk = DK_ACC + i_b * stride_ab + i_hkv * stride_ah
     p_dv = DV_ACC + i_b * stride_cb + i_hkv * stride_ch
 
-    b_dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    if USE_DOT:
+        b_dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    else:  # per-slot terms, summed after the loop
+        b_dq = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     for start in range(0, NUM_SLOTS, BLOCK_K):
         o_k = start + tl.arange(0, BLOCK_K)
         b_row, m_valid = _slot_rows(p_index, p_mask, o_k, NUM_SLOTS, TKV, stride_ik, stride_mk, HAS_MASK)
@@ -207,11 +205,12 @@ def _sparse_attention_bwd_dq_kernel(
                 p_dk + b_row[:, None] * stride_at + o_d[None, :], b_dk_part, mask=m_kd, sem="relaxed"
             )
 
+    if not USE_DOT:
+        b_dq = tl.sum(b_dq, 0)[None, :]
     p_dq = DQ + i_b * stride_dqb + i_t * stride_dqt + (i_h0 + o_h)[:, None] * stride_dqh + o_d[None, :]
     tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_hd)
 
 
-@triton.autotune(configs=autotune_configs(_DKV_CONFIGS), key=["HEADS", "D", "DV", "Q_DTYPE"])
 @triton.jit(do_not_specialize=["T", "TKV", "NUM_SLOTS", "HI", "NL"])
 def _sparse_attention_bwd_dkv_kernel(
     Q,
@@ -279,8 +278,9 @@ def _sparse_attention_bwd_dkv_kernel(
     b_k = b_k.to(tl.float32)
     b_v = b_v.to(tl.float32)
 
-    b_dk = tl.zeros([BLOCK_D], tl.float32)
-    b_dv = tl.zeros([BLOCK_DV], tl.float32)
+    # Per-lane partial sums, reduced once after the loop (a fixed order: deterministic).
+    b_dk = tl.zeros([BLOCK_E, BLOCK_D], tl.float32)
+    b_dv = tl.zeros([BLOCK_E, BLOCK_DV], tl.float32)
     for e0 in range(i_start, i_end, BLOCK_E):
         o_e = e0 + tl.arange(0, BLOCK_E)
         m_e = o_e < i_end
@@ -309,8 +309,10 @@ def _sparse_attention_bwd_dkv_kernel(
             b_s = tl.sum(b_q * b_k[None, :], 1) * qk_scale
             b_p = tl.where(m_e, tl.exp2(b_s - b_lse2), 0.0)
             b_ds = b_p * (tl.sum(b_do * b_v[None, :], 1) - b_delta)
-            b_dv += tl.sum(b_p[:, None] * b_do, 0)
-            b_dk += tl.sum(b_ds[:, None] * b_q, 0)
+            b_dv += b_p[:, None] * b_do
+            b_dk += b_ds[:, None] * b_q
+    b_dk = tl.sum(b_dk, 0)
+    b_dv = tl.sum(b_dv, 0)
 
     tl.store(
         DK_OUT + i_b * stride_dkb + i_s * stride_dkt + i_hkv * stride_dkh + o_d,
@@ -324,23 +326,118 @@ def _sparse_attention_bwd_dkv_kernel(
     )
 
 
+@triton.jit(do_not_specialize=["T", "TKV", "NUM_SLOTS", "HI", "NL"])
+def _sparse_attention_slot_bucket_kernel(
+    INDEX,
+    MASK,
+    COUNTS,
+    CURSOR,
+    ORDER,
+    stride_ib,
+    stride_ih,
+    stride_it,
+    stride_ik,
+    stride_mb,
+    stride_mh,
+    stride_mt,
+    stride_mk,
+    T,
+    TKV,
+    NUM_SLOTS,
+    HI,
+    NL,
+    LISTS_PER_GROUP: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PLACE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Counting sort of the valid slots by bucket ``(b * NL + list group) * Tkv + key``, by
+    integer atomics: ``PLACE = False`` counts each bucket's slots, ``PLACE = True`` writes each
+    slot's flat id at the next free position of its bucket (``CURSOR``: the bucket starts).
+    The order within a bucket depends on scheduling: the fast path only."""
+    i_row = tl.program_id(0).to(tl.int64)  # flat (b, list, t)
+    i_t = i_row % T
+    i_ih = (i_row // T) % HI
+    i_b = i_row // (T * HI)
+    o_k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    p_index = INDEX + i_b * stride_ib + i_ih * stride_ih + i_t * stride_it
+    p_mask = MASK + i_b * stride_mb + i_ih * stride_mh + i_t * stride_mt
+    b_row, m_valid = _slot_rows(p_index, p_mask, o_k, NUM_SLOTS, TKV, stride_ik, stride_mk, HAS_MASK)
+    b_bucket = (i_b * NL + i_ih // LISTS_PER_GROUP) * TKV + b_row
+    if PLACE:
+        b_pos = tl.atomic_add(CURSOR + b_bucket, 1, mask=m_valid, sem="relaxed")
+        tl.store(ORDER + b_pos, i_row * NUM_SLOTS + o_k, mask=m_valid)
+    else:
+        tl.atomic_add(COUNTS + b_bucket, 1, mask=m_valid, sem="relaxed")
+
+
+_sparse_attention_bwd_dq_tuned = triton.autotune(
+    configs=_DQ_CONFIGS,
+    key=["HEADS", "D", "DV", "HAS_MASK", "ATOMIC", "Q_DTYPE"],
+    reset_to_zero=["DK_ACC", "DV_ACC"],
+)(_sparse_attention_bwd_dq_kernel)
+_sparse_attention_bwd_dkv_tuned = triton.autotune(configs=_DKV_CONFIGS, key=["HEADS", "D", "DV", "Q_DTYPE"])(
+    _sparse_attention_bwd_dkv_kernel
+)
+
+
 def key_major_order(
-    indices: torch.Tensor, mask: torch.Tensor | None, num_keys: int, num_kv_heads: int
+    indices: torch.Tensor, mask: torch.Tensor | None, num_keys: int, num_kv_heads: int, *, stable: bool
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The inverse index: ``(order, offsets, NL)``.
 
     Slot ``(b, i, t, j)`` of ``indices`` ``[B, Hi, T, K]`` (flat id in that order) reads key row
     ``indices[b, i, t, j]`` of the KV heads of its list group (``NL = Hkv`` groups, list ``i`` in
     group ``i // (Hi // Hkv)``; ``NL = 1`` when ``Hi = 1``: one list read by every KV head).
-    ``order`` lists the valid slots' flat ids sorted by bucket ``(b * NL + group) * Tkv + key``,
-    stable (slot order within a bucket); the slots of bucket ``u`` are
-    ``order[offsets[u]:offsets[u + 1]]``. Integer sorts and searches: deterministic, no host sync.
+    ``order`` lists the valid slots' flat ids grouped by bucket ``(b * NL + group) * Tkv + key``;
+    the slots of bucket ``u`` are ``order[offsets[u]:offsets[u + 1]]``. No host sync.
+
+    ``stable``: a stable integer sort (``torch.sort``) and ``searchsorted`` for the bucket
+    starts: slot order within a bucket, bitwise the same every run. Otherwise a counting sort
+    by integer atomics (count, prefix sum, place): fewer passes, scheduling-dependent order.
     """
-    batch, num_lists, _, _ = indices.shape
+    batch, num_lists, seq_len, num_slots = indices.shape
     num_groups = 1 if num_lists == 1 else num_kv_heads
     num_buckets = batch * num_groups * num_keys
-    bucket_dtype = torch.int32 if num_buckets < 2**31 - 1 else torch.int64
     device = indices.device
+    if not stable:
+        mask_arg = mask_view(indices, mask)
+        counts = torch.zeros(num_buckets, dtype=torch.int64, device=device)
+        offsets = torch.zeros(num_buckets + 1, dtype=torch.int64, device=device)
+        order = torch.empty(indices.numel(), dtype=torch.int64, device=device)
+        block = min(1024, max(16, next_power_of_2(num_slots)))
+        grid = (batch * num_lists * seq_len, cdiv(num_slots, block))
+        for place in (False, True):
+            if place:
+                torch.cumsum(counts, 0, out=offsets[1:])
+                counts.copy_(offsets[:-1])  # becomes the cursor of each bucket
+            _sparse_attention_slot_bucket_kernel[grid](
+                INDEX=indices,
+                MASK=mask_arg,
+                COUNTS=counts,
+                CURSOR=counts,
+                ORDER=order,
+                stride_ib=indices.stride(0),
+                stride_ih=head_stride(indices),
+                stride_it=indices.stride(2),
+                stride_ik=indices.stride(3),
+                stride_mb=mask_arg.stride(0),
+                stride_mh=head_stride(mask_arg),
+                stride_mt=mask_arg.stride(2),
+                stride_mk=mask_arg.stride(3),
+                T=seq_len,
+                TKV=num_keys,
+                NUM_SLOTS=num_slots,
+                HI=num_lists,
+                NL=num_groups,
+                LISTS_PER_GROUP=num_lists // num_groups,
+                HAS_MASK=mask is not None,
+                PLACE=place,
+                BLOCK=block,
+                num_warps=4,
+            )
+        return order, offsets, num_groups
+    bucket_dtype = torch.int32 if num_buckets < 2**31 - 1 else torch.int64
     rows = indices.to(bucket_dtype)
     valid = (indices >= 0) & (indices < num_keys)
     if mask is not None:
@@ -356,6 +453,15 @@ def key_major_order(
     return order, offsets, num_groups
 
 
+def fast_path_for(num_index_heads: int, num_q_heads: int, num_kv_heads: int) -> str:
+    """The non-deterministic backward's dk/dv path: the key-major kernel for per-head lists
+    (a float atomic per element of every selected row costs more than sorting the slots),
+    float atomics from the dq kernel when a KV group shares its lists (one atomic row per
+    group and slot)."""
+    per_head = (num_index_heads == num_q_heads and num_q_heads > num_kv_heads) or num_q_heads == num_kv_heads
+    return "key_major" if per_head else "scatter"
+
+
 @on_input_device
 def sparse_attention_bwd(
     grad_out: torch.Tensor,
@@ -369,8 +475,18 @@ def sparse_attention_bwd(
     grad_lse: torch.Tensor | None,
     scale: float,
     deterministic: bool,
+    fast_path: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` in the inputs' dtype; ``indices``/``mask`` 4-D, ``lse`` ``[B, Hq, T]``."""
+    """``(dq, dk, dv)`` in the inputs' dtype; ``indices``/``mask`` 4-D, ``lse`` ``[B, Hq, T]``.
+
+    ``deterministic``: dk/dv by the key-major kernel over a stable inverse index. Otherwise
+    ``fast_path``: ``"scatter"`` (float atomics from the dq kernel), ``"key_major"`` (the
+    key-major kernel over an atomic counting sort) or None (:func:`fast_path_for`).
+    """
+    if deterministic:
+        path = "deterministic"
+    else:
+        path = fast_path or fast_path_for(indices.shape[1], q.shape[2], k.shape[2])
     batch, seq_len, num_q_heads, head_dim = q.shape
     num_keys, num_kv_heads, value_dim = k.shape[1], k.shape[2], v.shape[3]
     q, k, v, grad_out = unit_last(q), unit_last(k), unit_last(v), unit_last(grad_out)
@@ -398,13 +514,19 @@ def sparse_attention_bwd(
         "BLOCK_DV": block_dim(value_dim),
         "Q_DTYPE": str(q.dtype),
     }
-    if deterministic:  # no float32 buffers: placeholders the kernel does not touch
+    scatter = path == "scatter"
+    if not scatter:  # no float32 buffers: placeholders the kernel does not touch
         dk_acc = dv_acc = torch.zeros(1, 1, 1, 1, dtype=torch.float32, device=q.device)
     else:
         dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     grid = (seq_len, layout.head_programs, batch)
-    _sparse_attention_bwd_dq_kernel[grid](
+    launch(
+        _sparse_attention_bwd_dq_kernel,
+        _sparse_attention_bwd_dq_tuned,
+        _DQ_CONFIGS,
+        grid,
+        batch * seq_len * layout.head_programs * indices.shape[3],
         Q=q,
         K=k,
         V=v,
@@ -448,20 +570,28 @@ def sparse_attention_bwd(
         INDEX_DIV=layout.index_div,
         BLOCK_H=layout.block_h,
         HAS_MASK=mask is not None,
-        ATOMIC=not deterministic,
+        ATOMIC=scatter,
         PRECISION=precision_of(q.dtype),
         DOT_FP32=interpreter_enabled(),
+        USE_DOT=layout.shared,
         **common,
     )
-    if not deterministic:
+    if scatter:
         return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
-    order, offsets, num_groups = key_major_order(indices, mask, num_keys, num_kv_heads)
+    order, offsets, num_groups = key_major_order(
+        indices, mask, num_keys, num_kv_heads, stable=path == "deterministic"
+    )
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     per_head_lists = indices.shape[1] == num_q_heads and layout.group > 1
     common["HEADS"] = 1 if per_head_lists else layout.group
-    _sparse_attention_bwd_dkv_kernel[(num_keys, num_kv_heads, batch)](
+    launch(
+        _sparse_attention_bwd_dkv_kernel,
+        _sparse_attention_bwd_dkv_tuned,
+        _DKV_CONFIGS,
+        (num_keys, num_kv_heads, batch),
+        order.numel(),
         Q=q,
         K=k,
         V=v,

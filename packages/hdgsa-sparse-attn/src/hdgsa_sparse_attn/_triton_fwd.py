@@ -24,15 +24,15 @@ import triton
 import triton.language as tl
 
 from hdgsa_core.capabilities import interpreter_enabled
-from hdgsa_core.triton_utils import autotune_configs, next_power_of_2, on_input_device
+from hdgsa_core.triton_utils import next_power_of_2, on_input_device
 
-__all__ = ["LOG2E", "SlotLayout", "slot_layout", "sparse_attention_fwd"]
+__all__ = ["LOG2E", "SlotLayout", "launch", "slot_layout", "sparse_attention_fwd"]
 
 LOG2E = 1.4426950408889634
 
 # Per-head gathers: loads in flight matter more than occupancy (each step is BLOCK_K whole
 # rows of K and V); group-shared programs: BLOCK_K rows feed a [16, BLOCK_K] tensor-core tile.
-# The first config is the one the interpreter uses (small, quick).
+# The first config is the one small inputs and the interpreter use (no autotuning).
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=2),
@@ -79,8 +79,13 @@ def _scores(b_q, b_k, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: 
 
 @triton.jit
 def _weighted_rows(b_p, b_v, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-    """``[BH, BK] x [BK, DV] -> [BH, DV]`` float32: ``b_p @ b_v`` (``b_p`` float32, rounded
-    to the dtype of ``b_v`` first, as FlashAttention does)."""
+    """``b_p @ b_v`` for ``b_p`` ``[BH, BK]`` float32 and ``b_v`` ``[BK, DV]``.
+
+    ``USE_DOT``: the ``[BH, DV]`` product (``b_p`` rounded to the dtype of ``b_v`` first, as
+    FlashAttention does). One query row: the ``[BK, DV]`` per-slot terms; the caller keeps them
+    in a ``[BK, DV]`` accumulator and sums over the slots once, after its loop (no cross-warp
+    reduction per step).
+    """
     if USE_DOT:
         b_p = b_p.to(b_v.dtype)
         if DOT_FP32:
@@ -88,7 +93,7 @@ def _weighted_rows(b_p, b_v, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, DOT
             b_v = b_v.to(tl.float32)
         b_o = tl.dot(b_p, b_v, input_precision=PRECISION)
     else:
-        b_o = tl.sum(tl.sum(b_p, 0)[:, None] * b_v.to(tl.float32), 0)[None, :]
+        b_o = tl.sum(b_p, 0)[:, None] * b_v.to(tl.float32)
     return b_o
 
 
@@ -112,8 +117,6 @@ def _slot_rows(
     return tl.where(m_valid, b_index, 0), m_valid
 
 
-@triton.heuristics({"USE_DOT": lambda args: args["HEADS"] > 1})
-@triton.autotune(configs=autotune_configs(_FWD_CONFIGS), key=["HEADS", "D", "DV", "HAS_MASK", "Q_DTYPE"])
 @triton.jit(do_not_specialize=["T", "TKV", "NUM_SLOTS"])
 def _sparse_attention_fwd_kernel(
     Q,
@@ -190,7 +193,10 @@ def _sparse_attention_fwd_kernel(
 
     b_m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_H], tl.float32)
-    b_acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    if USE_DOT:
+        b_acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    else:  # per-slot terms, summed after the loop
+        b_acc = tl.zeros([BLOCK_K, BLOCK_DV], tl.float32)
     for start in range(0, NUM_SLOTS, BLOCK_K):
         o_k = start + tl.arange(0, BLOCK_K)
         b_row, m_valid = _slot_rows(p_index, p_mask, o_k, NUM_SLOTS, TKV, stride_ik, stride_mk, HAS_MASK)
@@ -211,6 +217,8 @@ def _sparse_attention_fwd_kernel(
         b_acc = b_acc * b_alpha[:, None] + _weighted_rows(b_p, b_v, USE_DOT, PRECISION, DOT_FP32)
         b_m = b_m_new
 
+    if not USE_DOT:
+        b_acc = tl.sum(b_acc, 0)[None, :]
     m_nonempty = b_l > 0
     b_out = b_acc / tl.where(m_nonempty, b_l, 1.0)[:, None]
     # natural-log lse: (m + log2 l) / log2(e)
@@ -220,6 +228,24 @@ def _sparse_attention_fwd_kernel(
     p_out = OUT + i_b * stride_ob + i_t * stride_ot + (i_h0 + o_h)[:, None] * stride_oh + o_dv[None, :]
     tl.store(p_out, b_out.to(OUT.dtype.element_ty), mask=m_h[:, None] & m_dv[None, :])
     tl.store(LSE + (i_b * HQ + i_h0 + o_h) * T + i_t, b_lse, mask=m_h)
+
+
+_sparse_attention_fwd_tuned = triton.autotune(
+    configs=_FWD_CONFIGS, key=["HEADS", "D", "DV", "HAS_MASK", "Q_DTYPE"]
+)(_sparse_attention_fwd_kernel)
+
+# Below this many (program, slot) pairs a launch takes the first config instead of autotuning:
+# timing five configs (and compiling each) costs more than small inputs can win back.
+AUTOTUNE_MIN_WORK = 1 << 22
+
+
+def launch(kernel, tuned, configs: list, grid: tuple[int, ...], work: int, **arguments) -> None:
+    """``tuned[grid](...)`` for large inputs on a GPU, else ``kernel`` with ``configs[0]``."""
+    if work >= AUTOTUNE_MIN_WORK and not interpreter_enabled():
+        tuned[grid](**arguments)
+        return
+    config = configs[0]
+    kernel[grid](**arguments, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def precision_of(dtype: torch.dtype) -> str:
@@ -269,7 +295,12 @@ def sparse_attention_fwd(
     layout = slot_layout(q, k, indices)
     mask_arg = mask_view(indices, mask)
     grid = (seq_len, layout.head_programs, batch)
-    _sparse_attention_fwd_kernel[grid](
+    launch(
+        _sparse_attention_fwd_kernel,
+        _sparse_attention_fwd_tuned,
+        _FWD_CONFIGS,
+        grid,
+        batch * seq_len * layout.head_programs * indices.shape[3],
         Q=q,
         K=k,
         V=v,
@@ -314,5 +345,6 @@ def sparse_attention_fwd(
         PRECISION=precision_of(q.dtype),
         DOT_FP32=interpreter_enabled(),
         Q_DTYPE=str(q.dtype),
+        USE_DOT=layout.shared,
     )
     return out, lse
