@@ -671,3 +671,18 @@ def test_triton_custom_op_opcheck(device):
     q, k, v, out, lse = (t.detach() for t in (q, k, v, out, lse))  # the backward op has no autograd
     args = (grad_out, q, k, v, indices, mask, out, lse, None, 0.25, True)
     torch.library.opcheck(torch.ops.hdgsa.sparse_attention_bwd.default, args)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("kernel", ["row", "tile", "dot16"])
+@pytest.mark.parametrize("path", ["scatter", "deterministic"])
+def test_triton_per_head_kernels(device, kernel, path, monkeypatch):
+    # Each kernel a query head with its own list can take, with an odd K over several steps.
+    monkeypatch.setattr("hdgsa_sparse_attn._triton_fwd.PER_HEAD_KERNEL", kernel)
+    q = make_tensor(2, 4, 4, 32, dtype=torch.bfloat16, device=device, seed=251)
+    k = make_tensor(2, 13, 2, 32, dtype=torch.bfloat16, device=device, seed=252)
+    v = make_tensor(2, 13, 2, 48, dtype=torch.bfloat16, device=device, seed=253)
+    indices = make_indices((2, 4, 4, 71), 13, seed=254).to(device)
+    mask = make_mask(indices.shape, seed=255).to(device)
+    with backward_path(path, monkeypatch):
+        check_against_dense(q, k, v, indices, mask, backend="triton")

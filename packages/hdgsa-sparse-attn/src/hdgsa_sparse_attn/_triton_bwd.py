@@ -30,6 +30,7 @@ from hdgsa_core.capabilities import interpreter_enabled
 from hdgsa_core.triton_utils import cdiv, next_power_of_2, on_input_device
 
 from ._triton_fwd import (
+    _ROW_CONFIGS,
     LOG2E,
     _scores,
     _slot_rows,
@@ -38,6 +39,7 @@ from ._triton_fwd import (
     head_stride,
     launch,
     mask_view,
+    per_head_kernel,
     precision_of,
     slot_layout,
     unit_last,
@@ -211,6 +213,127 @@ def _sparse_attention_bwd_dq_kernel(
     tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_hd)
 
 
+@triton.jit(do_not_specialize=["T", "TKV", "NUM_SLOTS"])
+def _sparse_attention_bwd_dq_row_kernel(
+    Q,
+    K,
+    V,
+    INDEX,
+    MASK,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    DK_ACC,
+    DV_ACC,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ib,
+    stride_ih,
+    stride_it,
+    stride_ik,
+    stride_mb,
+    stride_mh,
+    stride_mt,
+    stride_mk,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    stride_dqb,
+    stride_dqt,
+    stride_dqh,
+    stride_ab,
+    stride_at,
+    stride_ah,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    T,
+    TKV,
+    NUM_SLOTS,
+    HQ,
+    scale,
+    qk_scale,
+    GROUP: tl.constexpr,
+    INDEX_DIV: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    Q_DTYPE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``dq`` of one query head with its own list (the forward's row kernel, 1-D)."""
+    i_t = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    i_hkv = i_h // GROUP
+    i_ih = i_h // INDEX_DIV
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_d = o_d < D
+    m_dv = o_dv < DV
+    o_k = tl.arange(0, BLOCK_K)
+
+    b_q = tl.load(Q + i_b * stride_qb + i_t * stride_qt + i_h * stride_qh + o_d, mask=m_d, other=0.0).to(
+        tl.float32
+    )
+    b_do = tl.load(DO + i_b * stride_dob + i_t * stride_dot + i_h * stride_doh + o_dv, mask=m_dv, other=0.0)
+    b_do = b_do.to(tl.float32)
+    b_lse = tl.load(LSE + (i_b * HQ + i_h) * T + i_t)
+    # An empty row (lse = -inf) gets +inf: p = exp2(s - inf) = 0.
+    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
+    b_delta = tl.load(DELTA + (i_b * HQ + i_h) * T + i_t)
+    b_qs = b_q * qk_scale
+    p_k = K + i_b * stride_kb + i_hkv * stride_kh
+    p_v = V + i_b * stride_vb + i_hkv * stride_vh
+    p_index = INDEX + i_b * stride_ib + i_ih * stride_ih + i_t * stride_it
+    p_mask = MASK + i_b * stride_mb + i_ih * stride_mh + i_t * stride_mt
+    p_dk = DK_ACC + i_b * stride_ab + i_hkv * stride_ah
+    p_dv = DV_ACC + i_b * stride_cb + i_hkv * stride_ch
+
+    b_dq = tl.zeros([BLOCK_D], tl.float32)
+    b_row, m_valid = _slot_rows(p_index, p_mask, o_k, NUM_SLOTS, TKV, stride_ik, stride_mk, HAS_MASK)
+    for start in range(0, NUM_SLOTS, BLOCK_K):
+        m_kd = m_valid[:, None] & m_d[None, :]
+        m_kdv = m_valid[:, None] & m_dv[None, :]
+        b_k = tl.load(p_k + b_row[:, None] * stride_kt + o_d[None, :], mask=m_kd, other=0.0).to(tl.float32)
+        b_v = tl.load(p_v + b_row[:, None] * stride_vt + o_dv[None, :], mask=m_kdv, other=0.0).to(tl.float32)
+        b_row_next, m_valid_next = _slot_rows(
+            p_index, p_mask, start + BLOCK_K + o_k, NUM_SLOTS, TKV, stride_ik, stride_mk, HAS_MASK
+        )
+        b_p = tl.where(m_valid, tl.exp2(tl.sum(b_k * b_qs[None, :], 1) - b_lse2), 0.0)
+        b_ds = b_p * (tl.sum(b_v * b_do[None, :], 1) - b_delta)
+        b_dq += tl.sum(b_ds[:, None] * b_k, 0)
+        if ATOMIC:
+            tl.atomic_add(
+                p_dv + b_row[:, None] * stride_ct + o_dv[None, :],
+                b_p[:, None] * b_do[None, :],
+                mask=m_kdv,
+                sem="relaxed",
+            )
+            tl.atomic_add(
+                p_dk + b_row[:, None] * stride_at + o_d[None, :],
+                (b_ds * scale)[:, None] * b_q[None, :],
+                mask=m_kd,
+                sem="relaxed",
+            )
+        b_row = b_row_next
+        m_valid = m_valid_next
+
+    p_dq = DQ + i_b * stride_dqb + i_t * stride_dqt + i_h * stride_dqh + o_d
+    tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_d)
+
+
 @triton.jit(do_not_specialize=["T", "TKV", "NUM_SLOTS", "HI", "NL"])
 def _sparse_attention_bwd_dkv_kernel(
     Q,
@@ -326,13 +449,11 @@ def _sparse_attention_bwd_dkv_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["T", "TKV", "NUM_SLOTS", "HI", "NL"])
+@triton.jit(do_not_specialize=["T", "TKV", "NUM_SLOTS", "HI", "NL", "SENTINEL"])
 def _sparse_attention_slot_bucket_kernel(
     INDEX,
     MASK,
-    COUNTS,
-    CURSOR,
-    ORDER,
+    BUCKET,
     stride_ib,
     stride_ih,
     stride_it,
@@ -346,15 +467,13 @@ def _sparse_attention_slot_bucket_kernel(
     NUM_SLOTS,
     HI,
     NL,
+    SENTINEL,
     LISTS_PER_GROUP: tl.constexpr,
     HAS_MASK: tl.constexpr,
-    PLACE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Counting sort of the valid slots by bucket ``(b * NL + list group) * Tkv + key``, by
-    integer atomics: ``PLACE = False`` counts each bucket's slots, ``PLACE = True`` writes each
-    slot's flat id at the next free position of its bucket (``CURSOR``: the bucket starts).
-    The order within a bucket depends on scheduling: the fast path only."""
+    """``BUCKET[flat slot] = (b * NL + list group) * Tkv + key`` for a valid slot, else
+    ``B * NL * Tkv`` (sorts last): one pass over ``indices`` (and ``mask``) through their strides."""
     i_row = tl.program_id(0).to(tl.int64)  # flat (b, list, t)
     i_t = i_row % T
     i_ih = (i_row // T) % HI
@@ -363,12 +482,8 @@ def _sparse_attention_slot_bucket_kernel(
     p_index = INDEX + i_b * stride_ib + i_ih * stride_ih + i_t * stride_it
     p_mask = MASK + i_b * stride_mb + i_ih * stride_mh + i_t * stride_mt
     b_row, m_valid = _slot_rows(p_index, p_mask, o_k, NUM_SLOTS, TKV, stride_ik, stride_mk, HAS_MASK)
-    b_bucket = (i_b * NL + i_ih // LISTS_PER_GROUP) * TKV + b_row
-    if PLACE:
-        b_pos = tl.atomic_add(CURSOR + b_bucket, 1, mask=m_valid, sem="relaxed")
-        tl.store(ORDER + b_pos, i_row * NUM_SLOTS + o_k, mask=m_valid)
-    else:
-        tl.atomic_add(COUNTS + b_bucket, 1, mask=m_valid, sem="relaxed")
+    b_bucket = tl.where(m_valid, (i_b * NL + i_ih // LISTS_PER_GROUP) * TKV + b_row, SENTINEL)
+    tl.store(BUCKET + i_row * NUM_SLOTS + o_k, b_bucket.to(BUCKET.dtype.element_ty), mask=o_k < NUM_SLOTS)
 
 
 _sparse_attention_bwd_dq_tuned = triton.autotune(
@@ -376,79 +491,63 @@ _sparse_attention_bwd_dq_tuned = triton.autotune(
     key=["HEADS", "D", "DV", "HAS_MASK", "ATOMIC", "Q_DTYPE"],
     reset_to_zero=["DK_ACC", "DV_ACC"],
 )(_sparse_attention_bwd_dq_kernel)
+_sparse_attention_bwd_dq_row_tuned = triton.autotune(
+    configs=_ROW_CONFIGS,
+    key=["D", "DV", "HAS_MASK", "ATOMIC", "Q_DTYPE"],
+    reset_to_zero=["DK_ACC", "DV_ACC"],
+)(_sparse_attention_bwd_dq_row_kernel)
 _sparse_attention_bwd_dkv_tuned = triton.autotune(configs=_DKV_CONFIGS, key=["HEADS", "D", "DV", "Q_DTYPE"])(
     _sparse_attention_bwd_dkv_kernel
 )
 
 
 def key_major_order(
-    indices: torch.Tensor, mask: torch.Tensor | None, num_keys: int, num_kv_heads: int, *, stable: bool
+    indices: torch.Tensor, mask: torch.Tensor | None, num_keys: int, num_kv_heads: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The inverse index: ``(order, offsets, NL)``.
 
     Slot ``(b, i, t, j)`` of ``indices`` ``[B, Hi, T, K]`` (flat id in that order) reads key row
     ``indices[b, i, t, j]`` of the KV heads of its list group (``NL = Hkv`` groups, list ``i`` in
     group ``i // (Hi // Hkv)``; ``NL = 1`` when ``Hi = 1``: one list read by every KV head).
-    ``order`` lists the valid slots' flat ids grouped by bucket ``(b * NL + group) * Tkv + key``;
-    the slots of bucket ``u`` are ``order[offsets[u]:offsets[u + 1]]``. No host sync.
-
-    ``stable``: a stable integer sort (``torch.sort``) and ``searchsorted`` for the bucket
-    starts: slot order within a bucket, bitwise the same every run. Otherwise a counting sort
-    by integer atomics (count, prefix sum, place): fewer passes, scheduling-dependent order.
+    ``order`` lists the valid slots' flat ids sorted by bucket ``(b * NL + group) * Tkv + key``,
+    stably (slot order within a bucket); the slots of bucket ``u`` are
+    ``order[offsets[u]:offsets[u + 1]]``. A Triton pass writes the buckets, ``torch.sort``
+    (stable) orders them, ``searchsorted`` finds the bucket starts: integer work, bitwise the
+    same every run, no host sync.
     """
     batch, num_lists, seq_len, num_slots = indices.shape
     num_groups = 1 if num_lists == 1 else num_kv_heads
     num_buckets = batch * num_groups * num_keys
-    device = indices.device
-    if not stable:
-        mask_arg = mask_view(indices, mask)
-        counts = torch.zeros(num_buckets, dtype=torch.int64, device=device)
-        offsets = torch.zeros(num_buckets + 1, dtype=torch.int64, device=device)
-        order = torch.empty(indices.numel(), dtype=torch.int64, device=device)
-        block = min(1024, max(16, next_power_of_2(num_slots)))
-        grid = (batch * num_lists * seq_len, cdiv(num_slots, block))
-        for place in (False, True):
-            if place:
-                torch.cumsum(counts, 0, out=offsets[1:])
-                counts.copy_(offsets[:-1])  # becomes the cursor of each bucket
-            _sparse_attention_slot_bucket_kernel[grid](
-                INDEX=indices,
-                MASK=mask_arg,
-                COUNTS=counts,
-                CURSOR=counts,
-                ORDER=order,
-                stride_ib=indices.stride(0),
-                stride_ih=head_stride(indices),
-                stride_it=indices.stride(2),
-                stride_ik=indices.stride(3),
-                stride_mb=mask_arg.stride(0),
-                stride_mh=head_stride(mask_arg),
-                stride_mt=mask_arg.stride(2),
-                stride_mk=mask_arg.stride(3),
-                T=seq_len,
-                TKV=num_keys,
-                NUM_SLOTS=num_slots,
-                HI=num_lists,
-                NL=num_groups,
-                LISTS_PER_GROUP=num_lists // num_groups,
-                HAS_MASK=mask is not None,
-                PLACE=place,
-                BLOCK=block,
-                num_warps=4,
-            )
-        return order, offsets, num_groups
     bucket_dtype = torch.int32 if num_buckets < 2**31 - 1 else torch.int64
-    rows = indices.to(bucket_dtype)
-    valid = (indices >= 0) & (indices < num_keys)
-    if mask is not None:
-        valid = valid & mask
-    group = torch.arange(num_lists, device=device, dtype=bucket_dtype) // (num_lists // num_groups)
-    base = torch.arange(batch, device=device, dtype=bucket_dtype)[:, None] * num_groups + group[None, :]
-    bucket = base[:, :, None, None] * num_keys + rows
-    bucket = torch.where(valid, bucket, num_buckets).reshape(-1)  # invalid slots sort last
+    mask_arg = mask_view(indices, mask)
+    bucket = torch.empty(indices.numel(), dtype=bucket_dtype, device=indices.device)
+    block = min(1024, max(16, next_power_of_2(num_slots)))
+    _sparse_attention_slot_bucket_kernel[(batch * num_lists * seq_len, cdiv(num_slots, block))](
+        INDEX=indices,
+        MASK=mask_arg,
+        BUCKET=bucket,
+        stride_ib=indices.stride(0),
+        stride_ih=head_stride(indices),
+        stride_it=indices.stride(2),
+        stride_ik=indices.stride(3),
+        stride_mb=mask_arg.stride(0),
+        stride_mh=head_stride(mask_arg),
+        stride_mt=mask_arg.stride(2),
+        stride_mk=mask_arg.stride(3),
+        T=seq_len,
+        TKV=num_keys,
+        NUM_SLOTS=num_slots,
+        HI=num_lists,
+        NL=num_groups,
+        SENTINEL=num_buckets,
+        LISTS_PER_GROUP=num_lists // num_groups,
+        HAS_MASK=mask is not None,
+        BLOCK=block,
+        num_warps=4,
+    )
     sorted_bucket, order = torch.sort(bucket, stable=True)
     # Bucket u's slots start at the first sorted bucket >= u (no bincount: it syncs on CUDA).
-    bounds = torch.arange(num_buckets + 1, device=device, dtype=bucket_dtype)
+    bounds = torch.arange(num_buckets + 1, device=indices.device, dtype=bucket_dtype)
     offsets = torch.searchsorted(sorted_bucket, bounds)
     return order, offsets, num_groups
 
@@ -457,7 +556,7 @@ def fast_path_for(num_index_heads: int, num_q_heads: int, num_kv_heads: int) -> 
     """The non-deterministic backward's dk/dv path: the key-major kernel for per-head lists
     (a float atomic per element of every selected row costs more than sorting the slots),
     float atomics from the dq kernel when a KV group shares its lists (one atomic row per
-    group and slot)."""
+    group and slot, G query heads' terms summed before it)."""
     per_head = (num_index_heads == num_q_heads and num_q_heads > num_kv_heads) or num_q_heads == num_kv_heads
     return "key_major" if per_head else "scatter"
 
@@ -479,12 +578,12 @@ def sparse_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` in the inputs' dtype; ``indices``/``mask`` 4-D, ``lse`` ``[B, Hq, T]``.
 
-    ``deterministic``: dk/dv by the key-major kernel over a stable inverse index. Otherwise
-    ``fast_path``: ``"scatter"`` (float atomics from the dq kernel), ``"key_major"`` (the
-    key-major kernel over an atomic counting sort) or None (:func:`fast_path_for`).
+    ``deterministic``: dk/dv by the key-major kernel over the inverse index (no float
+    atomics). Otherwise ``fast_path``: ``"scatter"`` (float atomics from the dq kernel),
+    ``"key_major"`` (the deterministic path) or None (:func:`fast_path_for`).
     """
     if deterministic:
-        path = "deterministic"
+        path = "key_major"
     else:
         path = fast_path or fast_path_for(indices.shape[1], q.shape[2], k.shape[2])
     batch, seq_len, num_q_heads, head_dim = q.shape
@@ -521,67 +620,82 @@ def sparse_attention_bwd(
         dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     grid = (seq_len, layout.head_programs, batch)
-    launch(
-        _sparse_attention_bwd_dq_kernel,
-        _sparse_attention_bwd_dq_tuned,
-        _DQ_CONFIGS,
-        grid,
-        batch * seq_len * layout.head_programs * indices.shape[3],
-        Q=q,
-        K=k,
-        V=v,
-        INDEX=indices,
-        MASK=mask_arg,
-        DO=grad_out,
-        LSE=lse,
-        DELTA=delta,
-        DQ=dq,
-        DK_ACC=dk_acc,
-        DV_ACC=dv_acc,
-        stride_qb=q.stride(0),
-        stride_qt=q.stride(1),
-        stride_qh=q.stride(2),
-        stride_kb=k.stride(0),
-        stride_kt=k.stride(1),
-        stride_kh=k.stride(2),
-        stride_vb=v.stride(0),
-        stride_vt=v.stride(1),
-        stride_vh=v.stride(2),
-        stride_ib=indices.stride(0),
-        stride_ih=head_stride(indices),
-        stride_it=indices.stride(2),
-        stride_ik=indices.stride(3),
-        stride_mb=mask_arg.stride(0),
-        stride_mh=head_stride(mask_arg),
-        stride_mt=mask_arg.stride(2),
-        stride_mk=mask_arg.stride(3),
-        stride_dob=grad_out.stride(0),
-        stride_dot=grad_out.stride(1),
-        stride_doh=grad_out.stride(2),
-        stride_dqb=dq.stride(0),
-        stride_dqt=dq.stride(1),
-        stride_dqh=dq.stride(2),
-        stride_ab=dk_acc.stride(0),
-        stride_at=dk_acc.stride(1),
-        stride_ah=dk_acc.stride(2),
-        stride_cb=dv_acc.stride(0),
-        stride_ct=dv_acc.stride(1),
-        stride_ch=dv_acc.stride(2),
-        INDEX_DIV=layout.index_div,
-        BLOCK_H=layout.block_h,
-        HAS_MASK=mask is not None,
-        ATOMIC=scatter,
-        PRECISION=precision_of(q.dtype),
-        DOT_FP32=interpreter_enabled(),
-        USE_DOT=layout.shared,
-        **common,
-    )
+    work = batch * seq_len * layout.head_programs * indices.shape[3]
+    arguments = {
+        "Q": q,
+        "K": k,
+        "V": v,
+        "INDEX": indices,
+        "MASK": mask_arg,
+        "DO": grad_out,
+        "LSE": lse,
+        "DELTA": delta,
+        "DQ": dq,
+        "DK_ACC": dk_acc,
+        "DV_ACC": dv_acc,
+        "stride_qb": q.stride(0),
+        "stride_qt": q.stride(1),
+        "stride_qh": q.stride(2),
+        "stride_kb": k.stride(0),
+        "stride_kt": k.stride(1),
+        "stride_kh": k.stride(2),
+        "stride_vb": v.stride(0),
+        "stride_vt": v.stride(1),
+        "stride_vh": v.stride(2),
+        "stride_ib": indices.stride(0),
+        "stride_ih": head_stride(indices),
+        "stride_it": indices.stride(2),
+        "stride_ik": indices.stride(3),
+        "stride_mb": mask_arg.stride(0),
+        "stride_mh": head_stride(mask_arg),
+        "stride_mt": mask_arg.stride(2),
+        "stride_mk": mask_arg.stride(3),
+        "stride_dob": grad_out.stride(0),
+        "stride_dot": grad_out.stride(1),
+        "stride_doh": grad_out.stride(2),
+        "stride_dqb": dq.stride(0),
+        "stride_dqt": dq.stride(1),
+        "stride_dqh": dq.stride(2),
+        "stride_ab": dk_acc.stride(0),
+        "stride_at": dk_acc.stride(1),
+        "stride_ah": dk_acc.stride(2),
+        "stride_cb": dv_acc.stride(0),
+        "stride_ct": dv_acc.stride(1),
+        "stride_ch": dv_acc.stride(2),
+        "INDEX_DIV": layout.index_div,
+        "HAS_MASK": mask is not None,
+        "ATOMIC": scatter,
+        **{name: common[name] for name in common if name != "HEADS"},
+    }
+    kernel = per_head_kernel(layout)
+    if kernel == "row":
+        launch(
+            _sparse_attention_bwd_dq_row_kernel,
+            _sparse_attention_bwd_dq_row_tuned,
+            _ROW_CONFIGS,
+            grid,
+            work,
+            **arguments,
+        )
+    else:
+        use_dot = kernel != "tile"
+        launch(
+            _sparse_attention_bwd_dq_kernel,
+            _sparse_attention_bwd_dq_tuned,
+            _DQ_CONFIGS,
+            grid,
+            work,
+            HEADS=layout.heads,
+            BLOCK_H=max(16, next_power_of_2(layout.heads)) if use_dot else 1,
+            PRECISION=precision_of(q.dtype),
+            DOT_FP32=interpreter_enabled(),
+            USE_DOT=use_dot,
+            **arguments,
+        )
     if scatter:
         return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
 
-    order, offsets, num_groups = key_major_order(
-        indices, mask, num_keys, num_kv_heads, stable=path == "deterministic"
-    )
+    order, offsets, num_groups = key_major_order(indices, mask, num_keys, num_kv_heads)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     per_head_lists = indices.shape[1] == num_q_heads and layout.group > 1

@@ -42,6 +42,17 @@ _FWD_CONFIGS = [
 ]
 
 
+# The per-head gather kernel: more slots per step and more warps keep more rows in flight.
+_ROW_CONFIGS = [
+    triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_K": 128}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_K": 128}, num_warps=4, num_stages=2),
+]
+
+
 class SlotLayout:
     """How the programs map onto heads and index lists (host side)."""
 
@@ -56,7 +67,6 @@ class SlotLayout:
         # launcher passes a 0 head stride).
         per_kv = num_index_heads == num_kv_heads and num_index_heads != num_q_heads
         self.index_div = self.group if per_kv else 1
-        self.block_h = max(16, next_power_of_2(self.heads)) if self.shared else 1
 
 
 def slot_layout(q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor) -> SlotLayout:
@@ -230,9 +240,117 @@ def _sparse_attention_fwd_kernel(
     tl.store(LSE + (i_b * HQ + i_h0 + o_h) * T + i_t, b_lse, mask=m_h)
 
 
+@triton.jit(do_not_specialize=["T", "TKV", "NUM_SLOTS"])
+def _sparse_attention_fwd_row_kernel(
+    Q,
+    K,
+    V,
+    INDEX,
+    MASK,
+    OUT,
+    LSE,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ib,
+    stride_ih,
+    stride_it,
+    stride_ik,
+    stride_mb,
+    stride_mh,
+    stride_mt,
+    stride_mk,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    T,
+    TKV,
+    NUM_SLOTS,
+    HQ,
+    qk_scale,
+    GROUP: tl.constexpr,
+    INDEX_DIV: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    Q_DTYPE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One query head with its own list: a gather. Scores and the value sum are reductions of
+    ``[BLOCK_K, D]`` tiles on the CUDA cores, kept 1-D (no padding to tensor-core rows); the K
+    and V rows of a step are loaded together and the next step's slots are loaded ahead."""
+    i_t = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    i_hkv = i_h // GROUP
+    i_ih = i_h // INDEX_DIV
+    o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_d = o_d < D
+    m_dv = o_dv < DV
+    o_k = tl.arange(0, BLOCK_K)
+
+    b_q = tl.load(Q + i_b * stride_qb + i_t * stride_qt + i_h * stride_qh + o_d, mask=m_d, other=0.0)
+    b_q = b_q.to(tl.float32) * qk_scale  # scores in the log2 domain
+    p_k = K + i_b * stride_kb + i_hkv * stride_kh
+    p_v = V + i_b * stride_vb + i_hkv * stride_vh
+    p_index = INDEX + i_b * stride_ib + i_ih * stride_ih + i_t * stride_it
+    p_mask = MASK + i_b * stride_mb + i_ih * stride_mh + i_t * stride_mt
+
+    b_m = tl.full([], float("-inf"), tl.float32)
+    b_l = tl.zeros([], tl.float32)
+    b_acc = tl.zeros([BLOCK_DV], tl.float32)
+    b_row, m_valid = _slot_rows(p_index, p_mask, o_k, NUM_SLOTS, TKV, stride_ik, stride_mk, HAS_MASK)
+    for start in range(0, NUM_SLOTS, BLOCK_K):
+        b_k = tl.load(
+            p_k + b_row[:, None] * stride_kt + o_d[None, :], mask=m_valid[:, None] & m_d[None, :], other=0.0
+        )
+        b_v = tl.load(
+            p_v + b_row[:, None] * stride_vt + o_dv[None, :], mask=m_valid[:, None] & m_dv[None, :], other=0.0
+        )
+        b_row_next, m_valid_next = _slot_rows(
+            p_index, p_mask, start + BLOCK_K + o_k, NUM_SLOTS, TKV, stride_ik, stride_mk, HAS_MASK
+        )
+        b_s = tl.where(m_valid, tl.sum(b_k.to(tl.float32) * b_q[None, :], 1), float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 0))
+        b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_alpha = tl.exp2(b_m - b_shift)
+        b_p = tl.exp2(b_s - b_shift)
+        b_l = b_l * b_alpha + tl.sum(b_p, 0)
+        b_acc = b_acc * b_alpha + tl.sum(b_p[:, None] * b_v.to(tl.float32), 0)
+        b_m = b_m_new
+        b_row = b_row_next
+        m_valid = m_valid_next
+
+    b_out = b_acc / tl.where(b_l > 0, b_l, 1.0)
+    b_lse = tl.where(
+        b_l > 0, (b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0))) * 0.6931471805599453, float("-inf")
+    )
+    p_out = OUT + i_b * stride_ob + i_t * stride_ot + i_h * stride_oh + o_dv
+    tl.store(p_out, b_out.to(OUT.dtype.element_ty), mask=m_dv)
+    tl.store(LSE + (i_b * HQ + i_h) * T + i_t, b_lse)
+
+
 _sparse_attention_fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS, key=["HEADS", "D", "DV", "HAS_MASK", "Q_DTYPE"]
 )(_sparse_attention_fwd_kernel)
+
+_sparse_attention_fwd_row_tuned = triton.autotune(
+    configs=_ROW_CONFIGS, key=["D", "DV", "HAS_MASK", "Q_DTYPE"]
+)(_sparse_attention_fwd_row_kernel)
+
+# How a query head with its own list (no group to share it) runs: "row" (the 1-D gather
+# kernel), "tile" (the group kernel with one row, per-slot terms summed after the loop) or
+# "dot16" (the group kernel on the tensor cores, the row padded to 16).
+PER_HEAD_KERNEL = "row"
 
 # Below this many (program, slot) pairs a launch takes the first config instead of autotuning:
 # timing five configs (and compiling each) costs more than small inputs can win back.
@@ -246,6 +364,11 @@ def launch(kernel, tuned, configs: list, grid: tuple[int, ...], work: int, **arg
         return
     config = configs[0]
     kernel[grid](**arguments, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def per_head_kernel(layout: SlotLayout) -> str:
+    """``"group"`` for lists shared by a KV group, else :data:`PER_HEAD_KERNEL`."""
+    return "group" if layout.shared else PER_HEAD_KERNEL
 
 
 def precision_of(dtype: torch.dtype) -> str:
@@ -295,56 +418,72 @@ def sparse_attention_fwd(
     layout = slot_layout(q, k, indices)
     mask_arg = mask_view(indices, mask)
     grid = (seq_len, layout.head_programs, batch)
+    work = batch * seq_len * layout.head_programs * indices.shape[3]
+    arguments = {
+        "Q": q,
+        "K": k,
+        "V": v,
+        "INDEX": indices,
+        "MASK": mask_arg,
+        "OUT": out,
+        "LSE": lse,
+        "stride_qb": q.stride(0),
+        "stride_qt": q.stride(1),
+        "stride_qh": q.stride(2),
+        "stride_kb": k.stride(0),
+        "stride_kt": k.stride(1),
+        "stride_kh": k.stride(2),
+        "stride_vb": v.stride(0),
+        "stride_vt": v.stride(1),
+        "stride_vh": v.stride(2),
+        "stride_ib": indices.stride(0),
+        "stride_ih": head_stride(indices),
+        "stride_it": indices.stride(2),
+        "stride_ik": indices.stride(3),
+        "stride_mb": mask_arg.stride(0),
+        "stride_mh": head_stride(mask_arg),
+        "stride_mt": mask_arg.stride(2),
+        "stride_mk": mask_arg.stride(3),
+        "stride_ob": out.stride(0),
+        "stride_ot": out.stride(1),
+        "stride_oh": out.stride(2),
+        "T": seq_len,
+        "TKV": num_keys,
+        "NUM_SLOTS": indices.shape[3],
+        "HQ": num_q_heads,
+        "qk_scale": scale * LOG2E,
+        "GROUP": layout.group,
+        "INDEX_DIV": layout.index_div,
+        "D": head_dim,
+        "DV": value_dim,
+        "BLOCK_D": block_dim(head_dim),
+        "BLOCK_DV": block_dim(value_dim),
+        "HAS_MASK": mask is not None,
+        "Q_DTYPE": str(q.dtype),
+    }
+    kernel = per_head_kernel(layout)
+    if kernel == "row":
+        launch(
+            _sparse_attention_fwd_row_kernel,
+            _sparse_attention_fwd_row_tuned,
+            _ROW_CONFIGS,
+            grid,
+            work,
+            **arguments,
+        )
+        return out, lse
+    use_dot = kernel != "tile"
     launch(
         _sparse_attention_fwd_kernel,
         _sparse_attention_fwd_tuned,
         _FWD_CONFIGS,
         grid,
-        batch * seq_len * layout.head_programs * indices.shape[3],
-        Q=q,
-        K=k,
-        V=v,
-        INDEX=indices,
-        MASK=mask_arg,
-        OUT=out,
-        LSE=lse,
-        stride_qb=q.stride(0),
-        stride_qt=q.stride(1),
-        stride_qh=q.stride(2),
-        stride_kb=k.stride(0),
-        stride_kt=k.stride(1),
-        stride_kh=k.stride(2),
-        stride_vb=v.stride(0),
-        stride_vt=v.stride(1),
-        stride_vh=v.stride(2),
-        stride_ib=indices.stride(0),
-        stride_ih=head_stride(indices),
-        stride_it=indices.stride(2),
-        stride_ik=indices.stride(3),
-        stride_mb=mask_arg.stride(0),
-        stride_mh=head_stride(mask_arg),
-        stride_mt=mask_arg.stride(2),
-        stride_mk=mask_arg.stride(3),
-        stride_ob=out.stride(0),
-        stride_ot=out.stride(1),
-        stride_oh=out.stride(2),
-        T=seq_len,
-        TKV=num_keys,
-        NUM_SLOTS=indices.shape[3],
-        HQ=num_q_heads,
-        qk_scale=scale * LOG2E,
-        GROUP=layout.group,
+        work,
         HEADS=layout.heads,
-        INDEX_DIV=layout.index_div,
-        D=head_dim,
-        DV=value_dim,
-        BLOCK_D=block_dim(head_dim),
-        BLOCK_DV=block_dim(value_dim),
-        BLOCK_H=layout.block_h,
-        HAS_MASK=mask is not None,
+        BLOCK_H=max(16, next_power_of_2(layout.heads)) if use_dot else 1,
         PRECISION=precision_of(q.dtype),
         DOT_FP32=interpreter_enabled(),
-        Q_DTYPE=str(q.dtype),
-        USE_DOT=layout.shared,
+        USE_DOT=use_dot,
+        **arguments,
     )
     return out, lse
