@@ -488,7 +488,7 @@ def _sparse_attention_slot_bucket_kernel(
 
 _sparse_attention_bwd_dq_tuned = triton.autotune(
     configs=_DQ_CONFIGS,
-    key=["HEADS", "D", "DV", "HAS_MASK", "ATOMIC", "Q_DTYPE"],
+    key=["HEADS", "D", "DV", "HAS_MASK", "ATOMIC", "USE_DOT", "Q_DTYPE"],
     reset_to_zero=["DK_ACC", "DV_ACC"],
 )(_sparse_attention_bwd_dq_kernel)
 _sparse_attention_bwd_dq_row_tuned = triton.autotune(

@@ -48,8 +48,6 @@ _ROW_CONFIGS = [
     triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_K": 128}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_K": 128}, num_warps=4, num_stages=2),
 ]
 
 
@@ -340,7 +338,7 @@ def _sparse_attention_fwd_row_kernel(
 
 
 _sparse_attention_fwd_tuned = triton.autotune(
-    configs=_FWD_CONFIGS, key=["HEADS", "D", "DV", "HAS_MASK", "Q_DTYPE"]
+    configs=_FWD_CONFIGS, key=["HEADS", "D", "DV", "HAS_MASK", "USE_DOT", "Q_DTYPE"]
 )(_sparse_attention_fwd_kernel)
 
 _sparse_attention_fwd_row_tuned = triton.autotune(
