@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 
@@ -11,7 +12,6 @@ import torch
 from hdgsa_core import runnable_backends
 from hdgsa_core.testing import DEFAULT_TOLERANCE, assert_close, make_tensor, must_not_run, strided_rows
 from hdgsa_sparse_attn import sparse_attention
-from hdgsa_sparse_attn.api import _TRITON_IMPLEMENTED
 from hdgsa_sparse_attn.reference import (
     WORKSPACE_BYTES,
     query_chunk_size,
@@ -20,12 +20,31 @@ from hdgsa_sparse_attn.reference import (
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-CASES = [
-    (device, backend)
-    for device in DEVICES
-    for backend in runnable_backends(torch.device(device), implemented=_TRITON_IMPLEMENTED)
-]
+CASES = [(device, backend) for device in DEVICES for backend in runnable_backends(torch.device(device))]
 CASE_IDS = [f"{device}-{backend}" for device, backend in CASES]
+TRITON_DEVICES = [device for device, backend in CASES if backend == "triton"]
+# The Triton backward's dk/dv paths: float atomics from the dq kernel ("scatter"), the
+# key-major kernel over an atomic counting sort ("key_major"), and the deterministic one.
+BACKWARD_PATHS = ["scatter", "key_major", "deterministic"]
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """``torch.use_deterministic_algorithms(enabled)`` inside, the previous setting after."""
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_enabled, warn_only=was_warn_only)
+
+
+def backward_path(path: str, monkeypatch: pytest.MonkeyPatch) -> contextlib.AbstractContextManager:
+    """Make the Triton backward take ``path``: the deterministic mode, or a forced fast path."""
+    if path != "deterministic":
+        monkeypatch.setattr("hdgsa_sparse_attn._triton_bwd.fast_path_for", lambda *_: path)
+    return deterministic_algorithms(path == "deterministic")
 
 
 def index_shape(layout: str, batch: int, seq_len: int, topk: int, hq: int, hkv: int) -> tuple[int, ...]:
@@ -382,6 +401,8 @@ def _bad_cases():
 @pytest.mark.parametrize("name", list(_bad_cases()))
 def test_bad_inputs(name, monkeypatch):
     monkeypatch.setattr("hdgsa_sparse_attn.api.sparse_attention_torch", must_not_run)
+    if TRITON_DEVICES:
+        monkeypatch.setattr("hdgsa_sparse_attn._triton.sparse_attention_fwd", must_not_run)
     error, message, args = _bad_cases()[name]
     with pytest.raises(error, match=message):
         sparse_attention(*args)
@@ -396,21 +417,22 @@ def test_bad_scale_and_backend(monkeypatch):
         sparse_attention(q, k, v, idx, scale=torch.tensor(0.1))
     with pytest.raises(ValueError, match="backend"):
         sparse_attention(q, k, v, idx, backend="cuda")
-    with pytest.raises(TypeError, match="return_lse: expected a bool, got int"):
+    with pytest.raises(TypeError, match="return_lse must be a bool, got int"):
         sparse_attention(q, k, v, idx, return_lse=1)
-    with pytest.raises(TypeError, match="validate: expected a bool, got NoneType"):
+    with pytest.raises(TypeError, match="validate must be a bool, got NoneType"):
         sparse_attention(q, k, v, idx + 7, validate=None)  # None must not skip the check silently
 
 
-def test_triton_backend_not_implemented_yet(monkeypatch):
+def test_triton_backend_where_it_cannot_run(monkeypatch):
     q, k, v, idx = _inputs()
-    with pytest.raises(RuntimeError, match="not implemented yet"):
+    monkeypatch.setattr("hdgsa_core.backend.interpreter_enabled", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         sparse_attention(q, k, v, idx, backend="triton")
+    monkeypatch.setenv("HDGSA_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        sparse_attention(q, k, v, idx)
     monkeypatch.setenv("HDGSA_BACKEND", "torch")
     sparse_attention(q, k, v, idx)
-    monkeypatch.setenv("HDGSA_BACKEND", "triton")
-    with pytest.raises(RuntimeError, match="not implemented yet"):
-        sparse_attention(q, k, v, idx)
 
 
 def test_backend_environment(monkeypatch):
@@ -566,3 +588,101 @@ def test_no_host_sync_without_validate(layout):
         sparse_attention(q, k, v, indices, mask, return_lse=True, validate=False)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+
+
+# ---------------------------------------------------------------- the Triton kernels' paths
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("path", BACKWARD_PATHS)
+@pytest.mark.parametrize("layout", ["per_query", "per_kv", "shared", "shared3d"])
+@pytest.mark.parametrize(("hq", "hkv"), [(2, 2), (4, 2), (4, 1)], ids=["group1", "group2", "group4"])
+def test_triton_backward_paths(device, path, layout, hq, hkv, monkeypatch):
+    # T != Tkv, odd K, empty rows (query 0), negative and repeated indices, hot keys (Tkv small).
+    batch, seq_len, num_keys, topk, dim, dim_v = 2, 4, 7, 9, 32, 64
+    q = make_tensor(batch, seq_len, hq, dim, dtype=torch.bfloat16, device=device, seed=201)
+    k = make_tensor(batch, num_keys, hkv, dim, dtype=torch.bfloat16, device=device, seed=202)
+    v = make_tensor(batch, num_keys, hkv, dim_v, dtype=torch.bfloat16, device=device, seed=203)
+    shape = index_shape(layout, batch, seq_len, topk, hq, hkv)
+    indices = make_indices(shape, num_keys, seed=204, dtype=torch.int32).to(device)
+    mask = make_mask(shape, seed=205).to(device)
+    with backward_path(path, monkeypatch):
+        check_against_dense(q, k, v, indices, mask, backend="triton")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("path", BACKWARD_PATHS)
+@pytest.mark.parametrize(("dim", "dim_v"), [(32, 32), (64, 32), (128, 128), (256, 64), (20, 12)])
+@pytest.mark.parametrize("layout", ["per_query", "per_kv"])
+def test_triton_head_dims(device, path, dim, dim_v, layout, monkeypatch):
+    q = make_tensor(1, 3, 4, dim, device=device, seed=211)
+    k = make_tensor(1, 10, 2, dim, device=device, seed=212)
+    v = make_tensor(1, 10, 2, dim_v, device=device, seed=213)
+    indices = make_indices(index_shape(layout, 1, 3, 37, 4, 2), 10, seed=214).to(device)
+    with backward_path(path, monkeypatch):
+        check_against_dense(q, k, v, indices, backend="triton")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("layout", ["per_query", "per_kv", "shared3d"])
+def test_triton_deterministic_backward_is_bitwise_repeatable(device, layout):
+    # Every slot reads one of 3 keys: dk / dv rows sum many contributions.
+    q = make_tensor(2, 12, 4, 32, dtype=torch.bfloat16, device=device, seed=221, requires_grad=True)
+    k = make_tensor(2, 3, 2, 32, dtype=torch.bfloat16, device=device, seed=222, requires_grad=True)
+    v = make_tensor(2, 3, 2, 32, dtype=torch.bfloat16, device=device, seed=223, requires_grad=True)
+    indices = make_indices(index_shape(layout, 2, 12, 19, 4, 2), 3, seed=224).to(device)
+    grad_out = make_tensor(2, 12, 4, 32, dtype=torch.bfloat16, device=device, seed=225)
+    with deterministic_algorithms(True):
+        runs = [
+            torch.autograd.grad(sparse_attention(q, k, v, indices, backend="triton"), (q, k, v), grad_out)
+            for _ in range(3)
+        ]
+    fast = torch.autograd.grad(sparse_attention(q, k, v, indices, backend="triton"), (q, k, v), grad_out)
+    for grads in runs[1:]:
+        for first, again in zip(runs[0], grads, strict=True):
+            assert torch.equal(first, again)
+    for deterministic, atomic in zip(runs[0], fast, strict=True):  # the same math either way
+        torch.testing.assert_close(deterministic, atomic, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_forward_is_bitwise_repeatable_and_index_dtype_free(device):
+    q = make_tensor(1, 9, 4, 32, dtype=torch.bfloat16, device=device, seed=231)
+    k = make_tensor(1, 9, 1, 32, dtype=torch.bfloat16, device=device, seed=232)
+    v = make_tensor(1, 9, 1, 32, dtype=torch.bfloat16, device=device, seed=233)
+    indices = make_indices((1, 1, 9, 70), 9, seed=234).to(device)
+    first = sparse_attention(q, k, v, indices, return_lse=True, backend="triton")
+    again = sparse_attention(q, k, v, indices.int(), return_lse=True, backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_custom_op_opcheck(device):
+    from hdgsa_sparse_attn import _triton  # noqa: F401  (registers the ops)
+
+    q = make_tensor(1, 3, 4, 16, device=device, seed=241, requires_grad=True)
+    k = make_tensor(1, 5, 2, 16, device=device, seed=242, requires_grad=True)
+    v = make_tensor(1, 5, 2, 8, device=device, seed=243, requires_grad=True)
+    indices = make_indices((1, 2, 3, 4), 5, seed=244).to(device)
+    mask = make_mask(indices.shape, seed=245).to(device)
+    torch.library.opcheck(torch.ops.hdgsa.sparse_attention_fwd.default, (q, k, v, indices, mask, 0.25))
+    grad_out = make_tensor(1, 3, 4, 8, device=device, seed=246)
+    out, lse = torch.ops.hdgsa.sparse_attention_fwd(q, k, v, indices, mask, 0.25)
+    q, k, v, out, lse = (t.detach() for t in (q, k, v, out, lse))  # the backward op has no autograd
+    args = (grad_out, q, k, v, indices, mask, out, lse, None, 0.25, True)
+    torch.library.opcheck(torch.ops.hdgsa.sparse_attention_bwd.default, args)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("kernel", ["row", "tile", "dot16"])
+@pytest.mark.parametrize("path", ["scatter", "deterministic"])
+def test_triton_per_head_kernels(device, kernel, path, monkeypatch):
+    # Each kernel a query head with its own list can take, with an odd K over several steps.
+    monkeypatch.setattr("hdgsa_sparse_attn._triton_fwd.PER_HEAD_KERNEL", kernel)
+    q = make_tensor(2, 4, 4, 32, dtype=torch.bfloat16, device=device, seed=251)
+    k = make_tensor(2, 13, 2, 32, dtype=torch.bfloat16, device=device, seed=252)
+    v = make_tensor(2, 13, 2, 48, dtype=torch.bfloat16, device=device, seed=253)
+    indices = make_indices((2, 4, 4, 71), 13, seed=254).to(device)
+    mask = make_mask(indices.shape, seed=255).to(device)
+    with backward_path(path, monkeypatch):
+        check_against_dense(q, k, v, indices, mask, backend="triton")

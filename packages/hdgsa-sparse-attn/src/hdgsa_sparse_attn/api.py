@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from hdgsa_core import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_bool,
     check_dtype,
     check_index_range,
     check_ndim,
+    check_real,
     check_same_device,
     check_same_dtype,
     check_shape,
@@ -20,12 +20,9 @@ from hdgsa_core import (
 )
 from hdgsa_core.custom_ops import is_compiling
 
-from .reference import sparse_attention_torch
+from .reference import normalize_indices, sparse_attention_torch
 
 __all__ = ["sparse_attention"]
-
-# No Triton kernel yet (issue 2): backend="triton" raises, "auto" picks torch.
-_TRITON_IMPLEMENTED = False
 
 
 def _check_arguments(
@@ -38,7 +35,7 @@ def _check_arguments(
     return_lse: bool,
     validate: bool,
 ) -> torch.device:
-    """Raise the SPEC section 2 errors; returns the tensors' device. No host sync."""
+    """Raise the documented errors; returns the tensors' device. No host sync."""
     for name, tensor in (("q", q), ("k", k), ("v", v), ("indices", indices)):
         check_tensor(name, tensor)
     if mask is not None:
@@ -53,11 +50,10 @@ def _check_arguments(
     check_dtype("indices", indices, INDEX_DTYPES)
     if mask is not None:
         check_dtype("mask", mask, (torch.bool,))
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
-        raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__}")
-    for name, flag in (("return_lse", return_lse), ("validate", validate)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+    if scale is not None:
+        check_real("scale", scale)
+    check_bool("return_lse", return_lse)
+    check_bool("validate", validate)
 
     device = check_same_device(q=q, k=k, v=v, indices=indices, mask=mask)
 
@@ -148,9 +144,12 @@ def sparse_attention(
             ``torch.compile`` it is a device-side assertion instead (``RuntimeError``,
             no graph break). ``validate=False`` skips it; an index ``>= Tkv`` is then
             treated as a masked slot (never read).
-        backend: ``"auto"`` (Triton when it can run here and is implemented, else PyTorch;
-            ``HDGSA_BACKEND`` overrides), ``"triton"`` (no kernel yet: RuntimeError) or
-            ``"torch"`` (chunked gather, bounded memory, see the README).
+        backend: ``"auto"`` (Triton on CUDA tensors, or on CPU under ``TRITON_INTERPRET=1``,
+            when Triton is installed; else PyTorch; ``HDGSA_BACKEND`` overrides),
+            ``"triton"`` (the fused kernels; RuntimeError where they cannot run) or
+            ``"torch"`` (chunked gather, bounded memory, see the README). The Triton backward
+            is bitwise deterministic when ``torch.are_deterministic_algorithms_enabled()``
+            (a key-major pass instead of float atomics).
 
     Returns:
         ``out`` ``[B, T, Hq, Dv]`` in ``q.dtype``; with ``return_lse``, ``(out, lse)`` with
@@ -174,12 +173,16 @@ def sparse_attention(
         torch.Size([1, 16, 4, 32])
     """
     device = _check_arguments(q, k, v, indices, mask, scale, return_lse, validate)
-    chosen = resolve_backend(backend, device, op="sparse_attention", implemented=_TRITON_IMPLEMENTED)
+    chosen = resolve_backend(backend, device, op="sparse_attention")
     if validate:
         _check_indices_in_range(indices, k.shape[1])
-    if chosen != "torch":  # pragma: no cover - no Triton kernel yet
-        raise RuntimeError(f"sparse_attention: backend {chosen!r} has no implementation")
-    out, lse = sparse_attention_torch(q, k, v, indices, mask, None if scale is None else float(scale))
+    if chosen == "triton":
+        from ._triton import sparse_attention_triton  # imports Triton: only when it runs
+
+        scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+        out, lse = sparse_attention_triton(q, k, v, *normalize_indices(indices, mask), scale)
+    else:
+        out, lse = sparse_attention_torch(q, k, v, indices, mask, None if scale is None else float(scale))
     if return_lse:
         return out, lse.float()
     return out

@@ -1,17 +1,31 @@
-"""Benchmark cases for ``hdgsa-kernels bench``: sparse attention over causal random indices.
+"""Benchmark cases for ``hdgsa-kernels bench``: sparse attention against dense causal SDPA.
 
-Shapes from ANCHORS ("Sparse attention over selected indices", bf16): B1 T8192 Hq16 D128 k512
-with a list per query head (Hkv = 16), and with a list per KV head shared by its GQA group
-(Hkv = 2, groups of 8). Each in ``fwd`` and ``fwd+bwd``. Providers:
+Index sets (``[B, Hi, T, k]`` int32, causal):
+
+- ``random``: for query ``t``, ``min(t + 1, k)`` distinct uniform random keys ``<= t``, the
+  rest ``-1`` (the worst case: no structure to reuse);
+- ``realistic``: 16 sinks (keys 0..15), a local window of the ``k / 4`` latest keys, and the
+  rest drawn from a pool of hot keys (one and a half times as many as each query picks, a few
+  hundred at k = 512) shared by each block of 64 neighbouring queries.
+
+Sharing modes: ``per-head`` (Hq = Hkv = 16, a list per head), ``per-KV-group`` (Hq 16, Hkv 2,
+a list per KV head shared by its 8 query heads) and ``all-heads`` (Hq 16, Hkv 2, one list).
+
+Cases: the headline shape B1 T8192 D128 k512 for every sharing mode and index set, forward and
+forward+backward (the latter also in deterministic mode); the model's shape B1 T4096 H16 D256
+k1024; a T sweep (4K..64K; per-head lists to 32K, their backward to 16K, to keep the bench's
+memory and time affordable) of random lists for every sharing mode and k in {512, 1024, 2048}
+(its T8192 k512 rows are the headline cases).
+Providers:
 
 - ``hdgsa``: :func:`sparse_attention` (``backend="auto"``, ``validate=False``: no host sync);
-- ``torch``: the eager chunked gather (:func:`reference.sparse_attention_torch`);
-- ``torch.compile``: the same loop with each chunk's math compiled;
-- ``sdpa``: dense causal ``scaled_dot_product_attention`` at the same T (and GQA), the peer
+- ``hdgsa-deterministic``: the same under ``torch.use_deterministic_algorithms(True)``
+  (forward+backward cases);
+- ``torch``: the eager chunked gather (:func:`reference.sparse_attention_torch`) and
+  ``torch.compile``: the same loop with each chunk's math compiled (headline per-head case only:
+  they take seconds);
+- ``sdpa``: dense causal ``scaled_dot_product_attention`` at the same T, Hq and Hkv, the peer
   sparse attention has to beat.
-
-Indices are drawn causally: for query ``t``, ``min(t + 1, k)`` distinct random keys ``<= t`` in
-random order, the rest of the row padded with ``-1``.
 
 Minimum bytes (``fwd``): the gathered K and V rows (``B * T * L * k * (D + Dv) * 2``, ``L``
 being the index lists per position: ``Hq`` per head, ``Hkv`` when a GQA group shares one list
@@ -24,6 +38,8 @@ the gathered rows, of the indices, ``q``, ``out`` and ``dout``, and one write of
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -31,7 +47,7 @@ import torch
 
 from hdgsa_core.registry import BenchCase, ProviderUnavailable
 
-__all__ = ["bench_cases", "causal_random_indices"]
+__all__ = ["bench_cases", "causal_random_indices", "realistic_indices"]
 
 OP = "sparse_attention"
 _OP_NAMES = {OP, "sparse-attn", "sparse_attn", "sparse", "hdgsa_sparse_attn"}
@@ -49,12 +65,27 @@ class _Shape:
     value_dim: int
     topk: int
     dtype: torch.dtype = torch.bfloat16
+    index_set: str = "random"
 
 
-SHAPES = (
-    _Shape("B1 T8192 H16 D128 k512 per-head", 1, 8192, 16, 16, 16, 128, 128, 512),
-    _Shape("B1 T8192 Hq16 Hkv2 D128 k512 shared per GQA group", 1, 8192, 16, 2, 2, 128, 128, 512),
+_SHARING = {"per-head": (16, 16, 16), "per-KV-group": (16, 2, 2), "all-heads": (16, 2, 1)}
+
+
+def _shape(sharing: str, seq_len: int, topk: int, index_set: str, head_dim: int = 128) -> _Shape:
+    hq, hkv, hi = _SHARING[sharing]
+    label = f"B1 T{seq_len} Hq{hq} Hkv{hkv} D{head_dim} k{topk} {sharing} {index_set}"
+    return _Shape(label, 1, seq_len, hq, hkv, hi, head_dim, head_dim, topk, index_set=index_set)
+
+
+HEADLINE = tuple(
+    _shape(sharing, 8192, 512, index_set) for index_set in ("random", "realistic") for sharing in _SHARING
 )
+MODEL = (_shape("per-head", 4096, 1024, "random", head_dim=256),)
+SWEEP_LENGTHS = (4096, 8192, 16384, 32768, 65536)
+SWEEP_TOPK = (512, 1024, 2048)
+# Per-head lists hold Hq lists per position: past these lengths their indices and the
+# backward's inverse index (tens of GB at 64K, k = 2048) do not fit the bench's budget.
+PER_HEAD_MAX_T = {"fwd": 32768, "fwd+bwd": 16384}
 
 
 def causal_random_indices(
@@ -86,6 +117,63 @@ def causal_random_indices(
     return torch.cat(rows, dim=2)
 
 
+def realistic_indices(
+    batch: int,
+    index_heads: int,
+    seq_len: int,
+    topk: int,
+    *,
+    device: torch.device | str = "cuda",
+    seed: int = 0,
+    sinks: int = 16,
+    block: int = 64,
+) -> torch.Tensor:
+    """``[B, Hi, T, k]`` int32 with the structure of real selections: per query ``t >= k``,
+    the ``sinks`` first keys, a window of the ``k // 4`` latest keys ``<= t``, and
+    ``k - k // 4 - sinks`` distinct keys drawn from a pool of hot keys (1.5x as many, all
+    older than the window) shared by the block of ``block`` neighbouring queries. Queries
+    ``t < k`` list every key ``<= t`` and pad with ``-1``. All keys of a row are distinct."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    window = topk // 4
+    hot = topk - window - sinks
+    if hot <= 0:
+        return causal_random_indices(batch, index_heads, seq_len, topk, device=device, seed=seed)
+    out = torch.empty(batch, index_heads, seq_len, topk, dtype=torch.int32, device=device)
+    keys = torch.arange(topk, device=device)
+    early = min(seq_len, topk)
+    rows = torch.arange(early, device=device)[:, None]
+    out[:, :, :early] = torch.where(keys[None, :] <= rows, keys[None, :], -1).to(torch.int32)
+    sink_keys = torch.arange(sinks, device=device, dtype=torch.int32)
+    for start in range(topk, seq_len, block):
+        stop = min(start + block, seq_len)
+        t = torch.arange(start, stop, device=device, dtype=torch.int32)
+        local = t[:, None] - window + 1 + torch.arange(window, device=device, dtype=torch.int32)[None, :]
+        available = start - window - sinks + 1  # keys sinks .. start - window: older than every window
+        pool_size = min(available, hot + hot // 2)
+        pool_scores = torch.rand(batch, index_heads, available, generator=generator, device=device)
+        pool = pool_scores.topk(pool_size, dim=-1).indices + sinks  # [B, Hi, P]
+        picks = torch.rand(batch, index_heads, stop - start, pool_size, generator=generator, device=device)
+        chosen = (
+            pool[:, :, None, :].expand(-1, -1, stop - start, -1).gather(-1, picks.topk(hot, dim=-1).indices)
+        )
+        out[:, :, start:stop] = torch.cat(
+            [
+                sink_keys.expand(batch, index_heads, stop - start, sinks),
+                local.expand(batch, index_heads, stop - start, window),
+                chosen.to(torch.int32),
+            ],
+            dim=-1,
+        )
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_indices(shape: _Shape, device: torch.device) -> torch.Tensor:
+    """The index set of ``shape``, kept while the providers of one case run (one at a time)."""
+    make = realistic_indices if shape.index_set == "realistic" else causal_random_indices
+    return make(shape.batch, shape.index_heads, shape.seq_len, shape.topk, device=device)
+
+
 def _inputs(shape: _Shape, requires_grad: bool, device: torch.device):
     generator = torch.Generator(device=device).manual_seed(0)
 
@@ -96,8 +184,7 @@ def _inputs(shape: _Shape, requires_grad: bool, device: torch.device):
     q = randn(shape.batch, shape.seq_len, shape.q_heads, shape.head_dim)
     k = randn(shape.batch, shape.seq_len, shape.kv_heads, shape.head_dim)
     v = randn(shape.batch, shape.seq_len, shape.kv_heads, shape.value_dim)
-    indices = causal_random_indices(shape.batch, shape.index_heads, shape.seq_len, shape.topk, device=device)
-    return q, k, v, indices
+    return q, k, v, _cached_indices(shape, device)
 
 
 def _timed(
@@ -129,6 +216,27 @@ def _hdgsa(shape: _Shape, backward: bool, device: torch.device) -> Callable[[], 
     from .api import sparse_attention
 
     return _timed(shape, backward, device, lambda q, k, v, i: sparse_attention(q, k, v, i, validate=False))
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms() -> Iterable[None]:
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_enabled, warn_only=was_warn_only)
+
+
+def _hdgsa_deterministic(shape: _Shape, backward: bool, device: torch.device) -> Callable[[], object]:
+    fn = _hdgsa(shape, backward, device)
+
+    def deterministic() -> object:
+        with _deterministic_algorithms():
+            return fn()
+
+    return deterministic
 
 
 def _torch_eager(shape: _Shape, backward: bool, device: torch.device) -> Callable[[], object]:
@@ -197,29 +305,47 @@ def _cost(shape: _Shape, backward: bool) -> tuple[float, float]:
     return float(forward + backward_bytes), 3.5 * flops
 
 
+def _case(shape: _Shape, backward: bool, providers: tuple[str, ...], tags: tuple[str, ...]) -> BenchCase:
+    cuda = torch.device("cuda")
+    makers = {
+        "hdgsa": _hdgsa,
+        "hdgsa-deterministic": _hdgsa_deterministic,
+        "torch": _torch_eager,
+        "torch.compile": _torch_compile,
+        "sdpa": _sdpa,
+    }
+    mode = "fwd+bwd" if backward else "fwd"
+    num_bytes, flops = _cost(shape, backward)
+    return BenchCase(
+        op=OP,
+        name=f"{shape.label} {mode}",
+        providers={name: functools.partial(makers[name], shape, backward, cuda) for name in providers},
+        bytes=num_bytes,
+        flops=flops,
+        tags=(mode, *tags),
+    )
+
+
 def bench_cases(ops_filter: Iterable[str] | None = None) -> list[BenchCase]:
     """The CUDA benchmark cases (nothing is allocated until a provider's setup runs)."""
     if ops_filter is not None and not _OP_NAMES.intersection(ops_filter):
         return []
-    cuda = torch.device("cuda")
     cases = []
-    for shape in SHAPES:
-        for mode, backward in (("fwd", False), ("fwd+bwd", True)):
-            providers: dict[str, Callable[[], Callable[[], object]]] = {
-                "hdgsa": lambda s=shape, b=backward: _hdgsa(s, b, cuda),
-                "torch": lambda s=shape, b=backward: _torch_eager(s, b, cuda),
-                "torch.compile": lambda s=shape, b=backward: _torch_compile(s, b, cuda),
-                "sdpa": lambda s=shape, b=backward: _sdpa(s, b, cuda),
-            }
-            num_bytes, flops = _cost(shape, backward)
-            cases.append(
-                BenchCase(
-                    op=OP,
-                    name=f"{shape.label} {mode}",
-                    providers=providers,
-                    bytes=num_bytes,
-                    flops=flops,
-                    tags=(mode, "per-head" if shape.index_heads == shape.q_heads else "shared-gqa"),
-                )
-            )
+    for shape in HEADLINE + MODEL:
+        sharing = shape.label.split()[-2]
+        peers = ("torch", "torch.compile") if shape == HEADLINE[0] else ()
+        cases.append(_case(shape, False, ("hdgsa", *peers, "sdpa"), (sharing, shape.index_set)))
+        backward_providers = ("hdgsa", "hdgsa-deterministic", *peers, "sdpa")
+        cases.append(_case(shape, True, backward_providers, (sharing, shape.index_set)))
+    for sharing in _SHARING:
+        for topk in SWEEP_TOPK:
+            for seq_len in SWEEP_LENGTHS:
+                shape = _shape(sharing, seq_len, topk, "random")
+                if shape in HEADLINE:  # timed above, with more providers
+                    continue
+                for backward in (False, True):
+                    mode = "fwd+bwd" if backward else "fwd"
+                    if sharing == "per-head" and seq_len > PER_HEAD_MAX_T[mode]:
+                        continue
+                    cases.append(_case(shape, backward, ("hdgsa", "sdpa"), (sharing, "random", "sweep")))
     return cases

@@ -9,7 +9,7 @@ from hdgsa_core import runnable_backends
 from hdgsa_core.registry import CheckResult, compare_outputs
 from hdgsa_core.testing import DEFAULT_TOLERANCE, make_tensor
 
-from .api import _TRITON_IMPLEMENTED, sparse_attention
+from .api import sparse_attention
 from .reference import sparse_attention_dense
 
 __all__ = ["self_check"]
@@ -43,7 +43,7 @@ def self_check(device: torch.device) -> list[CheckResult]:
     """Forward (out, lse) and dq, dk, dv of every runnable backend against float64."""
     device = torch.device(device)
     results: list[CheckResult] = []
-    for backend in runnable_backends(device, implemented=_TRITON_IMPLEMENTED):
+    for backend in runnable_backends(device):
         for case, hq, hkv, index_heads, dtype in _CASES:
             q, k, v, indices, mask, grad_out = _inputs(device, hq, hkv, index_heads, dtype)
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
