@@ -44,6 +44,8 @@ def test_targets(selected: list[str] | None) -> list[tuple[str, Path, list[str]]
             continue
         pkg = packages[name]
         targets.append((name, pkg.path, ["tests"]))
+    if selected is None or "examples" in selected:
+        targets.append(("examples", ROOT, ["examples/tests"]))
     if selected is None or "tools" in selected:
         targets.append(("tools", ROOT, ["tools/tests"]))
     return targets
