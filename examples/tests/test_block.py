@@ -14,20 +14,22 @@ from hdgsa_block import BlockConfig, HDGSABlock, HDGSAModel
 from torch.utils.checkpoint import checkpoint
 
 EXAMPLES = Path(__file__).resolve().parents[1]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def small_block(seed: int = 0, **overrides) -> HDGSABlock:
+def small_block(device: str = "cpu", seed: int = 0, **overrides) -> HDGSABlock:
     torch.manual_seed(seed)
     block = HDGSABlock(BlockConfig(**overrides))
     with torch.no_grad():  # the mixing starts at zero weights: make every path carry signal
         block.mix.weight.normal_(0.0, 0.05)
-    return block
+    return block.to(device)
 
 
-def streams_input(batch: int = 2, seq_len: int = 24, seed: int = 1) -> torch.Tensor:
+def streams_input(device: str = "cpu", batch: int = 2, seq_len: int = 24, seed: int = 1) -> torch.Tensor:
     cfg = BlockConfig()
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, seq_len, cfg.streams, cfg.dim, generator=generator).requires_grad_()
+    x = torch.randn(batch, seq_len, cfg.streams, cfg.dim, generator=generator)
+    return x.to(device).requires_grad_()
 
 
 @pytest.fixture
@@ -43,13 +45,14 @@ def block_loss(block: HDGSABlock, x: torch.Tensor, use_checkpoint: bool = False)
         out, index_loss = checkpoint(block, x, use_reentrant=False)
     else:
         out, index_loss = block(x)
-    weights = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).view_as(out)
+    weights = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
     return (out * weights).sum() + index_loss
 
 
-def test_block_trains_every_parameter():
-    block = small_block()
-    x = streams_input()
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_trains_every_parameter(device):
+    block = small_block(device)
+    x = streams_input(device)
     out, index_loss = block(x)
     assert out.shape == x.shape
     assert torch.isfinite(out).all()
@@ -80,9 +83,10 @@ def test_model_loss_decreases():
     assert losses[-1] < losses[0], losses
 
 
-def test_forward_is_bitwise_repeatable(deterministic):
-    block = small_block()
-    x = streams_input()
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_is_bitwise_repeatable(device, deterministic):
+    block = small_block(device)
+    x = streams_input(device)
     with torch.no_grad():
         first, first_loss = block(x)
         second, second_loss = block(x)
@@ -90,9 +94,10 @@ def test_forward_is_bitwise_repeatable(deterministic):
     assert torch.equal(first_loss, second_loss)
 
 
-def test_checkpoint_recompute_gives_bitwise_the_same_gradients(deterministic):
-    block = small_block()
-    x = streams_input()
+@pytest.mark.parametrize("device", DEVICES)
+def test_checkpoint_recompute_gives_bitwise_the_same_gradients(device, deterministic):
+    block = small_block(device)
+    x = streams_input(device)
     plain = torch.autograd.grad(block_loss(block, x), [x, *block.parameters()])
     recomputed = torch.autograd.grad(block_loss(block, x, use_checkpoint=True), [x, *block.parameters()])
     names = ["x", *(name for name, _ in block.named_parameters())]
@@ -102,9 +107,10 @@ def test_checkpoint_recompute_gives_bitwise_the_same_gradients(deterministic):
         )
 
 
-def test_compiles_whole_and_matches_eager():
-    block = small_block()
-    x = streams_input(seq_len=16)
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiles_whole_and_matches_eager(device):
+    block = small_block(device)
+    x = streams_input(device, seq_len=16)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     eager_out, eager_loss = block(x)
     out, loss = compiled(x)
