@@ -304,4 +304,4 @@ def test_memory_is_linear_in_the_slots_on_cuda():
     grads_of(out, inputs, torch.ones_like(out))
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - start
-    assert extra < 4 * T * T // 16, extra  # far below the [T, T] float32 matrix
+    assert extra < 4 * T * T // 8, extra  # far below the [T, T] float32 matrix

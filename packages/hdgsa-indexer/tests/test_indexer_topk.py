@@ -514,3 +514,17 @@ def test_fused_topk_memory_is_outputs_plus_bounded_workspace_on_cuda():
     outputs = B * T * topk * 8 + B * T * 8
     assert extra <= outputs + DEFAULT_WORKSPACE_BYTES, extra
     assert extra < 4 * B * T * T // 2  # far from the [B, T, T] float32 scores
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES, ids=lambda d: d.type)
+def test_triton_topk_limit_is_a_clear_error(device, monkeypatch):
+    from hdgsa_indexer import _triton_topk
+
+    monkeypatch.setattr(_triton_topk, "MAX_KEEP", 64)
+    q, k, w, bias = make_inputs(1, 3, 100, 2, 8, device=device)
+    with pytest.raises(RuntimeError, match="backend='torch'"):
+        indexer_topk(q, k, w, bias, 65, backend="triton")
+    # topk past Tkv needs no more than Tkv candidates: still runs
+    indices, _ = indexer_topk(q[:, :, :, :], k[:, :60], w, bias, 500, causal=False, backend="triton")
+    assert indices.shape == (1, 3, 500)
+    assert (indices[..., 60:] == -1).all()

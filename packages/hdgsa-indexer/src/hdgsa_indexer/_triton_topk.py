@@ -37,13 +37,16 @@ from hdgsa_core.triton_utils import cdiv, next_power_of_2, on_input_device
 from ._triton_fwd import SCORE_TILE, dot_options, input_strides, score_tile
 from .reference import DEFAULT_WORKSPACE_BYTES
 
-__all__ = ["indexer_topk_fwd"]
+__all__ = ["MAX_KEEP", "indexer_topk_fwd"]
 
 _BLOCK_M, _BLOCK_N, _NUM_WARPS = SCORE_TILE
 _LOW_MASK = tl.constexpr(0xFFFFFFFF)
 # Rows sorted together: ROWS * CAP int64 keys in registers (4096: 32 per thread at 4 warps).
 # The interpreter sorts a whole block at once (its cost is per operation, not per element).
 _SORT_ELEMENTS = 4096
+# Candidates kept per query (topk rounded up to a power of two): the sort of 2 * MAX_KEEP keys
+# of one row happens in registers.
+MAX_KEEP = 16384
 
 
 @triton.jit
@@ -291,7 +294,13 @@ def indexer_topk_fwd(
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     dot_fp32, fast_tanh = dot_options(q, k)
-    keep = next_power_of_2(max(topk, _BLOCK_N))
+    # No row has more than Tkv valid keys: a larger topk needs no larger buffer.
+    keep = next_power_of_2(max(min(topk, num_keys), _BLOCK_N))
+    if keep > MAX_KEEP:
+        raise RuntimeError(
+            f"indexer_topk: the Triton kernel keeps at most {MAX_KEEP} candidates per query in "
+            f"registers; min(topk, Tkv) = {min(topk, num_keys)} is larger: use backend='torch'"
+        )
     capacity = 2 * keep
     num_blocks_m = cdiv(num_queries, _BLOCK_M)
     per_program = _BLOCK_M * capacity * 8
