@@ -231,3 +231,18 @@ def test_choose_path(device):
     e = plan.expansion()
     assert choose_path(local, None, hkv, hq, keys, block_q=16, threshold=e * 0.99) == "per-query"
     assert choose_path(local, None, hkv, hq, keys, block_q=16, threshold=e * 1.01) == "block"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("seq_len", "num_keys", "hq", "hkv", "dim", "dim_v", "block_q"),
+    [(1, 5, 2, 2, 32, 32, 4), (13, 9, 2, 1, 128, 256, 8), (9, 40, 8, 2, 256, 64, 2)],
+)
+def test_block_path_shapes(device, seq_len, num_keys, hq, hkv, dim, dim_v, block_q):
+    """T = 1, G = 1 (Hq = Hkv), wide head dims, non-contiguous q."""
+    q, k, v = inputs(1, seq_len, num_keys, hq, hkv, dim, dim_v, torch.float32, device, seed=21)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # strides [T * H * D, D, T * D, 1]
+    indices = random_indices((1, hkv, seq_len, 5), num_keys, seed=22).to(device)
+    check(q, k, v, indices, None, block_q=block_q)
+    with deterministic_algorithms(True):
+        check(q, k, v, indices, None, block_q=block_q, deterministic=True, grad_lse=False)
