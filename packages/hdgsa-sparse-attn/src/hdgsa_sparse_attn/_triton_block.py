@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 # Float32 (block, union position) dk/dv rows of the deterministic backward, per chunk of blocks.
-WORKSPACE_BYTES = 256 * 2**20
+WORKSPACE_BYTES = 512 * 2**20
 
 
 @triton.jit
