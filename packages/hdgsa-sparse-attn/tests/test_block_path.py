@@ -214,23 +214,29 @@ def test_block_backward_bitwise_deterministic(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_choose_path(device):
+def test_choose_path(device, monkeypatch):
     """Neighbouring queries sharing keys take the block path; uniform random lists, per-head
-    lists and a threshold below the statistic take the per-query path."""
+    lists and a threshold below the statistic take the per-query path; the statistic measured
+    on a sample of the blocks decides the same way."""
+    from hdgsa_sparse_attn import _block_plan
     from hdgsa_sparse_attn._block_plan import choose_path, plan_and_choose
 
-    seq_len, topk, hq, hkv, keys = 64, 16, 4, 2, 1024
-    local = realistic_indices(1, hkv, seq_len, topk, sinks=2, segment=32, extra_hot=4).to(device)
+    seq_len, topk, hq, hkv, keys = 64, 64, 4, 2, 1024
+    local = realistic_indices(1, hkv, seq_len, topk, window=48, sinks=4, segment=32, extra_hot=4).to(device)
     spread = random_indices((1, hkv, seq_len, topk), keys, seed=1, low=0).to(device)
     path, plan = plan_and_choose(local, None, keys, hkv, hq, block_q=16)
     assert path == "block"
     assert plan is not None
+    e = plan.expansion()
+    assert e < _block_plan.EXPANSION_THRESHOLD
     assert choose_path(local[:, 0], None, hkv, hq, keys, block_q=16) == "block"  # [B, T, K]
     assert choose_path(spread, None, hkv, hq, keys, block_q=16) == "per-query"
     assert choose_path(local.repeat_interleave(2, 1), None, hkv, hq, keys) == "per-query"  # per-head lists
-    e = plan.expansion()
     assert choose_path(local, None, hkv, hq, keys, block_q=16, threshold=e * 0.99) == "per-query"
     assert choose_path(local, None, hkv, hq, keys, block_q=16, threshold=e * 1.01) == "block"
+    monkeypatch.setattr(_block_plan, "SAMPLED_BLOCKS", 2)  # blocks 0 and 2 of 4
+    assert choose_path(local, None, hkv, hq, keys, block_q=16) == "block"
+    assert choose_path(spread, None, hkv, hq, keys, block_q=16) == "per-query"
 
 
 @pytest.mark.parametrize("device", DEVICES)

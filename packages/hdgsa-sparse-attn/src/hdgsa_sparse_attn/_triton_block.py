@@ -354,7 +354,7 @@ def _config(head_dim: int, value_dim: int, backward: bool) -> dict:
     wide = max(head_dim, value_dim) > 128
     if backward:
         return {"BLOCK_N": 32 if wide else 64, "num_warps": 8, "num_stages": 1 if wide else 2}
-    return {"BLOCK_N": 32 if wide else 64, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_N": 64 if wide else 128, "num_warps": 8, "num_stages": 2}
 
 
 def _rows(block_q: int, group: int) -> int:
