@@ -228,12 +228,24 @@ def test_choose_path(device, monkeypatch):
     assert path == "block"
     assert plan is not None
     e = plan.expansion()
-    assert e < _block_plan.EXPANSION_THRESHOLD
+    assert e < _block_plan.EXPANSION_THRESHOLD_FORWARD
     assert choose_path(local[:, 0], None, hkv, hq, keys, block_q=16) == "block"  # [B, T, K]
     assert choose_path(spread, None, hkv, hq, keys, block_q=16) == "per-query"
     assert choose_path(local.repeat_interleave(2, 1), None, hkv, hq, keys) == "per-query"  # per-head lists
     assert choose_path(local, None, hkv, hq, keys, block_q=16, threshold=e * 0.99) == "per-query"
     assert choose_path(local, None, hkv, hq, keys, block_q=16, threshold=e * 1.01) == "block"
+    # between the two thresholds: block path with a backward to follow, per-query for inference
+    mixed = torch.where(
+        torch.rand(local.shape, generator=torch.Generator().manual_seed(5)).to(device) < 0.1, spread, local
+    )
+    mixed_plan = plan_and_choose(mixed, None, keys, hkv, hq, block_q=16, threshold=float("inf"))[1]
+    assert (
+        _block_plan.EXPANSION_THRESHOLD_FORWARD
+        < mixed_plan.expansion()
+        < _block_plan.EXPANSION_THRESHOLD_TRAINING
+    )
+    assert choose_path(mixed, None, hkv, hq, keys, block_q=16) == "per-query"
+    assert choose_path(mixed, None, hkv, hq, keys, block_q=16, needs_grad=True) == "block"
     monkeypatch.setattr(_block_plan, "SAMPLED_BLOCKS", 2)  # blocks 0 and 2 of 4
     assert choose_path(local, None, hkv, hq, keys, block_q=16) == "block"
     assert choose_path(spread, None, hkv, hq, keys, block_q=16) == "per-query"

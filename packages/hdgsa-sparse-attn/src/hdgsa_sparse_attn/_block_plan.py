@@ -35,7 +35,8 @@ from hdgsa_core.triton_utils import cdiv, next_power_of_2, on_input_device
 
 __all__ = [
     "BLOCK_ROWS",
-    "EXPANSION_THRESHOLD",
+    "EXPANSION_THRESHOLD_FORWARD",
+    "EXPANSION_THRESHOLD_TRAINING",
     "BlockPlan",
     "block_q_for",
     "build_block_plan",
@@ -46,8 +47,10 @@ __all__ = [
 # Rows of the block path's tensor-core tiles: BQ * G query rows per program.
 BLOCK_ROWS = 128
 # The block path is chosen when a block's union holds at most this many keys per slot of one of
-# its queries (``sum_b U_b * BQ / sum_b valid_b``); see :func:`choose_path`.
-EXPANSION_THRESHOLD = 1.5
+# its queries (``sum_b U_b * BQ / sum_b valid_b``), forward only / with a backward; see
+# :func:`choose_path` (set from H100 timings).
+EXPANSION_THRESHOLD_FORWARD = 1.25
+EXPANSION_THRESHOLD_TRAINING = 4.0
 # choose_path measures the statistic on about this many blocks per call (evenly spaced).
 SAMPLED_BLOCKS = 256
 
@@ -390,6 +393,27 @@ def _structural_path(indices: torch.Tensor, num_kv_heads: int, num_q_heads: int)
     return None
 
 
+def _threshold(threshold: float | None, needs_grad: bool) -> float:
+    if threshold is not None:
+        return threshold
+    return EXPANSION_THRESHOLD_TRAINING if needs_grad else EXPANSION_THRESHOLD_FORWARD
+
+
+@torch.no_grad()
+def sampled_expansion(
+    indices: torch.Tensor, mask: torch.Tensor | None, num_keys: int, block_q: int
+) -> tuple[float, tuple | None]:
+    """``(e, marked)``: the expansion statistic on about :data:`SAMPLED_BLOCKS` evenly spaced
+    blocks, and the full mark pass when every block was measured (else None)."""
+    num_blocks = cdiv(indices.shape[2], block_q)
+    stride = max(1, num_blocks // SAMPLED_BLOCKS)
+    if stride == 1:
+        marked = _mark(indices, mask, num_keys, block_q)
+        return _expansion(marked[2], marked[3], block_q), marked
+    sample = _mark(*_sampled_rows(indices, mask, block_q, stride), num_keys, block_q)
+    return _expansion(sample[2], sample[3], block_q), None
+
+
 @torch.no_grad()
 def plan_and_choose(
     indices: torch.Tensor,
@@ -398,26 +422,20 @@ def plan_and_choose(
     num_kv_heads: int,
     num_q_heads: int,
     *,
+    needs_grad: bool = False,
     block_q: int | None = None,
-    threshold: float = EXPANSION_THRESHOLD,
+    threshold: float | None = None,
 ) -> tuple[str, BlockPlan | None]:
-    """``(path, plan)``: :func:`choose_path`'s answer and, for ``"block"``, the plan (built once:
-    the statistic comes from the plan's first passes). ``indices``/``mask`` 3-D or 4-D."""
+    """``(path, plan)``: :func:`choose_path`'s answer and, for ``"block"``, the plan (built once;
+    the statistic's pass is reused when it covered every block). ``indices``/``mask`` 3-D or 4-D."""
     if indices.dim() == 3:
         indices = indices.unsqueeze(1)
         mask = None if mask is None else mask.unsqueeze(1)
     if _structural_path(indices, num_kv_heads, num_q_heads) is not None:
         return "per-query", None
     block_q = block_q or block_q_for(num_q_heads, num_kv_heads)
-    num_blocks = cdiv(indices.shape[2], block_q)
-    stride = max(1, num_blocks // SAMPLED_BLOCKS)
-    if stride == 1:
-        marked = _mark(indices, mask, num_keys, block_q)
-        sample = marked[2:]
-    else:  # the statistic from every stride-th full block (a copy of 1/stride of the lists)
-        marked = None
-        sample = _mark(*_sampled_rows(indices, mask, block_q, stride), num_keys, block_q)[2:]
-    if _expansion(*sample, block_q) > threshold:
+    expansion, marked = sampled_expansion(indices, mask, num_keys, block_q)
+    if expansion > _threshold(threshold, needs_grad):
         return "per-query", None
     return "block", build_block_plan(indices, mask, num_keys, block_q, _marked=marked)
 
@@ -443,25 +461,36 @@ def choose_path(
     num_q_heads: int,
     num_keys: int,
     *,
+    needs_grad: bool = False,
     block_q: int | None = None,
-    threshold: float = EXPANSION_THRESHOLD,
+    threshold: float | None = None,
 ) -> str:
     """``"block"`` or ``"per-query"``: which Triton path computes this call.
 
     The rule: lists shared by a KV group or all heads (``Hi`` in ``{1, Hkv}``; never per-head
-    lists with ``G > 1``), and a small *expansion*
-    ``e = sum_b U_b * BQ / sum_b valid_b <= threshold`` (default 1.5), where ``U_b`` is the size
-    of block ``b``'s key union and ``valid_b`` its number of valid slots: ``e`` is how many keys
-    each query row of the block path visits per key it selected. The per-query path reads each
-    selected K/V row per query (gather-bound, about ``G`` FLOPs per byte); the block path reads
-    each union row once per block and does ``BQ * G`` rows of tensor-core work on it, which
-    pays while ``e`` stays below the tensor-core to gather speed ratio (neighbouring queries
-    sharing windows, sinks and hot keys give ``e`` near 1; uniform random keys give ``e`` near
-    ``BQ``). The block path also pays for its plan (two integer passes over all slots), so on
-    an H100 it wins from ``e`` of about 1 to 1.5 (measured at T = 8K and 32K, K = 1K and 2K,
-    Hq 16 / Hkv 2). The statistic is measured on about :data:`SAMPLED_BLOCKS` evenly spaced
-    blocks (one pass over their slots, two host syncs).
+    lists with ``G > 1``), and a small *expansion* ``e = sum_b U_b * BQ / sum_b valid_b``, where
+    ``U_b`` is the size of block ``b``'s key union and ``valid_b`` its number of valid slots:
+    ``e`` is how many keys each query row of the block path visits per key it selected.
+    Block when ``e <= 1.25`` for a forward only (``needs_grad=False``) and ``e <= 4`` when a
+    backward follows (``threshold`` overrides both).
+
+    Why: the per-query path reads each selected K/V row per query (gather-bound, about ``G``
+    FLOPs per byte); the block path reads each union row once per block and does ``BQ * G``
+    rows of tensor-core work on it, plus its plan (two integer passes over all slots). Its cost
+    grows with ``e``. Measured on an H100 (Hq 16, Hkv 2, D 128, bf16, plan included): at T 8K,
+    K 1K the forward breaks even near ``e = 1.1`` (block 1.27 ms at e 1.03, 1.98 ms at e 1.73;
+    per-query 1.3-1.4 ms), forward + backward near ``e = 6`` (block 3.1 ms at e 1.03, 5.7 ms at
+    e 3.28; per-query 9-11 ms, its backward scatters per slot). Windows, sinks and hot keys
+    shared by neighbouring queries give ``e`` near 1; uniform random keys give ``e`` near
+    ``BQ``. The statistic is measured on about :data:`SAMPLED_BLOCKS` evenly spaced blocks (one
+    integer pass over their slots, two host syncs: 0.4 ms at T 32K, K 2K).
     """
-    return plan_and_choose(
-        indices, mask, num_keys, num_kv_heads, num_q_heads, block_q=block_q, threshold=threshold
-    )[0]
+    if indices.dim() == 3:
+        indices = indices.unsqueeze(1)
+        mask = None if mask is None else mask.unsqueeze(1)
+    structural = _structural_path(indices, num_kv_heads, num_q_heads)
+    if structural is not None:
+        return structural
+    block_q = block_q or block_q_for(num_q_heads, num_kv_heads)
+    expansion, _ = sampled_expansion(indices, mask, num_keys, block_q)
+    return "block" if expansion <= _threshold(threshold, needs_grad) else "per-query"
