@@ -19,8 +19,10 @@ Built in four integer passes, no host loop over blocks and no float atomics:
    union position) (integer ``atomic_add`` on packed 16-bit counters: the sums do not depend on
    the order, so the plan is bitwise the same every run).
 
-:func:`choose_path` decides between the block path and the per-query path from the first two
-passes (see its docstring for the rule).
+:func:`choose_path` decides between the block path and the per-query path from pass 1-2 run on
+a sample of the blocks (see its docstring for the rule); :func:`plan_and_choose` also returns the
+plan when the block path is chosen. The plan holds ``B * Hi * ceil(T / BQ) * BQ * ceil(U / 2) * 4``
+bytes of counts (300 MB at T 32K, K 2K, two lists, U 2290) plus bitmaps and unions (~70 MB there).
 """
 
 from __future__ import annotations
