@@ -223,6 +223,8 @@ def test_choose_path(device, monkeypatch):
 
     seq_len, topk, hq, hkv, keys = 64, 64, 4, 2, 1024
     local = realistic_indices(1, hkv, seq_len, topk, window=48, sinks=4, segment=32, extra_hot=4).to(device)
+    assert choose_path(local, None, hkv, hq, keys) == "per-query"  # T * K below the size gate
+    monkeypatch.setattr(_block_plan, "MIN_SLOTS_FOR_BLOCK", 0)
     spread = random_indices((1, hkv, seq_len, topk), keys, seed=1, low=0).to(device)
     path, plan = plan_and_choose(local, None, keys, hkv, hq, block_q=16)
     assert path == "block"
@@ -264,3 +266,41 @@ def test_block_path_shapes(device, seq_len, num_keys, hq, hkv, dim, dim_v, block
     check(q, k, v, indices, None, block_q=block_q)
     with deterministic_algorithms(True):
         check(q, k, v, indices, None, block_q=block_q, deterministic=True, grad_lse=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_sparse_attention_dispatches_to_the_chosen_path(device, deterministic, monkeypatch):
+    """sparse_attention runs the path that sparse_attention_path reports: the block path for
+    lists shared by neighbouring queries (bitwise its direct call's output and gradients), the
+    per-query path for uniform random lists, PyTorch for backend="torch"."""
+    from hdgsa_sparse_attn import _block_plan, sparse_attention, sparse_attention_path
+    from hdgsa_sparse_attn._triton_block import sparse_attention_block
+
+    monkeypatch.setattr(_block_plan, "MIN_SLOTS_FOR_BLOCK", 0)
+    seq_len, topk, hq, hkv, keys = 48, 32, 4, 2, 4096  # random lists over many keys barely overlap
+    q, k, v = inputs(1, seq_len, keys, hq, hkv, 32, 16, torch.float32, device, seed=7)
+    local = realistic_indices(1, hkv, seq_len, topk, window=24, sinks=2, segment=16, extra_hot=2).to(device)
+    spread = random_indices((1, hkv, seq_len, topk), keys, seed=3, low=0).to(device)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    assert sparse_attention_path(q, k, v, local, needs_grad=True) == "block"
+    assert sparse_attention_path(q, k, v, spread, needs_grad=True) == "per-query"
+    assert sparse_attention_path(q, k, v, local, backend="torch") == "torch"
+    with deterministic_algorithms(deterministic):
+        out, lse = sparse_attention(*leaves, local, return_lse=True)
+        direct = [t.clone().requires_grad_() for t in (q, k, v)]
+        out_direct, lse_direct = sparse_attention_block(*direct, local, None, 32**-0.5)
+        assert torch.equal(out, out_direct)
+        assert torch.equal(lse, lse_direct)
+        grad_out = make_tensor(*out.shape, device=device, seed=9)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        grads_direct = torch.autograd.grad(out_direct, direct, grad_out)
+    names = ("dq", "dk", "dv")
+    for name, grad, want in zip(names, grads, grads_direct, strict=True):
+        if deterministic:
+            assert torch.equal(grad, want), name
+        else:  # float atomics: the order of the sums may differ
+            torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
+    *_, expected, expected_lse = reference(q, k, v, local, None, 32**-0.5)
+    assert_close("out", out, expected, DEFAULT_TOLERANCE[torch.float32])
+    assert_close("lse", lse, expected_lse, DEFAULT_TOLERANCE[torch.float32])

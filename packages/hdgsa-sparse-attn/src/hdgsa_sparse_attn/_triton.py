@@ -149,8 +149,24 @@ def sparse_attention_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` by the Triton kernels (arguments checked by :func:`sparse_attention`;
     ``indices``/``mask`` already ``[B, Hi, T, K]``)."""
-    if is_compiling():
+    if is_compiling():  # the block path's plan syncs with the host: per-query under compile
         return torch.ops.hdgsa.sparse_attention_fwd(q, k, v, indices, mask, scale)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    path, plan = choose_triton_path(q, k, indices, mask, needs_grad)
+    if path == "block":
+        from ._triton_block import sparse_attention_block
+
+        return sparse_attention_block(q, k, v, indices, mask, scale, plan=plan)
+    if needs_grad:
         return _SparseAttentionFunction.apply(q, k, v, indices, mask, scale)
     return sparse_attention_fwd(q, k, v, indices, mask, scale)
+
+
+def choose_triton_path(
+    q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None, needs_grad: bool
+) -> tuple[str, Any]:
+    """``("block", plan)`` or ``("per-query", None)`` for ``indices``/``mask`` ``[B, Hi, T, K]``
+    (the rule: :func:`hdgsa_sparse_attn._block_plan.choose_path`)."""
+    from ._block_plan import plan_and_choose
+
+    return plan_and_choose(indices, mask, k.shape[1], k.shape[2], q.shape[2], needs_grad=needs_grad)
