@@ -155,13 +155,15 @@ def run_training(tmp_path: Path, parallel: str, processes: int, *extra: str) -> 
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
-def test_ddp_and_fsdp2_match_one_process(tmp_path):
+def test_ddp_and_fsdp2_compiled_match_one_process(tmp_path):
     single = run_training(tmp_path, "none", 1)
     assert len(single["losses"]) == 3
     assert single["losses"][-1] < single["losses"][0]
     for parallel in ("ddp", "fsdp"):
-        result = run_training(tmp_path, parallel, 2)
+        # Each rank compiles its blocks with fullgraph=True: no graph break under either wrapper.
+        result = run_training(tmp_path, parallel, 2, "--compile")
         assert result["world_size"] == 2
+        assert result["compile"]
         # Same data, same weights: only the order of the gradient sums differs (float32).
         torch.testing.assert_close(
             torch.tensor(result["losses"]), torch.tensor(single["losses"]), rtol=1e-4, atol=1e-5
