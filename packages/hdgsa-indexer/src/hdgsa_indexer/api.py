@@ -25,7 +25,7 @@ from .reference import gated_indexer_reference, indexer_scores_at_reference, ind
 __all__ = ["gated_indexer", "indexer_scores_at", "indexer_topk"]
 
 
-def _check_inputs(
+def _check_arguments(
     op: str,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -111,7 +111,7 @@ def gated_indexer(
         >>> gated_indexer(q, k, w, bias, scale=16**-0.5).shape
         torch.Size([1, 6, 6])
     """
-    device = _check_inputs("gated_indexer", q, k, w, bias, scale, causal, q_offset)
+    device = _check_arguments("gated_indexer", q, k, w, bias, scale, causal, q_offset)
     if resolve_backend(backend, device, op="gated_indexer") == "triton":
         from ._triton import gated_indexer_triton  # Triton is imported only when its backend runs
 
@@ -188,7 +188,7 @@ def indexer_topk(
         >>> indices[0, 0].tolist(), indices[0, 5, 0].item()
         ([0, -1, -1], 0)
     """
-    device = _check_inputs("indexer_topk", q, k, w, bias, scale, causal, q_offset)
+    device = _check_arguments("indexer_topk", q, k, w, bias, scale, causal, q_offset)
     check_int("indexer_topk: topk", topk)
     if topk < 1:
         raise ValueError(f"indexer_topk: topk must be >= 1, got {topk}")
@@ -252,7 +252,7 @@ def indexer_scores_at(
         >>> indexer_scores_at(q, k, w, bias, indices).shape
         torch.Size([1, 8, 3])
     """
-    device = _check_inputs("indexer_scores_at", q, k, w, bias, scale, False, 0)
+    device = _check_arguments("indexer_scores_at", q, k, w, bias, scale, False, 0)
     check_tensor("indices", indices)
     check_ndim("indices", indices, 3, "[B, Tq, K]")
     check_dtype("indices", indices, INDEX_DTYPES)
