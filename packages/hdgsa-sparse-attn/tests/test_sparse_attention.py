@@ -133,7 +133,7 @@ def test_without_mask(device, backend, dtype):
 
 
 def test_literal_formula():
-    """A per-row loop straight from SPEC 3.4 (independent of both vectorized versions)."""
+    """A per-row loop straight from the formula in docs/api.md (independent of both vectorized versions)."""
     batch, seq_len, hq, hkv, num_keys, topk, dim, dim_v = 2, 3, 4, 2, 6, 5, 8, 3
     q = make_tensor(batch, seq_len, hq, dim, seed=21)
     k = make_tensor(batch, num_keys, hkv, dim, seed=22)
@@ -350,7 +350,7 @@ def test_return_types():
     assert lse.dtype == torch.float32
 
 
-# ---------------------------------------------------------------- bad inputs (SPEC section 2)
+# ---------------------------------------------------------------- bad inputs (docs/api.md)
 
 
 def _inputs(dtype=torch.float32):
@@ -531,7 +531,7 @@ def test_inputs_are_not_modified(device, backend):
 
 @pytest.mark.parametrize(("device", "backend"), CASES, ids=CASE_IDS)
 def test_autocast_keeps_float32_math(device, backend):
-    # Under torch.autocast the op still computes in float32 (SPEC 2) and returns q.dtype:
+    # Under torch.autocast the op still computes in float32 (docs/api.md) and returns q.dtype:
     # bitwise the result outside the autocast region; gradients to float32 rounding (dk and
     # dv accumulate, which need not be bitwise outside deterministic mode). bf16 math would
     # be off by about 1e-2.
