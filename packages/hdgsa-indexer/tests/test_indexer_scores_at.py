@@ -8,7 +8,7 @@ import inspect
 import pytest
 import torch
 
-from hdgsa_core import HAS_CUDA, runnable_backends
+from hdgsa_core import HAS_CUDA, HAS_TRITON, runnable_backends
 from hdgsa_core.testing import assert_matches_reference, grads_of, make_tensor, must_not_run, strided_rows
 from hdgsa_indexer import gated_indexer, indexer_scores_at, indexer_topk
 
@@ -264,7 +264,8 @@ def _good():
 )
 def test_bad_inputs(change, error, pattern, monkeypatch):
     monkeypatch.setattr("hdgsa_indexer.api.indexer_scores_at_reference", must_not_run)
-    monkeypatch.setattr("hdgsa_indexer._triton.indexer_scores_at_fwd", must_not_run)
+    if HAS_TRITON:  # without Triton the Triton path cannot even be imported
+        monkeypatch.setattr("hdgsa_indexer._triton.indexer_scores_at_fwd", must_not_run)
     with pytest.raises(error, match=pattern):
         indexer_scores_at(*change(*_good()))
 
