@@ -13,6 +13,7 @@ from hdgsa_sparse_attn.bench import (
     _torch_eager,
     bench_cases,
     causal_random_indices,
+    indexer_indices,
     realistic_indices,
 )
 from hdgsa_sparse_attn.selfcheck import self_check
@@ -54,9 +55,18 @@ def test_bench_cases_listing():
                 in names
             )
     assert "B1 T4096 Hq16 Hkv16 D256 k1024 per-head random fwd" in names
+    for sharing in ("per-KV-group", "all-heads"):
+        assert f"B1 T32768 Hq16 Hkv2 D128 k2048 {sharing} indexer fwd+bwd" in names
     sweep = [case for case in cases if "sweep" in case.tags]
-    assert {case.name.split()[1] for case in sweep} == {"T4096", "T8192", "T16384", "T32768", "T65536"}
+    lengths = {"T4096", "T8192", "T16384", "T32768", "T65536", "T131072"}
+    assert {case.name.split()[1] for case in sweep} == lengths
     assert {case.name.split()[5] for case in sweep} == {"k512", "k1024", "k2048"}
+    # The crossover table's rows: both index sets for shared lists, up to T = 131,072.
+    for sharing in ("per-KV-group", "all-heads"):
+        for index_set in ("random", "realistic"):
+            rows = {case.name.split()[1] for case in sweep if f"{sharing} {index_set}" in case.name}
+            # T8192 k512 is a headline case (more providers), not a sweep row
+            assert rows == lengths
     assert bench_cases(["rmsnorm"]) == []
     assert len(bench_cases(["sparse-attn"])) == len(cases)
 
@@ -104,3 +114,23 @@ def test_bench_providers_run_on_cpu(backward):
     else:
         assert all(len(grads) == 3 for grads in results)
         assert not torch.are_deterministic_algorithms_enabled()  # restored after the call
+
+
+def test_indexer_indices():
+    """The indexer's own causal selection: sinks first, distinct valid keys <= t, -1 padding,
+    and local structure (most selected keys lie near the query)."""
+    indices = indexer_indices(1, 2, 96, 12, device="cpu", seed=2, sinks=2, heads=2, dim=16)
+    assert indices.shape == (1, 2, 96, 12)
+    assert indices.dtype == torch.int32
+    near = total = 0
+    for rows in indices.reshape(-1, 96, 12).unbind(0):
+        for t, slots in enumerate(rows.tolist()):
+            valid = [s for s in slots if s >= 0]
+            assert len(valid) == min(t + 1, 12)
+            assert len(set(valid)) == len(valid)
+            assert all(s <= t for s in valid)
+            assert slots[: min(2, t + 1)] == list(range(min(2, t + 1)))  # sinks first
+            if t >= 48:
+                near += sum(t - s < 24 for s in valid[2:])
+                total += len(valid) - 2
+    assert near > 0.6 * total, (near, total)

@@ -6,16 +6,24 @@ Index sets (``[B, Hi, T, k]`` int32, causal):
   rest ``-1`` (the worst case: no structure to reuse);
 - ``realistic``: 16 sinks (keys 0..15), a local window of the ``k / 4`` latest keys, and the
   rest drawn from a pool of hot keys (one and a half times as many as each query picks, a few
-  hundred at k = 512) shared by each block of 64 neighbouring queries.
+  hundred at k = 512) shared by each block of 64 neighbouring queries;
+- ``indexer``: what ``hdgsa_indexer.indexer_topk`` selects (16 sinks, 4 indexer heads, d 64)
+  when keys drift slowly (a normalized random walk) and each query resembles its own key:
+  the selections of a real model's indexer on inputs with local structure (needs
+  hdgsa-indexer; the case is skipped without it).
 
 Sharing modes: ``per-head`` (Hq = Hkv = 16, a list per head), ``per-KV-group`` (Hq 16, Hkv 2,
 a list per KV head shared by its 8 query heads) and ``all-heads`` (Hq 16, Hkv 2, one list).
 
 Cases: the headline shape B1 T8192 D128 k512 for every sharing mode and index set, forward and
 forward+backward (the latter also in deterministic mode); the model's shape B1 T4096 H16 D256
-k1024; a T sweep (4K..64K; per-head lists to 32K, their backward to 16K, to keep the bench's
-memory and time affordable) of random lists for every sharing mode and k in {512, 1024, 2048}
-(its T8192 k512 rows are the headline cases).
+k1024; the long-context shape B1 T32768 Hq16 Hkv2 D128 k2048 with ``indexer`` lists; a T sweep
+for k in {512, 1024, 2048}: random and realistic lists shared per KV group or by all heads from
+4K to 131K, random per-head lists to 32K (their backward to 16K, to keep the bench's memory and
+time affordable); its T8192 k512 rows are the headline cases. Where lists are shared, the Triton
+backend picks the per-query or the query-block path per call (``sparse_attention_path``), and the
+``hdgsa`` rows time what it picks, the choice and the block path's plan included: the crossover
+against ``sdpa`` is read off the sweep.
 Providers:
 
 - ``hdgsa``: :func:`sparse_attention` (``backend="auto"``, ``validate=False``: no host sync);
@@ -47,7 +55,7 @@ import torch
 
 from hdgsa_core.registry import BenchCase, ProviderUnavailable
 
-__all__ = ["bench_cases", "causal_random_indices", "realistic_indices"]
+__all__ = ["bench_cases", "causal_random_indices", "indexer_indices", "realistic_indices"]
 
 OP = "sparse_attention"
 _OP_NAMES = {OP, "sparse-attn", "sparse_attn", "sparse", "hdgsa_sparse_attn"}
@@ -81,11 +89,17 @@ HEADLINE = tuple(
     _shape(sharing, 8192, 512, index_set) for index_set in ("random", "realistic") for sharing in _SHARING
 )
 MODEL = (_shape("per-head", 4096, 1024, "random", head_dim=256),)
-SWEEP_LENGTHS = (4096, 8192, 16384, 32768, 65536)
+LONG = tuple(_shape(sharing, 32768, 2048, "indexer") for sharing in ("per-KV-group", "all-heads"))
+SWEEP_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 SWEEP_TOPK = (512, 1024, 2048)
 # Per-head lists hold Hq lists per position: past these lengths their indices and the
 # backward's inverse index (tens of GB at 64K, k = 2048) do not fit the bench's budget.
 PER_HEAD_MAX_T = {"fwd": 32768, "fwd+bwd": 16384}
+SWEEP_INDEX_SETS = {
+    "per-head": ("random",),
+    "per-KV-group": ("random", "realistic"),
+    "all-heads": ("random", "realistic"),
+}
 
 
 def causal_random_indices(
@@ -167,10 +181,51 @@ def realistic_indices(
     return out
 
 
+def indexer_indices(
+    batch: int,
+    index_heads: int,
+    seq_len: int,
+    topk: int,
+    *,
+    device: torch.device | str = "cuda",
+    seed: int = 0,
+    sinks: int = 16,
+    heads: int = 4,
+    dim: int = 64,
+) -> torch.Tensor:
+    """``[B, Hi, T, k]`` int32: ``hdgsa_indexer.indexer_topk``'s causal selection (``sinks``
+    sinks) for inputs with local structure, one independent draw per list: keys are a
+    normalized random walk (neighbouring keys alike), each query head is its position's key
+    plus noise, so nearby keys score high and older ones by their drift."""
+    try:
+        from hdgsa_indexer import indexer_topk
+    except ImportError as error:
+        raise ProviderUnavailable("the indexer index set needs hdgsa-indexer") from error
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=generator, device=device)
+
+    lists = []
+    for _ in range(index_heads):
+        walk = (randn(batch, seq_len, dim) * 0.05).cumsum(1) + randn(batch, 1, dim)
+        keys = torch.nn.functional.normalize(walk, dim=-1) * dim**0.5
+        queries = keys[:, :, None, :] + randn(batch, seq_len, heads, dim)
+        gates, bias = randn(batch, seq_len, heads), torch.zeros(heads, device=device)
+        chosen, _ = indexer_topk(
+            queries.bfloat16(), keys.bfloat16(), gates, bias, topk, dim**-0.5, True, sink_size=sinks
+        )
+        lists.append(chosen)
+    return torch.stack(lists, dim=1)
+
+
+_INDEX_SETS = {"random": causal_random_indices, "realistic": realistic_indices, "indexer": indexer_indices}
+
+
 @functools.lru_cache(maxsize=1)
 def _cached_indices(shape: _Shape, device: torch.device) -> torch.Tensor:
     """The index set of ``shape``, kept while the providers of one case run (one at a time)."""
-    make = realistic_indices if shape.index_set == "realistic" else causal_random_indices
+    make = _INDEX_SETS[shape.index_set]
     return make(shape.batch, shape.index_heads, shape.seq_len, shape.topk, device=device)
 
 
@@ -331,21 +386,23 @@ def bench_cases(ops_filter: Iterable[str] | None = None) -> list[BenchCase]:
     if ops_filter is not None and not _OP_NAMES.intersection(ops_filter):
         return []
     cases = []
-    for shape in HEADLINE + MODEL:
+    for shape in HEADLINE + MODEL + LONG:
         sharing = shape.label.split()[-2]
         peers = ("torch", "torch.compile") if shape == HEADLINE[0] else ()
         cases.append(_case(shape, False, ("hdgsa", *peers, "sdpa"), (sharing, shape.index_set)))
         backward_providers = ("hdgsa", "hdgsa-deterministic", *peers, "sdpa")
         cases.append(_case(shape, True, backward_providers, (sharing, shape.index_set)))
-    for sharing in _SHARING:
-        for topk in SWEEP_TOPK:
-            for seq_len in SWEEP_LENGTHS:
-                shape = _shape(sharing, seq_len, topk, "random")
-                if shape in HEADLINE:  # timed above, with more providers
-                    continue
-                for backward in (False, True):
-                    mode = "fwd+bwd" if backward else "fwd"
-                    if sharing == "per-head" and seq_len > PER_HEAD_MAX_T[mode]:
+    for sharing, index_sets in SWEEP_INDEX_SETS.items():
+        for index_set in index_sets:
+            for topk in SWEEP_TOPK:
+                for seq_len in SWEEP_LENGTHS:
+                    shape = _shape(sharing, seq_len, topk, index_set)
+                    if shape in HEADLINE:  # timed above, with more providers
                         continue
-                    cases.append(_case(shape, backward, ("hdgsa", "sdpa"), (sharing, "random", "sweep")))
+                    for backward in (False, True):
+                        mode = "fwd+bwd" if backward else "fwd"
+                        if sharing == "per-head" and seq_len > PER_HEAD_MAX_T[mode]:
+                            continue
+                        tags = (sharing, index_set, "sweep")
+                        cases.append(_case(shape, backward, ("hdgsa", "sdpa"), tags))
     return cases
