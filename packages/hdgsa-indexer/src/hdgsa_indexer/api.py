@@ -240,8 +240,9 @@ def indexer_scores_at(
 
     Raises:
         ValueError: as :func:`gated_indexer`; ``indices`` not ``[B, Tq, K]``; an index
-            ``>= Tkv``. Checking the range reads one value back to the host (a sync), except
-            under ``torch.compile``, which skips the check.
+            ``>= Tkv``. Checking the range reads one value back to the host (a sync); under
+            ``torch.compile`` it is a device-side assertion instead (``RuntimeError``,
+            asynchronous on CUDA; no graph break).
         TypeError: as :func:`gated_indexer`; ``indices`` not int32 or int64.
         RuntimeError: the requested backend cannot run here.
 
@@ -260,6 +261,11 @@ def indexer_scores_at(
     device = check_same_device(q=q, indices=indices)
     if not is_compiling():
         check_index_range("indices", indices, k.shape[1])
+    elif indices.numel() > 0:  # no host read inside a graph: a device-side assertion instead
+        torch._assert_async(
+            indices.max() < k.shape[1],
+            f"indices: an index is out of range; indices must be < Tkv = {k.shape[1]}",
+        )
     if resolve_backend(backend, device, op="indexer_scores_at") == "triton":
         from ._triton import indexer_scores_at_triton
 
