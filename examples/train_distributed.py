@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.out is not None:
             args.out.write_text(json.dumps(result, indent=2) + "\n")
     if distributed:
+        # The wrapped model and its optimizer go before the process group: seen on CPU with
+        # gloo, DDP's reducer destroyed after the group could hang the worker's exit.
+        del model, optimizer
         dist.destroy_process_group()
     return result
 

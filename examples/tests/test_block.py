@@ -149,7 +149,7 @@ def run_training(tmp_path: Path, parallel: str, processes: int, *extra: str) -> 
     # The processes run the ops' real CPU path (PyTorch); Triton's interpreter is a test vehicle
     # for the kernels, covered by the in-process tests above.
     env.pop("TRITON_INTERPRET", None)
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=150)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return json.loads(out.read_text())
 
