@@ -21,7 +21,7 @@ import triton.language as tl
 from hdgsa_core.launch import CachedLauncher
 from hdgsa_core.triton_utils import cdiv, next_power_of_2, on_input_device
 
-from ._triton_fwd import _head_dot, _tanh_approx, dot_options, input_strides
+from ._triton_fwd import _gather_rows, _head_dot, _stream, _tanh_approx, dot_options, input_strides
 
 __all__ = ["gated_indexer_bwd", "indexer_scores_at_bwd"]
 
@@ -33,6 +33,7 @@ _BLOCK_R, _BLOCK_N, _NUM_WARPS = 64, 64, 4
 _DK_PROGRAMS = 512
 _BLOCK_K = 64
 _BLOCK_E = 32
+_HINTS = True
 
 
 @triton.jit
@@ -420,7 +421,9 @@ def _indexer_scores_at_bwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    FAST_TANH: tl.constexpr,
     ATOMIC_DK: tl.constexpr,
+    HINTS: tl.constexpr,
 ):
     """One query per program: ``dq``, ``dw``, a ``dbias`` partial; with ``ATOMIC_DK`` also
     adds its keys' gradient into the float32 ``dk32`` (``[B, Tkv, d]``, contiguous)."""
@@ -442,15 +445,14 @@ def _indexer_scores_at_bwd_kernel(
     for j0 in range(0, K, BLOCK_K):
         o_j = j0 + tl.arange(0, BLOCK_K)
         m_j = o_j < K
-        b_idx = tl.load(p_i + o_j, mask=m_j, other=-1).to(tl.int64)
+        b_idx = _stream(p_i + o_j, m_j, -1, HINTS).to(tl.int64)
         m_valid = b_idx >= 0
         p_k = k + i_b * stride_kb + tl.maximum(b_idx, 0)[:, None] * stride_kt + o_d[None, :]
-        b_k = tl.load(p_k, mask=m_valid[:, None] & m_d[None, :], other=0.0)
-        b_do = tl.load(dout + row + o_j, mask=m_valid, other=0.0)
-        b_do = tl.where(m_valid, b_do, 0.0)
-        b_sig = _sigmoid(_head_dot(b_q, b_k, DOT_FP32) * scale + b_bias[:, None])
+        b_k = _gather_rows(p_k, m_valid[:, None] & m_d[None, :], HINTS)
+        b_do = _stream(dout + row + o_j, m_valid, 0.0, HINTS)
+        b_sig, b_dsig = _gate_terms(_head_dot(b_q, b_k, DOT_FP32) * scale + b_bias[:, None], FAST_TANH)
         b_dw += tl.sum(b_do[None, :] * b_sig, 1)
-        b_dz = b_do[None, :] * b_gate[:, None] * b_sig * (1.0 - b_sig)
+        b_dz = b_do[None, :] * b_gate[:, None] * b_dsig
         b_db += tl.sum(b_dz, 1)
         b_dq += _dot_nn(_cast_for_dot(b_dz, DOT_FP32, b_k.dtype), b_k, DOT_FP32)
         if ATOMIC_DK:
@@ -538,6 +540,7 @@ def indexer_scores_at_bwd(
     indices: torch.Tensor,
     scale: float,
     deterministic: bool,
+    fast: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dw, dbias)`` from the gradient of the scores at ``indices`` ``[B, Tq, K]``.
 
@@ -562,7 +565,7 @@ def indexer_scores_at_bwd(
     k = k if k.stride(-1) == 1 else k.contiguous()
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()
     dout = dout.contiguous()
-    dot_fp32, _ = dot_options(q, k, False)
+    dot_fp32, fast_tanh = dot_options(q, k, fast)
     dbias_part = torch.empty(batch, num_queries, heads, dtype=torch.float32, device=q.device)
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if not deterministic else dq
     strides = input_strides(q, k, w, bias)
@@ -591,7 +594,9 @@ def indexer_scores_at_bwd(
         BLOCK_D=block_d,
         BLOCK_K=_BLOCK_K,
         DOT_FP32=dot_fp32,
+        FAST_TANH=fast_tanh,
         ATOMIC_DK=not deterministic,
+        HINTS=_HINTS,
         **strides,
         num_warps=4,
     )
