@@ -66,38 +66,11 @@ def _dot_nn(b_a, b_b, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _row_inputs(
-    q,
-    w,
-    bias,
-    i_b64,
-    o_r,
-    m_r,
-    o_d,
-    m_d,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    stride_wb,
-    stride_wt,
-    stride_wh,
-    stride_bias,
-    H: tl.constexpr,
-):
-    """A block of flat rows ``r = t * H + h``: ``(t, q[t, h], sigmoid(w[t, h]), bias[h])``."""
+def _row_queries(q, i_b64, o_r, m_r, o_d, m_d, stride_qb, stride_qt, stride_qh, H: tl.constexpr):
+    """A block of flat rows ``r = t * H + h``: ``(t, q[t, h])``."""
     o_t = o_r // H
-    o_h = o_r % H
-    p_q = (
-        q
-        + i_b64 * stride_qb
-        + o_t.to(tl.int64)[:, None] * stride_qt
-        + o_h[:, None] * stride_qh
-        + o_d[None, :]
-    )
-    b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0)
-    b_w = tl.load(w + i_b64 * stride_wb + o_t.to(tl.int64) * stride_wt + o_h * stride_wh, mask=m_r, other=0.0)
-    b_bias = tl.load(bias + o_h * stride_bias, mask=m_r, other=0.0).to(tl.float32)
-    return o_t, b_q, _sigmoid(b_w.to(tl.float32)), b_bias
+    p_q = q + i_b64 * stride_qb + o_t.to(tl.int64)[:, None] * stride_qt + (o_r % H)[:, None] * stride_qh
+    return o_t, tl.load(p_q + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
 
 
 @triton.jit(do_not_specialize=["Tq", "Tkv", "q_offset"])
@@ -109,6 +82,7 @@ def _gated_indexer_bwd_dq_kernel(
     dscore,
     dq,
     dw,
+    gates,
     dbias_rows,
     stride_qb,
     stride_qt,
@@ -138,10 +112,11 @@ def _gated_indexer_bwd_dq_kernel(
     CAUSAL: tl.constexpr,
     DOT_FP32: tl.constexpr,
     FAST_TANH: tl.constexpr,
+    EVEN_N: tl.constexpr,
 ):
     """Query-major: a block of ``BLOCK_R`` flat (query, head) rows against every key it sees;
-    each score-gradient tile is read from memory once for all heads. Writes ``dq``, ``dw`` and
-    the per-row ``dbias`` terms."""
+    each score-gradient tile is read from memory once for all heads. Writes ``dq``, ``dw``,
+    the per-row ``dbias`` terms and the head gates (float32, for the key-major pass)."""
     i_r, i_b = tl.program_id(0), tl.program_id(1)
     if CAUSAL:  # the longest programs (last queries) first
         i_r = tl.num_programs(0) - 1 - i_r
@@ -149,25 +124,12 @@ def _gated_indexer_bwd_dq_kernel(
     o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
     o_d = tl.arange(0, BLOCK_D)
     m_r, m_d = o_r < Tq * H, o_d < D
-    o_t, b_q, b_gate, b_bias = _row_inputs(
-        q,
-        w,
-        bias,
-        i_b64,
-        o_r,
-        m_r,
-        o_d,
-        m_d,
-        stride_qb,
-        stride_qt,
-        stride_qh,
-        stride_wb,
-        stride_wt,
-        stride_wh,
-        stride_bias,
-        H,
-    )
-    p_g = dscore + i_b64 * stride_gb + o_t.to(tl.int64)[:, None] * stride_gt
+    o_t, b_q = _row_queries(q, i_b64, o_r, m_r, o_d, m_d, stride_qb, stride_qt, stride_qh, H)
+    o_t64, o_h = o_t.to(tl.int64), o_r % H
+    b_w = tl.load(w + i_b64 * stride_wb + o_t64 * stride_wt + o_h * stride_wh, mask=m_r, other=0.0)
+    b_gate = _sigmoid(b_w.to(tl.float32))
+    b_bias = tl.load(bias + o_h * stride_bias, mask=m_r, other=0.0).to(tl.float32)
+    p_g = dscore + i_b64 * stride_gb + o_t64[:, None] * stride_gt
     b_dq = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     b_dw = tl.zeros([BLOCK_R], dtype=tl.float32)
     b_db = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -180,17 +142,18 @@ def _gated_indexer_bwd_dq_kernel(
         m_n = o_n < Tkv
         p_k = k + i_b64 * stride_kb + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :]
         b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        m_valid = m_r[:, None] & m_n[None, :]
+        # Bounds only in the load mask (with EVEN_N constant along the keys: vector loads),
+        # the causal mask after it.
+        m_load = m_r[:, None] if EVEN_N else m_r[:, None] & m_n[None, :]
+        b_g = tl.load(p_g + o_n[None, :], mask=m_load, other=0.0)
         if CAUSAL:
-            m_valid = m_valid & (o_n[None, :] <= o_t[:, None] + q_offset)
-        b_g = tl.load(p_g + o_n[None, :], mask=m_valid, other=0.0)
+            b_g = tl.where(o_n[None, :] <= o_t[:, None] + q_offset, b_g, 0.0)
         b_sig, b_dsig = _gate_terms(_head_dot(b_q, b_k, DOT_FP32) * scale + b_bias[:, None], FAST_TANH)
         b_dw += tl.sum(b_g * b_sig, 1)
         # The head gate multiplies every term of a row: applied once, at the end.
         b_dz = b_g * b_dsig
         b_db += tl.sum(b_dz, 1)
         b_dq += _dot_nn(_cast_for_dot(b_dz, DOT_FP32, b_k.dtype), b_k, DOT_FP32)
-    o_t64, o_h = o_t.to(tl.int64), o_r % H
     p_dq = dq + i_b64 * stride_dqb + o_t64[:, None] * stride_dqt + o_h[:, None] * stride_dqh + o_d[None, :]
     tl.store(
         p_dq, (b_dq * (scale * b_gate)[:, None]).to(dq.dtype.element_ty), mask=m_r[:, None] & m_d[None, :]
@@ -199,13 +162,14 @@ def _gated_indexer_bwd_dq_kernel(
     tl.store(p_dw, (b_gate * (1.0 - b_gate) * b_dw).to(dw.dtype.element_ty), mask=m_r)
     # One term per (batch, row), summed on the host in a fixed order.
     tl.store(dbias_rows + i_b64 * Tq * H + o_r, b_gate * b_db, mask=m_r)
+    tl.store(gates + i_b64 * Tq * H + o_r, b_gate, mask=m_r)
 
 
 @triton.jit(do_not_specialize=["Tq", "Tkv", "q_offset", "ROWS_PER_SPLIT"])
 def _gated_indexer_bwd_dk_kernel(
     q,
     k,
-    w,
+    gates,
     bias,
     dscore,
     dk,
@@ -214,9 +178,6 @@ def _gated_indexer_bwd_dk_kernel(
     stride_qh,
     stride_kb,
     stride_kt,
-    stride_wb,
-    stride_wt,
-    stride_wh,
     stride_bias,
     stride_gb,
     stride_gt,
@@ -236,10 +197,11 @@ def _gated_indexer_bwd_dk_kernel(
     CAUSAL: tl.constexpr,
     DOT_FP32: tl.constexpr,
     FAST_TANH: tl.constexpr,
+    EVEN_N: tl.constexpr,
 ):
     """Key-major: a key block against the flat rows of one split (``ROWS_PER_SPLIT``, a
     multiple of ``BLOCK_R``), in row order; writes its ``dk`` (a partial when there are
-    several splits)."""
+    several splits). The head gates come from the query-major pass (no sigmoid per tile)."""
     i_n, i_s, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b64 = i_b.to(tl.int64)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -258,34 +220,21 @@ def _gated_indexer_bwd_dk_kernel(
     for r0 in range(r_start, r_end, BLOCK_R):
         o_r = r0 + tl.arange(0, BLOCK_R)
         m_r = o_r < r_end
-        o_t, b_q, b_gate, b_bias = _row_inputs(
-            q,
-            w,
-            bias,
-            i_b64,
-            o_r,
-            m_r,
-            o_d,
-            m_d,
-            stride_qb,
-            stride_qt,
-            stride_qh,
-            stride_wb,
-            stride_wt,
-            stride_wh,
-            stride_bias,
-            H,
-        )
-        m_valid = m_n[:, None] & m_r[None, :]
-        if CAUSAL:
-            m_valid = m_valid & (o_n[:, None] <= o_t[None, :] + q_offset)
-        # The score gradient, transposed: [keys, rows].
+        o_t, b_q = _row_queries(q, i_b64, o_r, m_r, o_d, m_d, stride_qb, stride_qt, stride_qh, H)
+        b_gate = tl.load(gates + i_b64 * Tq * H + o_r, mask=m_r, other=0.0)
+        b_bias = tl.load(bias + (o_r % H) * stride_bias, mask=m_r, other=0.0).to(tl.float32)
+        # The score gradient, transposed: [keys, rows]; the causal mask after the load.
         p_g = dscore + i_b64 * stride_gb + o_t.to(tl.int64)[None, :] * stride_gt + o_n[:, None]
-        b_g = tl.load(p_g, mask=m_valid, other=0.0)
+        m_load = m_r[None, :] if EVEN_N else m_n[:, None] & m_r[None, :]
+        b_g = tl.load(p_g, mask=m_load, other=0.0)
+        if CAUSAL:
+            b_g = tl.where(o_n[:, None] <= o_t[None, :] + q_offset, b_g, 0.0)
         _, b_dsig = _gate_terms(_head_dot(b_k, b_q, DOT_FP32) * scale + b_bias[None, :], FAST_TANH)
         b_dz = b_g * b_gate[None, :] * b_dsig
         b_dk += _dot_nn(_cast_for_dot(b_dz, DOT_FP32, b_q.dtype), b_q, DOT_FP32)
-    p_dk = dk + i_s * stride_dks + i_b64 * stride_dkb + o_n64[:, None] * stride_dkt + o_d[None, :]
+    p_dk = (
+        dk + i_s.to(tl.int64) * stride_dks + i_b64 * stride_dkb + o_n64[:, None] * stride_dkt + o_d[None, :]
+    )
     tl.store(p_dk, (b_dk * scale).to(dk.dtype.element_ty), mask=m_n[:, None] & m_d[None, :])
 
 
@@ -305,7 +254,10 @@ def gated_indexer_bwd(
     q_offset: int,
     fast: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dw, dbias)`` in the inputs' dtypes from the score gradient ``[B, Tq, Tkv]``."""
+    """``(dq, dk, dw, dbias)`` in the inputs' dtypes from the score gradient ``[B, Tq, Tkv]``.
+
+    Two passes, each reading the score gradient once: query-major (``dq``, ``dw``, ``dbias``)
+    and key-major (``dk``); no atomics, so bitwise reproducible."""
     batch, num_queries, heads, dim = q.shape
     num_keys = k.shape[1]
     if batch * num_queries * num_keys * heads * dim == 0:
@@ -322,17 +274,23 @@ def gated_indexer_bwd(
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     dscore = dscore if dscore.stride(-1) == 1 else dscore.contiguous()
+    num_rows = num_queries * heads
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dw = torch.empty(w.shape, dtype=w.dtype, device=w.device)
-    dbias_rows = torch.empty(batch, num_queries * heads, dtype=torch.float32, device=q.device)
+    gates = torch.empty(batch, num_rows, dtype=torch.float32, device=q.device)
+    dbias_rows = torch.empty(batch, num_rows, dtype=torch.float32, device=q.device)
     dot_fp32, fast_tanh = dot_options(q, k, fast)
     common = dict(
         q=q,
         k=k,
-        w=w,
         bias=bias,
         dscore=dscore,
-        **input_strides(q, k, w, bias),
+        stride_qb=q.stride(0),
+        stride_qt=q.stride(1),
+        stride_qh=q.stride(2),
+        stride_kb=k.stride(0),
+        stride_kt=k.stride(1),
+        stride_bias=bias.stride(0),
         stride_gb=dscore.stride(0),
         stride_gt=dscore.stride(1),
         Tq=num_queries,
@@ -347,14 +305,19 @@ def gated_indexer_bwd(
         CAUSAL=causal,
         DOT_FP32=dot_fp32,
         FAST_TANH=fast_tanh,
+        EVEN_N=num_keys % _BLOCK_N == 0,
         num_warps=_NUM_WARPS,
     )
-    num_rows = num_queries * heads
     _dq_launcher(
         (cdiv(num_rows, _BLOCK_R), batch),
+        w=w,
         dq=dq,
         dw=dw,
+        gates=gates,
         dbias_rows=dbias_rows,
+        stride_wb=w.stride(0),
+        stride_wt=w.stride(1),
+        stride_wh=w.stride(2),
         stride_dqb=dq.stride(0),
         stride_dqt=dq.stride(1),
         stride_dqh=dq.stride(2),
@@ -372,6 +335,7 @@ def gated_indexer_bwd(
         dk = torch.empty(splits, batch, num_keys, dim, dtype=torch.float32, device=k.device)
     _dk_launcher(
         (num_n, splits, batch),
+        gates=gates,
         dk=dk,
         stride_dks=dk.stride(0) if splits > 1 else 0,
         stride_dkb=dk.stride(-3),

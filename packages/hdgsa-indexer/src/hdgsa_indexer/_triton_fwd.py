@@ -157,6 +157,7 @@ def _gated_indexer_fwd_kernel(
     CAUSAL: tl.constexpr,
     DOT_FP32: tl.constexpr,
     FAST_TANH: tl.constexpr,
+    EVEN_N: tl.constexpr,
 ):
     i_m, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -165,7 +166,8 @@ def _gated_indexer_fwd_kernel(
     m_m, m_n, m_d = o_m < Tq, o_n < Tkv, o_d < D
     i_b64 = i_b.to(tl.int64)
     p_out = out + i_b64 * stride_ob + o_m.to(tl.int64)[:, None] * stride_ot + o_n[None, :]
-    m_out = m_m[:, None] & m_n[None, :]
+    # With EVEN_N the store mask is constant along the keys: vector stores.
+    m_out = m_m[:, None] if EVEN_N else m_m[:, None] & m_n[None, :]
     # With causal, a tile whose first key is past its last query's last key is all -inf:
     # write it without loading anything.
     skipped = False
@@ -195,7 +197,8 @@ def _gated_indexer_fwd_kernel(
             BLOCK_M,
             BLOCK_N,
         )
-        if CAUSAL:
+        # Only tiles that cross the diagonal have masked entries.
+        if CAUSAL and i_n * BLOCK_N + BLOCK_N - 1 > i_m * BLOCK_M + q_offset:
             b_acc = tl.where(o_n[None, :] <= o_m[:, None] + q_offset, b_acc, float("-inf"))
         tl.store(p_out, b_acc, mask=m_out)
 
@@ -254,6 +257,7 @@ def gated_indexer_fwd(
         CAUSAL=causal,
         DOT_FP32=dot_fp32,
         FAST_TANH=fast_tanh,
+        EVEN_N=num_keys % _BLOCK_N == 0,
         num_warps=_NUM_WARPS,
     )
     return out
