@@ -54,6 +54,8 @@ SHAPES = [
     pytest.param(3, 7, 11, 5, 7, False, 5, id="noncausal-offset-ignored"),
     # 87 (query, head) rows: the second row block starts inside query 21; several key splits.
     pytest.param(1, 29, 40, 3, 16, True, 11, id="H3-rows-cross-queries"),
+    # Tkv a multiple of the 64-key tile (unmasked vector loads and stores along the keys).
+    pytest.param(1, 70, 128, 2, 32, True, 58, id="Tkv128-whole-tiles"),
 ]
 
 

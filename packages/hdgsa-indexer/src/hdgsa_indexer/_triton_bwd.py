@@ -34,6 +34,7 @@ _DK_PROGRAMS = 512
 _BLOCK_K = 64
 _BLOCK_E = 32
 _HINTS = True
+_AT_NUM_WARPS = 4
 
 
 @triton.jit
@@ -217,12 +218,16 @@ def _gated_indexer_bwd_dk_kernel(
         # The first row whose query sees this block's first key, rounded down to a block start.
         r_first = tl.minimum(tl.maximum(i_n * BLOCK_N - q_offset, 0), Tq) * H
         r_start = tl.maximum(r_start, (r_first // BLOCK_R) * BLOCK_R)
+    # Every block starts at a multiple of BLOCK_R: when H divides it, the rows' heads (and
+    # biases) are the same in every block.
+    b_bias = tl.load(bias + (tl.arange(0, BLOCK_R) % H) * stride_bias).to(tl.float32)
     for r0 in range(r_start, r_end, BLOCK_R):
         o_r = r0 + tl.arange(0, BLOCK_R)
         m_r = o_r < r_end
         o_t, b_q = _row_queries(q, i_b64, o_r, m_r, o_d, m_d, stride_qb, stride_qt, stride_qh, H)
         b_gate = tl.load(gates + i_b64 * Tq * H + o_r, mask=m_r, other=0.0)
-        b_bias = tl.load(bias + (o_r % H) * stride_bias, mask=m_r, other=0.0).to(tl.float32)
+        if BLOCK_R % H != 0:
+            b_bias = tl.load(bias + (o_r % H) * stride_bias).to(tl.float32)
         # The score gradient, transposed: [keys, rows]; the causal mask after the load.
         p_g = dscore + i_b64 * stride_gb + o_t.to(tl.int64)[None, :] * stride_gt + o_n[:, None]
         m_load = m_r[None, :] if EVEN_N else m_n[:, None] & m_r[None, :]
@@ -562,7 +567,7 @@ def indexer_scores_at_bwd(
         ATOMIC_DK=not deterministic,
         HINTS=_HINTS,
         **strides,
-        num_warps=4,
+        num_warps=_AT_NUM_WARPS,
     )
     dbias = dbias_part.sum((0, 1)).to(bias.dtype)
     if not deterministic:
