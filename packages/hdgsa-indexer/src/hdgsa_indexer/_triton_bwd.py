@@ -43,12 +43,13 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _gate_terms(b_z, FAST_TANH: tl.constexpr):
-    """``(sigmoid(z), sigmoid'(z))``; with ``FAST_TANH`` from one ``tanh.approx`` of ``z / 2``."""
+def _gate_terms(b_dot, scale, b_bias, FAST_TANH: tl.constexpr):
+    """``(sigmoid(z), sigmoid'(z))`` of ``z = scale * dot + bias``; with ``FAST_TANH`` from one
+    ``tanh.approx`` of ``z / 2``."""
     if FAST_TANH:
-        b_th = _tanh_approx(0.5 * b_z)
+        b_th = _tanh_approx(b_dot * (0.5 * scale) + 0.5 * b_bias)
         return 0.5 + 0.5 * b_th, 0.25 - 0.25 * (b_th * b_th)
-    b_sig = _sigmoid(b_z)
+    b_sig = _sigmoid(b_dot * scale + b_bias)
     return b_sig, b_sig * (1.0 - b_sig)
 
 
@@ -135,6 +136,7 @@ def _gated_indexer_bwd_dq_kernel(
     b_dw = tl.zeros([BLOCK_R], dtype=tl.float32)
     b_db = tl.zeros([BLOCK_R], dtype=tl.float32)
     n_end = Tkv
+    t_first = (i_r * BLOCK_R) // H
     if CAUSAL:
         t_last = (tl.minimum(i_r * BLOCK_R + BLOCK_R, Tq * H) - 1) // H
         n_end = tl.minimum(Tkv, tl.maximum(t_last + 1 + q_offset, 0))
@@ -147,9 +149,9 @@ def _gated_indexer_bwd_dq_kernel(
         # the causal mask after it.
         m_load = m_r[:, None] if EVEN_N else m_r[:, None] & m_n[None, :]
         b_g = tl.load(p_g + o_n[None, :], mask=m_load, other=0.0)
-        if CAUSAL:
+        if CAUSAL and n0 + BLOCK_N - 1 > t_first + q_offset:  # a tile across the diagonal
             b_g = tl.where(o_n[None, :] <= o_t[:, None] + q_offset, b_g, 0.0)
-        b_sig, b_dsig = _gate_terms(_head_dot(b_q, b_k, DOT_FP32) * scale + b_bias[:, None], FAST_TANH)
+        b_sig, b_dsig = _gate_terms(_head_dot(b_q, b_k, DOT_FP32), scale, b_bias[:, None], FAST_TANH)
         b_dw += tl.sum(b_g * b_sig, 1)
         # The head gate multiplies every term of a row: applied once, at the end.
         b_dz = b_g * b_dsig
@@ -232,9 +234,9 @@ def _gated_indexer_bwd_dk_kernel(
         p_g = dscore + i_b64 * stride_gb + o_t.to(tl.int64)[None, :] * stride_gt + o_n[:, None]
         m_load = m_r[None, :] if EVEN_N else m_n[:, None] & m_r[None, :]
         b_g = tl.load(p_g, mask=m_load, other=0.0)
-        if CAUSAL:
+        if CAUSAL and i_n * BLOCK_N + BLOCK_N - 1 > r0 // H + q_offset:  # a tile across the diagonal
             b_g = tl.where(o_n[:, None] <= o_t[None, :] + q_offset, b_g, 0.0)
-        _, b_dsig = _gate_terms(_head_dot(b_k, b_q, DOT_FP32) * scale + b_bias[None, :], FAST_TANH)
+        _, b_dsig = _gate_terms(_head_dot(b_k, b_q, DOT_FP32), scale, b_bias[None, :], FAST_TANH)
         b_dz = b_g * b_gate[None, :] * b_dsig
         b_dk += _dot_nn(_cast_for_dot(b_dz, DOT_FP32, b_q.dtype), b_q, DOT_FP32)
     p_dk = (
@@ -419,7 +421,7 @@ def _indexer_scores_at_bwd_kernel(
         p_k = k + i_b * stride_kb + tl.maximum(b_idx, 0)[:, None] * stride_kt + o_d[None, :]
         b_k = _gather_rows(p_k, m_valid[:, None] & m_d[None, :], HINTS)
         b_do = _stream(dout + row + o_j, m_valid, 0.0, HINTS)
-        b_sig, b_dsig = _gate_terms(_head_dot(b_q, b_k, DOT_FP32) * scale + b_bias[:, None], FAST_TANH)
+        b_sig, b_dsig = _gate_terms(_head_dot(b_q, b_k, DOT_FP32), scale, b_bias[:, None], FAST_TANH)
         b_dw += tl.sum(b_do[None, :] * b_sig, 1)
         b_dz = b_do[None, :] * b_gate[:, None] * b_dsig
         b_db += tl.sum(b_dz, 1)
