@@ -26,7 +26,7 @@ from ._triton_fwd import _gather_rows, _head_dot, _stream, _tanh_approx, dot_opt
 __all__ = ["gated_indexer_bwd", "indexer_scores_at_bwd"]
 
 # Dense scores: tiles of 64 (query, head) rows x 64 keys, 4 warps.
-_BLOCK_R, _BLOCK_N, _NUM_WARPS = 64, 64, 4
+_BLOCK_R, _BLOCK_N, _NUM_WARPS, _NUM_STAGES = 64, 64, 4, 3
 # The key-major pass splits the rows so that about this many programs run (each split writes a
 # float32 partial of dk, summed in a fixed order): with one program per key block, the causal
 # triangle leaves the first key blocks with all the work.
@@ -314,6 +314,7 @@ def gated_indexer_bwd(
         FAST_TANH=fast_tanh,
         EVEN_N=num_keys % _BLOCK_N == 0,
         num_warps=_NUM_WARPS,
+        num_stages=_NUM_STAGES,
     )
     _dq_launcher(
         (cdiv(num_rows, _BLOCK_R), batch),
