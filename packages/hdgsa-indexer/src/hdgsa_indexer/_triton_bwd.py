@@ -5,11 +5,13 @@ the incoming score gradient ``G[t, s]`` (zero where the score is masked):
 ``dz = G * g * sigma * (1 - sigma)``, ``dq[t, h] = scale * sum_s dz k[s]``,
 ``dk[s] = scale * sum_{t, h} dz q[t, h]``, ``dw[t, h] = g (1 - g) sum_s G sigma``,
 ``dbias[h] = sum_{t, s} dz``. The logits are recomputed tile by tile: no ``[B, H, Tq, Tkv]``
-tensor. Dense scores: ``dq``, ``dw`` and per-program ``dbias`` partials in a (query block, head)
-program looping over keys, ``dk`` in a key-block program looping over queries: every sum has
-one fixed order, so the backward is bitwise deterministic (no atomics). Scores at chosen keys:
-one program per query; ``dk`` is a scatter, by float atomics, or deterministically by a
-key-major pass over the slots sorted by key.
+tensor; for 16-bit inputs on a GPU ``sigma`` and ``sigma (1 - sigma)`` come from one
+``tanh.approx`` of ``z / 2``. Dense scores: the tiles' rows are (query, head) pairs
+``r = t * H + h``, so a score-gradient tile is read once for all heads; a query-major pass
+(``dq``, ``dw``, per-row ``dbias`` terms) and a key-major pass (``dk``, split over the rows into
+float32 partials): every sum has one fixed order, so the backward is bitwise deterministic (no
+atomics). Scores at chosen keys: one program per query; ``dk`` is a scatter, by float atomics,
+or deterministically by a key-major pass over the slots sorted by key.
 """
 
 from __future__ import annotations
