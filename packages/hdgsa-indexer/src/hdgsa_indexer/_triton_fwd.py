@@ -31,8 +31,12 @@ __all__ = [
 # tiles), so its scores are bitwise the dense forward's.
 SCORE_TILE = (64, 64, 4)  # BLOCK_M, BLOCK_N, num_warps
 _BLOCK_M, _BLOCK_N, _NUM_WARPS = SCORE_TILE
-# indexer_scores_at: one query per program, its slots 64 at a time.
-_BLOCK_K = 64
+# indexer_scores_at: one query per program, its slots 128 at a time (5.9 ms against 7.1 ms for
+# 64 at B1 T131072 H4 d64 K2048 on an H100; 8 warps: 9.3 ms); L2 eviction hints (neutral there:
+# random keys; they keep the gathered rows of overlapping selections).
+_BLOCK_K = 128
+_HINTS = True
+_AT_NUM_WARPS = 4
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -156,6 +160,7 @@ def _gated_indexer_fwd_kernel(
     CAUSAL: tl.constexpr,
     DOT_FP32: tl.constexpr,
     FAST_TANH: tl.constexpr,
+    EVEN_N: tl.constexpr,
 ):
     i_m, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -164,7 +169,8 @@ def _gated_indexer_fwd_kernel(
     m_m, m_n, m_d = o_m < Tq, o_n < Tkv, o_d < D
     i_b64 = i_b.to(tl.int64)
     p_out = out + i_b64 * stride_ob + o_m.to(tl.int64)[:, None] * stride_ot + o_n[None, :]
-    m_out = m_m[:, None] & m_n[None, :]
+    # With EVEN_N the store mask is constant along the keys: vector stores.
+    m_out = m_m[:, None] if EVEN_N else m_m[:, None] & m_n[None, :]
     # With causal, a tile whose first key is past its last query's last key is all -inf:
     # write it without loading anything.
     skipped = False
@@ -194,7 +200,8 @@ def _gated_indexer_fwd_kernel(
             BLOCK_M,
             BLOCK_N,
         )
-        if CAUSAL:
+        # Only tiles that cross the diagonal have masked entries.
+        if CAUSAL and i_n * BLOCK_N + BLOCK_N - 1 > i_m * BLOCK_M + q_offset:
             b_acc = tl.where(o_n[None, :] <= o_m[:, None] + q_offset, b_acc, float("-inf"))
         tl.store(p_out, b_acc, mask=m_out)
 
@@ -253,9 +260,27 @@ def gated_indexer_fwd(
         CAUSAL=causal,
         DOT_FP32=dot_fp32,
         FAST_TANH=fast_tanh,
+        EVEN_N=num_keys % _BLOCK_N == 0,
         num_warps=_NUM_WARPS,
     )
     return out
+
+
+@triton.jit
+def _gather_rows(p_rows, mask, HINTS: tl.constexpr):
+    """Gathered key rows: kept in L2 (``evict_last``) with ``HINTS``, as every slot of every
+    query reads them again."""
+    if HINTS:
+        return tl.load(p_rows, mask=mask, other=0.0, eviction_policy="evict_last")
+    return tl.load(p_rows, mask=mask, other=0.0)
+
+
+@triton.jit
+def _stream(p, mask, other, HINTS: tl.constexpr):
+    """A load read once (indices, score gradients): ``evict_first`` with ``HINTS``."""
+    if HINTS:
+        return tl.load(p, mask=mask, other=other, eviction_policy="evict_first")
+    return tl.load(p, mask=mask, other=other)
 
 
 @triton.jit(do_not_specialize=["Tq", "K"])
@@ -288,6 +313,8 @@ def _indexer_scores_at_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    FAST_TANH: tl.constexpr,
+    HINTS: tl.constexpr,
 ):
     i_t, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_h = tl.arange(0, BLOCK_H)
@@ -298,18 +325,23 @@ def _indexer_scores_at_fwd_kernel(
     b_w = tl.load(w + i_b * stride_wb + i_t * stride_wt + o_h * stride_wh, mask=m_h, other=0.0)
     # Padded heads get gate 0: they add nothing.
     b_gate = tl.where(m_h, 1.0 / (1.0 + tl.exp(-b_w.to(tl.float32))), 0.0)
+    if FAST_TANH:  # sum_h g_h sigmoid(z_h) = sum_h 0.5 g_h tanh(z_h / 2) + sum_h 0.5 g_h
+        b_gate = 0.5 * b_gate
+        b_const = tl.sum(b_gate, 0)
     b_bias = tl.load(bias + o_h * stride_bias, mask=m_h, other=0.0).to(tl.float32)
     p_i = indices + i_b * stride_ib + i_t * stride_it
     p_o = out + i_b * stride_ob + i_t * stride_ot
     for j0 in range(0, K, BLOCK_K):
         o_j = j0 + tl.arange(0, BLOCK_K)
         m_j = o_j < K
-        b_idx = tl.load(p_i + o_j, mask=m_j, other=-1).to(tl.int64)
+        b_idx = _stream(p_i + o_j, m_j, -1, HINTS).to(tl.int64)
         m_valid = b_idx >= 0
         p_k = k + i_b * stride_kb + tl.maximum(b_idx, 0)[:, None] * stride_kt + o_d[None, :]
-        b_k = tl.load(p_k, mask=m_valid[:, None] & m_d[None, :], other=0.0)
+        b_k = _gather_rows(p_k, m_valid[:, None] & m_d[None, :], HINTS)
         b_z = _head_dot(b_q, b_k, DOT_FP32) * scale + b_bias[:, None]
-        b_s = tl.sum(b_gate[:, None] * _key_gate(b_z, False), 0)
+        b_s = tl.sum(b_gate[:, None] * _key_gate(b_z, FAST_TANH), 0)
+        if FAST_TANH:
+            b_s += b_const
         tl.store(p_o + o_j, tl.where(m_valid, b_s, float("-inf")), mask=m_j)
 
 
@@ -324,6 +356,7 @@ def indexer_scores_at_fwd(
     bias: torch.Tensor,
     indices: torch.Tensor,
     scale: float,
+    fast: bool = True,
 ) -> torch.Tensor:
     """Scores at the given keys ``[B, Tq, K]`` float32; ``-inf`` at negative slots."""
     batch, num_queries, heads, dim = q.shape
@@ -341,7 +374,7 @@ def indexer_scores_at_fwd(
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()
-    dot_fp32, _ = dot_options(q, k, False)
+    dot_fp32, fast_tanh = dot_options(q, k, fast)
     _at_fwd_launcher(
         (num_queries, batch),
         q=q,
@@ -364,6 +397,8 @@ def indexer_scores_at_fwd(
         BLOCK_D=max(16, next_power_of_2(dim)),
         BLOCK_K=_BLOCK_K,
         DOT_FP32=dot_fp32,
-        num_warps=4,
+        FAST_TANH=fast_tanh,
+        HINTS=_HINTS,
+        num_warps=_AT_NUM_WARPS,
     )
     return out
