@@ -304,3 +304,31 @@ def test_sparse_attention_dispatches_to_the_chosen_path(device, deterministic, m
     *_, expected, expected_lse = reference(q, k, v, local, None, 32**-0.5)
     assert_close("out", out, expected, DEFAULT_TOLERANCE[torch.float32])
     assert_close("lse", lse, expected_lse, DEFAULT_TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_wide_heads_with_a_backward_take_the_per_query_path(device, monkeypatch):
+    """Lists that would take the block path (G = 1, any statistic) take the per-query path at
+    D = Dv = 256 when a backward follows (the block backward's tiles do not fit), and the call
+    computes the right gradients; D = 128 keeps the block path."""
+    from hdgsa_sparse_attn import _block_plan, sparse_attention, sparse_attention_path
+
+    monkeypatch.setattr(_block_plan, "MIN_SLOTS_FOR_BLOCK", 0)
+    monkeypatch.setattr(_block_plan, "EXPANSION_THRESHOLD_FORWARD", float("inf"))  # any lists
+    monkeypatch.setattr(_block_plan, "EXPANSION_THRESHOLD_TRAINING", float("inf"))
+    seq_len, topk, heads, keys = 40, 24, 2, 64
+    local = realistic_indices(1, heads, seq_len, topk, window=16, sinks=2, segment=8, extra_hot=2).to(device)
+    wide = inputs(1, seq_len, keys, heads, heads, 256, 256, torch.bfloat16, device, seed=31)
+    narrow = inputs(1, seq_len, keys, heads, heads, 128, 128, torch.bfloat16, device, seed=31)
+    assert sparse_attention_path(*narrow, local, needs_grad=True) == "block"
+    assert sparse_attention_path(*wide, local, needs_grad=True) == "per-query"
+    assert sparse_attention_path(*wide, local, needs_grad=False) == "block"
+    q, k, v = (t.detach().requires_grad_() for t in wide)
+    out = sparse_attention(q, k, v, local)
+    grad_out = make_tensor(*out.shape, device=device, seed=32)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype))
+    q64, k64, v64, expected, _ = reference(q, k, v, local, None, 256**-0.5)
+    want = torch.autograd.grad(expected, (q64, k64, v64), grad_out.double())
+    assert_close("out", out, expected, DEFAULT_TOLERANCE[torch.bfloat16])
+    for name, grad, grad64 in zip(("dq", "dk", "dv"), grads, want, strict=True):
+        assert_close(name, grad, grad64, DEFAULT_TOLERANCE[torch.bfloat16])

@@ -687,3 +687,25 @@ def test_triton_per_head_kernels(device, kernel, path, monkeypatch):
     mask = make_mask(indices.shape, seed=255).to(device)
     with backward_path(path, monkeypatch):
         check_against_dense(q, k, v, indices, mask, backend="triton")
+
+
+def test_block_tiles_fit_shared_memory():
+    """The block kernels' shared-memory estimate rules their path out where the tiles cannot
+    fit: the backward at 128 rows and D = Dv = 256 (measured on an H100: 303,104 B needed,
+    232,448 B there), float32 operands at D = 128; bf16 at D = 128 fits. Host arithmetic only:
+    runs wherever Triton imports (no GPU, no interpreter)."""
+    pytest.importorskip("triton")
+    from hdgsa_sparse_attn._block_plan import SMEM_LIMIT_DEFAULT, BlockTiles, block_smem_bytes
+
+    assert block_smem_bytes(128, 256, 256, 2, backward=True) >= 303_104 > SMEM_LIMIT_DEFAULT
+    assert block_smem_bytes(128, 256, 256, 2, backward=False) <= SMEM_LIMIT_DEFAULT
+    assert block_smem_bytes(128, 128, 128, 2, backward=True) <= SMEM_LIMIT_DEFAULT
+    wide = BlockTiles(head_dim=256, value_dim=256, element_size=2)
+    assert not wide.fit(16, 16, needs_grad=True)  # the model's shape: Hq = Hkv = 16, D 256
+    assert wide.fit(16, 16, needs_grad=False)
+    assert not BlockTiles(256, 256, 2).fit(16, 2, needs_grad=True)  # G = 8: 16 x 8 rows
+    assert BlockTiles(128, 128, 2).fit(16, 2, needs_grad=True)
+    assert BlockTiles(128, 128, 2).fit(16, 16, needs_grad=True)
+    assert not BlockTiles(128, 128, 4).fit(16, 2, needs_grad=False)  # float32 operands
+    assert BlockTiles(128, 128, 2, smem_limit=300_000).fit(16, 2, needs_grad=True)
+    assert not BlockTiles(128, 128, 2, smem_limit=160_000).fit(16, 2, needs_grad=True)  # e.g. A100

@@ -40,7 +40,10 @@ __all__ = [
     "EXPANSION_THRESHOLD_FORWARD",
     "EXPANSION_THRESHOLD_TRAINING",
     "BlockPlan",
+    "BlockTiles",
     "block_q_for",
+    "block_smem_bytes",
+    "block_tile_config",
     "build_block_plan",
     "choose_path",
     "plan_and_choose",
@@ -53,7 +56,8 @@ BLOCK_ROWS = 128
 # :func:`choose_path` (set from H100 timings).
 EXPANSION_THRESHOLD_FORWARD = 1.25
 EXPANSION_THRESHOLD_TRAINING = 4.0
-# choose_path measures the statistic on about this many blocks per call (evenly spaced).
+# choose_path measures the statistic on about this many blocks per call (evenly spaced in each
+# list, over all lists; per-head lists at T 8K hold 1024 blocks of 128 queries: a quarter).
 SAMPLED_BLOCKS = 256
 
 # Below this many slots per list (T * K) the per-query path runs without the statistic: its
@@ -67,6 +71,69 @@ def block_q_for(num_q_heads: int, num_kv_heads: int) -> int:
     """Queries per block: ``BLOCK_ROWS // G`` (at least 1), so that a program's ``BQ * G`` rows
     fill a 128-row tensor-core tile."""
     return max(1, BLOCK_ROWS // (num_q_heads // num_kv_heads))
+
+
+def block_rows(block_q: int, group: int) -> int:
+    """Tensor-core rows of a block program: its ``BQ * G`` query rows, padded."""
+    return max(16, next_power_of_2(block_q * group))
+
+
+def block_tile_config(head_dim: int, value_dim: int, backward: bool) -> dict:
+    """``BLOCK_N`` (union keys per step), warps and stages of the block kernels on a GPU."""
+    wide = max(head_dim, value_dim) > 128
+    if backward:
+        return {"BLOCK_N": 32 if wide else 64, "num_warps": 8, "num_stages": 1 if wide else 2}
+    return {"BLOCK_N": 64 if wide else 128, "num_warps": 8, "num_stages": 2}
+
+
+# Shared memory one block-path program may use where the device does not say (an H100's 227 KB).
+SMEM_LIMIT_DEFAULT = 232448
+
+
+def block_smem_bytes(rows: int, head_dim: int, value_dim: int, element_size: int, backward: bool) -> int:
+    """An upper estimate of the shared memory of a block kernel's program: its tensor-core
+    operands. Forward: the ``[rows, D]`` query tile, ``stages`` K and V tiles of ``BLOCK_N``
+    keys, the ``[rows, BLOCK_N]`` probabilities. Backward: the query and ``dout`` tiles in two
+    layouts (``dq = ds k`` and ``dk = ds^T q``, ``dv = p^T dout``), the K/V tiles, ``p`` and
+    ``ds``. (Measured: 303,104 B for the backward at 128 rows, D = Dv = 256, bf16; this gives
+    311,296.)"""
+    config = block_tile_config(head_dim, value_dim, backward)
+    block_n, stages = config["BLOCK_N"], max(1, config["num_stages"])
+    width = max(16, next_power_of_2(head_dim)) + max(16, next_power_of_2(value_dim))
+    if backward:
+        return element_size * (2 * rows * width + stages * block_n * width + 2 * rows * block_n)
+    return element_size * (
+        rows * max(16, next_power_of_2(head_dim)) + stages * block_n * width + rows * block_n
+    )
+
+
+@dataclass(frozen=True)
+class BlockTiles:
+    """What the block kernels' tiles need to fit: head dims, element size, the device's limit."""
+
+    head_dim: int
+    value_dim: int
+    element_size: int
+    smem_limit: int = SMEM_LIMIT_DEFAULT
+
+    @classmethod
+    def of(cls, q: torch.Tensor, v: torch.Tensor) -> BlockTiles:
+        """From the inputs: dims, dtype, and the shared memory of ``q``'s CUDA device."""
+        limit = SMEM_LIMIT_DEFAULT
+        if q.device.type == "cuda":
+            props = torch.cuda.get_device_properties(q.device)
+            limit = int(getattr(props, "shared_memory_per_block_optin", 0) or SMEM_LIMIT_DEFAULT)
+        return cls(q.shape[3], v.shape[3], q.element_size(), limit)
+
+    def fit(self, num_q_heads: int, num_kv_heads: int, needs_grad: bool) -> bool:
+        """Whether the forward (and with ``needs_grad`` the backward) tiles fit."""
+        rows = block_rows(block_q_for(num_q_heads, num_kv_heads), num_q_heads // num_kv_heads)
+        passes = (False, True) if needs_grad else (False,)
+        return all(
+            block_smem_bytes(rows, self.head_dim, self.value_dim, self.element_size, backward)
+            <= self.smem_limit
+            for backward in passes
+        )
 
 
 @dataclass
@@ -390,14 +457,19 @@ def build_block_plan(
     )
 
 
-def _structural_path(indices: torch.Tensor, num_kv_heads: int, num_q_heads: int) -> str | None:
-    """ "per-query" when the layout rules the block path out; None when the index sets decide."""
+def _structural_path(
+    indices: torch.Tensor, num_kv_heads: int, num_q_heads: int, tiles: BlockTiles | None, needs_grad: bool
+) -> str | None:
+    """ "per-query" when the layout or the tiles rule the block path out; None when the index
+    sets decide."""
     num_lists = 1 if indices.dim() == 3 else indices.shape[1]
     group = num_q_heads // num_kv_heads
     if num_lists not in (1, num_kv_heads) or (num_lists == num_q_heads and group > 1):
         return "per-query"  # one list per query head: no shared tile
     if indices.numel() == 0 or indices.shape[-2] * indices.shape[-1] < MIN_SLOTS_FOR_BLOCK:
         return "per-query"
+    if tiles is not None and not tiles.fit(num_q_heads, num_kv_heads, needs_grad):
+        return "per-query"  # e.g. 128 rows at D = 256: the backward's tiles exceed shared memory
     return None
 
 
@@ -414,7 +486,10 @@ def sampled_expansion(
     """``(e, marked)``: the expansion statistic on about :data:`SAMPLED_BLOCKS` evenly spaced
     blocks, and the full mark pass when every block was measured (else None)."""
     num_blocks = cdiv(indices.shape[2], block_q)
-    stride = max(1, num_blocks // SAMPLED_BLOCKS)
+    # every list's blocks 0, stride, 2 stride, ...: about SAMPLED_BLOCKS in all (B * Hi lists),
+    # and at least two per list
+    lists = indices.shape[0] * indices.shape[1]
+    stride = max(1, min(num_blocks // 2, lists * num_blocks // SAMPLED_BLOCKS))
     if stride == 1:
         marked = _mark(indices, mask, num_keys, block_q)
         return _expansion(marked[2], marked[3], block_q), marked
@@ -433,13 +508,14 @@ def plan_and_choose(
     needs_grad: bool = False,
     block_q: int | None = None,
     threshold: float | None = None,
+    tiles: BlockTiles | None = None,
 ) -> tuple[str, BlockPlan | None]:
     """``(path, plan)``: :func:`choose_path`'s answer and, for ``"block"``, the plan (built once;
     the statistic's pass is reused when it covered every block). ``indices``/``mask`` 3-D or 4-D."""
     if indices.dim() == 3:
         indices = indices.unsqueeze(1)
         mask = None if mask is None else mask.unsqueeze(1)
-    if _structural_path(indices, num_kv_heads, num_q_heads) is not None:
+    if _structural_path(indices, num_kv_heads, num_q_heads, tiles, needs_grad) is not None:
         return "per-query", None
     block_q = block_q or block_q_for(num_q_heads, num_kv_heads)
     expansion, marked = sampled_expansion(indices, mask, num_keys, block_q)
@@ -472,11 +548,14 @@ def choose_path(
     needs_grad: bool = False,
     block_q: int | None = None,
     threshold: float | None = None,
+    tiles: BlockTiles | None = None,
 ) -> str:
     """``"block"`` or ``"per-query"``: which Triton path computes this call.
 
     The rule: lists shared by a KV group or all heads (``Hi`` in ``{1, Hkv}``; never per-head
-    lists with ``G > 1``), and a small *expansion* ``e = sum_b U_b * BQ / sum_b valid_b``, where
+    lists with ``G > 1``), block tiles that fit the device's shared memory (``tiles``: head
+    dims, element size, limit; :func:`block_smem_bytes` of the forward, and of the backward
+    with ``needs_grad``: e.g. not 128 rows at ``D = 256``), and a small *expansion* ``e = sum_b U_b * BQ / sum_b valid_b``, where
     ``U_b`` is the size of block ``b``'s key union and ``valid_b`` its number of valid slots:
     ``e`` is how many keys each query row of the block path visits per key it selected.
     Block when ``e <= 1.25`` for a forward only (``needs_grad=False``) and ``e <= 4`` when a
@@ -496,7 +575,7 @@ def choose_path(
     if indices.dim() == 3:
         indices = indices.unsqueeze(1)
         mask = None if mask is None else mask.unsqueeze(1)
-    structural = _structural_path(indices, num_kv_heads, num_q_heads)
+    structural = _structural_path(indices, num_kv_heads, num_q_heads, tiles, needs_grad)
     if structural is not None:
         return structural
     block_q = block_q or block_q_for(num_q_heads, num_kv_heads)

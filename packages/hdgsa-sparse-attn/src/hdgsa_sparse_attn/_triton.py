@@ -152,7 +152,7 @@ def sparse_attention_triton(
     if is_compiling():  # the block path's plan syncs with the host: per-query under compile
         return torch.ops.hdgsa.sparse_attention_fwd(q, k, v, indices, mask, scale)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    path, plan = choose_triton_path(q, k, indices, mask, needs_grad)
+    path, plan = choose_triton_path(q, k, v, indices, mask, needs_grad)
     if path == "block":
         from ._triton_block import sparse_attention_block
 
@@ -163,10 +163,17 @@ def sparse_attention_triton(
 
 
 def choose_triton_path(
-    q: torch.Tensor, k: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None, needs_grad: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    mask: torch.Tensor | None,
+    needs_grad: bool,
 ) -> tuple[str, Any]:
     """``("block", plan)`` or ``("per-query", None)`` for ``indices``/``mask`` ``[B, Hi, T, K]``
     (the rule: :func:`hdgsa_sparse_attn._block_plan.choose_path`)."""
-    from ._block_plan import plan_and_choose
+    from ._block_plan import BlockTiles, plan_and_choose
 
-    return plan_and_choose(indices, mask, k.shape[1], k.shape[2], q.shape[2], needs_grad=needs_grad)
+    return plan_and_choose(
+        indices, mask, k.shape[1], k.shape[2], q.shape[2], needs_grad=needs_grad, tiles=BlockTiles.of(q, v)
+    )

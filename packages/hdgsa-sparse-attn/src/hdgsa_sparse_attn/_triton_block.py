@@ -32,9 +32,9 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from hdgsa_core.capabilities import interpreter_enabled
-from hdgsa_core.triton_utils import next_power_of_2, on_input_device
+from hdgsa_core.triton_utils import on_input_device
 
-from ._block_plan import BlockPlan, _popcount, block_q_for, build_block_plan
+from ._block_plan import BlockPlan, _popcount, block_q_for, block_rows, block_tile_config, build_block_plan
 from ._triton_fwd import LOG2E, block_dim, precision_of, unit_last
 
 __all__ = [
@@ -348,17 +348,11 @@ def _block_dkv_reduce_kernel(
 
 
 def _config(head_dim: int, value_dim: int, backward: bool) -> dict:
-    """``BLOCK_N``/warps/stages: the first config of each kernel (no autotuning yet)."""
+    """``BLOCK_N``/warps/stages: the first config of each kernel (no autotuning yet);
+    :func:`hdgsa_sparse_attn._block_plan.block_tile_config` on a GPU."""
     if interpreter_enabled():
         return {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    wide = max(head_dim, value_dim) > 128
-    if backward:
-        return {"BLOCK_N": 32 if wide else 64, "num_warps": 8, "num_stages": 1 if wide else 2}
-    return {"BLOCK_N": 64 if wide else 128, "num_warps": 8, "num_stages": 2}
-
-
-def _rows(block_q: int, group: int) -> int:
-    return max(16, next_power_of_2(block_q * group))
+    return block_tile_config(head_dim, value_dim, backward)
 
 
 def _qkv_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
@@ -390,7 +384,7 @@ def _plan_args(plan: BlockPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         "HI": plan.union.shape[1],
         "GROUP": group,
         "BLOCK_Q": plan.block_q,
-        "ROWS": _rows(plan.block_q, group),
+        "ROWS": block_rows(plan.block_q, group),
         "D": head_dim,
         "DV": v.shape[3],
         "BLOCK_D": block_dim(head_dim),

@@ -1,7 +1,9 @@
 """Sparse attention backward kernels.
 
 With ``p = exp(s - lse)`` recomputed from the saved ``lse`` and
-``delta[t, h] = sum(dout * out) - dlse`` (precomputed per row, in float32)::
+``delta[t, h] = sum(dout * out) - dlse`` (precomputed per row in float32 by
+``_sparse_attention_bwd_preprocess_kernel``, packed with ``lse`` in one ``[B, Hq, T, 2]``
+tensor)::
 
     dp_j = <dout, v_j>      ds_j = p_j * (dp_j - delta)
     dq   = scale * sum_j ds_j k_j
@@ -26,7 +28,7 @@ import triton
 import triton.language as tl
 
 from hdgsa_core.capabilities import interpreter_enabled
-from hdgsa_core.triton_utils import next_power_of_2, on_input_device
+from hdgsa_core.triton_utils import cdiv, next_power_of_2, on_input_device
 
 from ._triton_bwd_dkv import sparse_attention_bwd_dkv
 from ._triton_fwd import (
@@ -77,8 +79,7 @@ def _sparse_attention_bwd_dq_kernel(
     INDEX,
     MASK,
     DO,
-    LSE,
-    DELTA,
+    STATS,
     DQ,
     DK_ACC,
     DV_ACC,
@@ -162,11 +163,10 @@ def _sparse_attention_bwd_dq_kernel(
         mask=m_h[:, None] & m_dv[None, :],
         other=0.0,
     )
-    o_row = (i_b * HQ + i_h0 + o_h) * T + i_t
-    # An empty row (lse = -inf) and a padding head get lse = +inf: p = exp2(s - inf) = 0.
-    b_lse = tl.load(LSE + o_row, mask=m_h, other=float("inf"))
-    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
-    b_delta = tl.load(DELTA + o_row, mask=m_h, other=0.0)
+    p_stats = STATS + ((i_b * HQ + i_h0 + o_h) * T + i_t) * 2
+    # lse2 is +inf for an empty row (and a padding head reads +inf): p = exp2(s - inf) = 0.
+    b_lse2 = tl.load(p_stats, mask=m_h, other=float("inf"))
+    b_delta = tl.load(p_stats + 1, mask=m_h, other=0.0)
 
     p_k = K + i_b * stride_kb + i_hkv * stride_kh
     p_v = V + i_b * stride_vb + i_hkv * stride_vh
@@ -215,8 +215,7 @@ def _sparse_attention_bwd_dq_row_kernel(
     INDEX,
     MASK,
     DO,
-    LSE,
-    DELTA,
+    STATS,
     DQ,
     DK_ACC,
     DV_ACC,
@@ -283,10 +282,9 @@ def _sparse_attention_bwd_dq_row_kernel(
     )
     b_do = tl.load(DO + i_b * stride_dob + i_t * stride_dot + i_h * stride_doh + o_dv, mask=m_dv, other=0.0)
     b_do = b_do.to(tl.float32)
-    b_lse = tl.load(LSE + (i_b * HQ + i_h) * T + i_t)
-    # An empty row (lse = -inf) gets +inf: p = exp2(s - inf) = 0.
-    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
-    b_delta = tl.load(DELTA + (i_b * HQ + i_h) * T + i_t)
+    p_stats = STATS + ((i_b * HQ + i_h) * T + i_t) * 2
+    b_lse2 = tl.load(p_stats)  # +inf for an empty row: p = exp2(s - inf) = 0
+    b_delta = tl.load(p_stats + 1)
     b_qs = b_q * qk_scale
     p_k = K + i_b * stride_kb + i_hkv * stride_kh
     p_v = V + i_b * stride_vb + i_hkv * stride_vh
@@ -326,6 +324,100 @@ def _sparse_attention_bwd_dq_row_kernel(
 
     p_dq = DQ + i_b * stride_dqb + i_t * stride_dqt + i_h * stride_dqh + o_d
     tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_d)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _sparse_attention_bwd_preprocess_kernel(
+    DO,
+    OUT,
+    LSE,
+    DLSE,
+    STATS,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_lb,
+    stride_lh,
+    stride_lt,
+    stride_gb,
+    stride_gh,
+    stride_gt,
+    T,
+    HQ,
+    DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """``STATS[b, h, t] = (lse * log2(e), delta)`` float32, ``delta = <dout, out> - dlse``;
+    an empty row (``lse = -inf``) gets ``+inf``, so that ``p = exp2(s - lse2) = 0``."""
+    i_tb = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_t = o_t < T
+    m_tdv = m_t[:, None] & (o_dv < DV)[None, :]
+    b_do = tl.load(
+        DO + i_b * stride_dob + o_t[:, None] * stride_dot + i_h * stride_doh + o_dv[None, :],
+        mask=m_tdv,
+        other=0.0,
+    )
+    b_o = tl.load(
+        OUT + i_b * stride_ob + o_t[:, None] * stride_ot + i_h * stride_oh + o_dv[None, :],
+        mask=m_tdv,
+        other=0.0,
+    )
+    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)
+    if HAS_DLSE:
+        b_delta -= tl.load(
+            DLSE + i_b * stride_gb + i_h * stride_gh + o_t * stride_gt, mask=m_t, other=0.0
+        ).to(tl.float32)
+    b_lse = tl.load(LSE + i_b * stride_lb + i_h * stride_lh + o_t * stride_lt, mask=m_t, other=0.0)
+    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
+    p_stats = STATS + ((i_b * HQ + i_h) * T + o_t) * 2
+    tl.store(p_stats, b_lse2, mask=m_t)
+    tl.store(p_stats + 1, b_delta, mask=m_t)
+
+
+def _row_stats(grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor | None):
+    """``[B, Hq, T, 2]`` float32: per row ``lse`` in the log2 domain (``+inf`` when empty) and
+    ``delta = sum(dout * out) - dlse``, packed so that a gathered row costs one load."""
+    batch, seq_len, num_q_heads, value_dim = grad_out.shape
+    stats = torch.empty(batch, num_q_heads, seq_len, 2, dtype=torch.float32, device=grad_out.device)
+    dlse = lse if grad_lse is None else grad_lse  # a placeholder without grad_lse
+    block_dv = block_dim(value_dim)
+    block_t = max(1, min(64, 4096 // block_dv))
+    _sparse_attention_bwd_preprocess_kernel[(cdiv(seq_len, block_t), num_q_heads, batch)](
+        DO=grad_out,
+        OUT=out,
+        LSE=lse,
+        DLSE=dlse,
+        STATS=stats,
+        stride_dob=grad_out.stride(0),
+        stride_dot=grad_out.stride(1),
+        stride_doh=grad_out.stride(2),
+        stride_ob=out.stride(0),
+        stride_ot=out.stride(1),
+        stride_oh=out.stride(2),
+        stride_lb=lse.stride(0),
+        stride_lh=lse.stride(1),
+        stride_lt=lse.stride(2),
+        stride_gb=dlse.stride(0),
+        stride_gh=dlse.stride(1),
+        stride_gt=dlse.stride(2),
+        T=seq_len,
+        HQ=num_q_heads,
+        DV=value_dim,
+        BLOCK_DV=block_dv,
+        HAS_DLSE=grad_lse is not None,
+        BLOCK_T=block_t,
+        num_warps=4,
+    )
+    return stats
 
 
 _sparse_attention_bwd_dq_tuned = triton.autotune(
@@ -380,10 +472,7 @@ def sparse_attention_bwd(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch * seq_len * num_q_heads == 0 or indices.shape[3] == 0 or num_keys == 0:
         return dq.zero_(), torch.zeros(k.shape, dtype=k.dtype, device=k.device), torch.zeros_like(v)
-    delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2)  # [B, Hq, T]
-    if grad_lse is not None:
-        delta = delta - grad_lse.float()
-    delta = delta.contiguous()
+    stats = _row_stats(grad_out, unit_last(out), lse, grad_lse)
     layout = slot_layout(q, k, indices)
     mask_arg = mask_view(indices, mask)
     common = {
@@ -416,8 +505,7 @@ def sparse_attention_bwd(
         "INDEX": indices,
         "MASK": mask_arg,
         "DO": grad_out,
-        "LSE": lse,
-        "DELTA": delta,
+        "STATS": stats,
         "DQ": dq,
         "DK_ACC": dk_acc,
         "DV_ACC": dv_acc,
@@ -485,7 +573,5 @@ def sparse_attention_bwd(
 
     per_head_lists = indices.shape[1] == num_q_heads and layout.group > 1
     heads = 1 if per_head_lists else layout.group
-    dk, dv = sparse_attention_bwd_dkv(
-        q, k, v, grad_out, lse, delta, indices, mask, scale, heads, per_head_lists
-    )
+    dk, dv = sparse_attention_bwd_dkv(q, k, v, grad_out, stats, indices, mask, scale, heads, per_head_lists)
     return dq, dk, dv

@@ -7,8 +7,9 @@ call: ``_sparse_attention_slot_bucket_kernel`` writes each slot's bucket
 ``searchsorted`` finds where each bucket starts: integer work, bitwise the same every run, no
 host sync. Then ``_sparse_attention_bwd_dkv_kernel`` runs one program per key row and KV head:
 it walks its bucket in that fixed order, recomputes ``p`` and ``ds`` of each slot (for every
-query head that reads the list) from ``q``, ``dout``, ``lse`` and ``delta``, and writes its
-``dk``/``dv`` row once. Workspace: the buckets (int32) and the sorted slot ids (int64), one entry
+query head that reads the list) from ``q``, ``dout`` and the per-row statistics (``lse`` in the
+log2 domain and ``delta``, packed in one ``[B, Hq, T, 2]`` float32 tensor: one gathered load
+per slot and head), and writes its ``dk``/``dv`` row once. Workspace: the buckets (int32) and the sorted slot ids (int64), one entry
 per slot; no float buffer.
 """
 
@@ -38,8 +39,7 @@ def _sparse_attention_bwd_dkv_kernel(
     K,
     V,
     DO,
-    LSE,
-    DELTA,
+    STATS,
     ORDER,
     OFFSETS,
     DK_OUT,
@@ -106,8 +106,9 @@ def _sparse_attention_bwd_dkv_kernel(
         o_e = e0 + tl.arange(0, BLOCK_E)
         m_e = o_e < i_end
         b_slot = tl.load(ORDER + o_e, mask=m_e, other=0).to(tl.int64)
-        b_t = (b_slot // NUM_SLOTS) % T
-        b_ih = (b_slot // (NUM_SLOTS * T)) % HI
+        b_row = (b_slot // NUM_SLOTS).to(tl.int32)  # (b, list, t): one 64-bit division
+        b_t = (b_row % T).to(tl.int64)
+        b_ih = ((b_row // T) % HI).to(tl.int64)
         for g in range(HEADS):
             if PER_HEAD_LISTS:
                 b_h = b_ih
@@ -123,10 +124,10 @@ def _sparse_attention_bwd_dkv_kernel(
                 mask=m_e[:, None] & m_dv[None, :],
                 other=0.0,
             ).to(tl.float32)
-            o_row = (i_b * HQ + b_h) * T + b_t
+            p_stats = STATS + ((i_b * HQ + b_h) * T + b_t) * 2
             # A listed slot makes its row non-empty: its lse is finite.
-            b_lse2 = tl.load(LSE + o_row, mask=m_e, other=0.0) * 1.4426950408889634
-            b_delta = tl.load(DELTA + o_row, mask=m_e, other=0.0)
+            b_lse2 = tl.load(p_stats, mask=m_e, other=0.0)
+            b_delta = tl.load(p_stats + 1, mask=m_e, other=0.0)
             b_s = tl.sum(b_q * b_k[None, :], 1) * qk_scale
             b_p = tl.where(m_e, tl.exp2(b_s - b_lse2), 0.0)
             b_ds = b_p * (tl.sum(b_do * b_v[None, :], 1) - b_delta)
@@ -245,8 +246,7 @@ def sparse_attention_bwd_dkv(
     k: torch.Tensor,
     v: torch.Tensor,
     grad_out: torch.Tensor,
-    lse: torch.Tensor,
-    delta: torch.Tensor,
+    stats: torch.Tensor,
     indices: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float,
@@ -270,8 +270,7 @@ def sparse_attention_bwd_dkv(
         K=k,
         V=v,
         DO=grad_out,
-        LSE=lse,
-        DELTA=delta,
+        STATS=stats,
         ORDER=order,
         OFFSETS=offsets,
         DK_OUT=dk,

@@ -205,7 +205,9 @@ def sparse_attention_path(
     queries over the union of their lists, on the tensor cores). The rule, applied per call:
 
     - per-query under ``torch.compile``, for lists per query head with GQA (``Hi = Hq > Hkv``),
-      and when ``T * K < 2**22`` (the statistic below would cost a large share of the call);
+      when ``T * K < 2**22`` (the statistic below would cost a large share of the call), and
+      when the block kernels' tiles would not fit the device's shared memory (their
+      ``BQ * G``-row tiles at the head dims and dtype: e.g. the backward at ``D = 256``);
     - otherwise block when the *expansion* ``e = sum_b U_b * BQ / sum_b valid_b`` is small:
       ``U_b`` the size of block ``b``'s key union, ``BQ`` its queries (``128 // G``),
       ``valid_b`` its valid slots; so ``e`` is how many keys a query row of the block path
@@ -224,8 +226,9 @@ def sparse_attention_path(
     check_bool("needs_grad", needs_grad)
     if resolve_backend(backend, device, op="sparse_attention") == "torch":
         return "torch"
-    from ._block_plan import choose_path  # imports Triton: only when it runs
+    from ._block_plan import BlockTiles, choose_path  # imports Triton: only when it runs
 
     if is_compiling():
         return "per-query"
-    return choose_path(indices, mask, k.shape[2], q.shape[2], k.shape[1], needs_grad=needs_grad)
+    tiles = BlockTiles.of(q, v)
+    return choose_path(indices, mask, k.shape[2], q.shape[2], k.shape[1], needs_grad=needs_grad, tiles=tiles)
