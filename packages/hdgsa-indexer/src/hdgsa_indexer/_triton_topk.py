@@ -41,6 +41,15 @@ __all__ = ["MAX_KEEP", "indexer_topk_fwd"]
 
 _BLOCK_M, _BLOCK_N, _NUM_WARPS = SCORE_TILE
 _LOW_MASK = tl.constexpr(0xFFFFFFFF)
+# Threshold counts: 16 bins of float bits per pass. Coarse bins are 2**21 bits wide (a quarter
+# of an octave: 16 of them tile [S / 16, S)); fine bins 2**17 (16 per coarse bin), or, for a row
+# whose selection reaches below S / 16, one octave each (16 octaves below S / 16).
+_NUM_BINS = tl.constexpr(16)
+_COARSE_SHIFT = tl.constexpr(21)
+_FINE_SHIFT = tl.constexpr(17)
+_OCTAVE_SHIFT = tl.constexpr(23)
+_COARSE_SPAN = tl.constexpr(4 << 23)  # 4 octaves of float bits
+_LOW_SPAN = tl.constexpr(16 << 23)
 # Rows sorted together: ROWS * CAP int64 keys in registers (4096: 32 per thread at 4 warps).
 # The interpreter sorts a whole block at once (its cost is per operation, not per element).
 _SORT_ELEMENTS = 4096
@@ -101,6 +110,35 @@ def _sorted_rows(
     return tl.sort(b_keys, dim=1, descending=True)
 
 
+@triton.jit
+def _bin_counts(b_bits, m_count, b_base, b_shift, NUM_BINS: tl.constexpr):
+    """Per row, how many counted keys fall in each of ``NUM_BINS`` bins of score bits
+    (``[BLOCK_M, NUM_BINS]`` int32): bin ``j`` holds bits in ``[base + j << shift, base + (j + 1)
+    << shift)`` (``base``, ``shift`` per row), the last bin everything above, keys below
+    ``base`` none. The bins are packed
+    eight to an int64 (8 bits each: a tile row has at most 64 keys), so a row costs two sums."""
+    m_in = m_count & (b_bits >= b_base[:, None])
+    b_bin = tl.minimum((b_bits - b_base[:, None]) >> b_shift[:, None], NUM_BINS - 1)
+    b_one = tl.where(m_in, 1, 0).to(tl.int64) << ((b_bin & 7) * 8).to(tl.int64)
+    b_lo = tl.sum(tl.where(b_bin < 8, b_one, 0), 1)
+    b_hi = tl.sum(tl.where(b_bin >= 8, b_one, 0), 1)
+    o_bin = tl.arange(0, NUM_BINS)
+    b_word = tl.where(o_bin[None, :] < 8, b_lo[:, None], b_hi[:, None])
+    return ((b_word >> ((o_bin & 7) * 8).to(tl.int64)[None, :]) & 255).to(tl.int32)
+
+
+@triton.jit
+def _best_bin(b_hist, b_need, NUM_BINS: tl.constexpr):
+    """``(j, count)``: the highest bin whose keys and those above number at least ``need``
+    (-1 if none), and that number."""
+    o_bin = tl.arange(0, NUM_BINS)
+    # keys at or above bin j: the total minus those below
+    b_above = tl.sum(b_hist, 1)[:, None] - tl.cumsum(b_hist, 1) + b_hist
+    b_j = tl.max(tl.where(b_above >= b_need[:, None], o_bin[None, :], -1), 1)
+    b_c = tl.sum(tl.where(o_bin[None, :] == b_j[:, None], b_above, 0), 1)
+    return b_j, b_c
+
+
 @triton.jit(do_not_specialize=["Tq", "Tkv", "q_offset", "sink_size", "num_blocks_m", "num_blocks"])
 def _indexer_topk_fwd_kernel(
     q,
@@ -111,6 +149,7 @@ def _indexer_topk_fwd_kernel(
     out_score,
     out_mean,
     out_var,
+    out_fill,
     workspace,
     stride_qb,
     stride_qt,
@@ -135,6 +174,8 @@ def _indexer_topk_fwd_kernel(
     LOG_CAP: tl.constexpr,
     N_DIMS: tl.constexpr,
     INTERPRET: tl.constexpr,
+    COUNT: tl.constexpr,
+    FINE_LIMIT: tl.constexpr,
     H: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -144,6 +185,7 @@ def _indexer_topk_fwd_kernel(
     DOT_FP32: tl.constexpr,
     FAST_TANH: tl.constexpr,
     STATS: tl.constexpr,
+    FILL: tl.constexpr,
 ):
     pid, num_programs = tl.program_id(0), tl.num_programs(0)
     p_buf = workspace + pid.to(tl.int64) * (BLOCK_M * CAP)
@@ -165,81 +207,125 @@ def _indexer_topk_fwd_kernel(
         n_valid = tl.where(m_m, n_valid, 0)
         n_sink = tl.minimum(n_valid, sink_size)
         n_end = tl.max(n_valid, 0)
+        # Non-sink keys each row keeps: a row with no more valid keys than that needs no count.
+        b_need = tl.minimum(n_valid, TOPK) - n_sink
         p_q = q + i_b * stride_qb + o_m64[:, None] * stride_qt + o_d[None, :]
         p_w = w + i_b * stride_wb + o_m64 * stride_wt
         p_out = (i_b * Tq + o_m64) * TOPK
+        # Scores lie in [0, S), S = sum_h sigmoid(w_h): the coarse bins tile [S / 16, S) in
+        # float bits (bits of scores >= 0 order like the scores).
+        b_gates = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for h in range(H):
+            b_w = tl.load(p_w + h * stride_wh, mask=m_m, other=0.0).to(tl.float32)
+            b_gates += 1.0 / (1.0 + tl.exp(-b_w))
+        b_base = b_gates.to(tl.int32, bitcast=True) - _COARSE_SPAN
+        b_shift = tl.full([BLOCK_M], _COARSE_SHIFT, dtype=tl.int32)
         b_tau = tl.full([BLOCK_M], -1, dtype=tl.int64)
         b_n = tl.zeros([BLOCK_M], dtype=tl.int32)
         b_count = tl.zeros([BLOCK_M], dtype=tl.float32)
         b_mean = tl.zeros([BLOCK_M], dtype=tl.float32)
         b_m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        b_hist = tl.zeros([BLOCK_M, _NUM_BINS], dtype=tl.int32)
+        b_compactions = tl.zeros([BLOCK_M], dtype=tl.int32)
+        b_fine = b_need < 0
+        # Pass 0 counts keys in coarse bins, pass 1 in fine bins inside each row's chosen
+        # coarse bin; pass 2 collects the keys above the threshold they give. Blocks whose
+        # rows keep all their keys only collect.
+        m_keep_all = tl.max((n_valid - n_sink > b_need).to(tl.int32), 0) == 0
+        first = tl.where(m_keep_all | (not COUNT), 2, 0)
         tl.debug_barrier()  # the previous block's last reads of the buffer are done
-        for n0 in range(0, n_end, BLOCK_N):
-            o_n = n0 + tl.arange(0, BLOCK_N)
-            m_n = o_n < Tkv
-            p_k = k + i_b * stride_kb + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-            b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
-            b_s = score_tile(
-                p_q,
-                p_w,
-                bias,
-                b_k,
-                m_m,
-                m_d,
-                stride_qh,
-                stride_wh,
-                stride_bias,
-                scale,
-                H,
-                DOT_FP32,
-                FAST_TANH,
-                BLOCK_M,
-                BLOCK_N,
-            )
-            m_valid = o_n[None, :] < n_valid[:, None]
-            if STATS:
-                b_c = tl.sum(m_valid.to(tl.float32), 1)
-                b_tile_mean = tl.sum(tl.where(m_valid, b_s, 0.0), 1) / tl.maximum(b_c, 1.0)
-                b_dev = tl.where(m_valid, b_s - b_tile_mean[:, None], 0.0)
-                b_tile_m2 = tl.sum(b_dev * b_dev, 1)
-                b_total = b_count + b_c
-                b_delta = b_tile_mean - b_mean
-                b_mean += b_delta * (b_c / tl.maximum(b_total, 1.0))
-                b_m2 += b_tile_m2 + b_delta * b_delta * (b_count * b_c / tl.maximum(b_total, 1.0))
-                b_count = b_total
-            m_sink = m_valid & (o_n[None, :] < n_sink[:, None])
-            tl.store(out_score + p_out[:, None] + o_n[None, :], b_s, mask=m_sink)
-            b_sink_idx = tl.broadcast_to(o_n[None, :], [BLOCK_M, BLOCK_N])
-            tl.store(out_idx + p_out[:, None] + o_n[None, :], b_sink_idx, mask=m_sink)
-            b_low = o_n.to(tl.int64) ^ _LOW_MASK  # 0xFFFFFFFF - key: ties go to the lower key
-            b_key = (b_s.to(tl.int32, bitcast=True).to(tl.int64) << 32) | b_low[None, :]
-            b_key = tl.where(m_valid & ~m_sink, b_key, -1)
-            m_take = b_key > b_tau[:, None]
-            b_c_take = tl.sum(m_take.to(tl.int32), 1)
-            m_over = (b_n + b_c_take) > CAP
-            if tl.max(m_over.to(tl.int32), 0) > 0:
-                tl.debug_barrier()  # earlier appends are visible to every thread
-                for g in range(0, BLOCK_M, ROWS):
-                    o_g = g + tl.arange(0, ROWS)
-                    sel = o_r[None, :] == o_g[:, None]
-                    m_over_g = _gather_rows(m_over.to(tl.int32), sel) > 0
-                    if tl.max(m_over_g.to(tl.int32), 0) > 0:
-                        b_sorted = _sorted_rows(
-                            p_buf, o_g, _gather_rows(b_n, sel), CAP, LOG_CAP, N_DIMS, INTERPRET
-                        )
-                        p_rows = p_buf + o_g[:, None] * CAP + o_c[None, :]
-                        tl.store(p_rows, b_sorted, mask=m_over_g[:, None])
-                        # The KP-th best key becomes the row's threshold; KP keys stay.
-                        b_tau_g = tl.sum(tl.where(o_c[None, :] == KP - 1, b_sorted, 0), 1)
-                        m_row = tl.sum((sel & m_over_g[:, None]).to(tl.int32), 0) > 0
-                        b_tau = tl.where(m_row, tl.sum(tl.where(sel, b_tau_g[:, None], 0), 0), b_tau)
-                        b_n = tl.where(m_row, KP, b_n)
-                tl.debug_barrier()  # the compacted rows are visible before the appends below
-                m_take = b_key > b_tau[:, None]
-                b_c_take = tl.sum(m_take.to(tl.int32), 1)
-            b_pos = b_n[:, None] + tl.cumsum(m_take.to(tl.int32), 1) - 1
-            tl.store(p_buf + o_r[:, None] * CAP + b_pos, b_key, mask=m_take)
-            b_n += b_c_take
+        for p in range(first, 3):
+            n_stop = n_end
+            if p == 1:
+                # Only rows whose coarse threshold leaves many keys count again.
+                n_stop = tl.where(tl.max(b_fine.to(tl.int32), 0) > 0, n_end, 0)
+            for n0 in range(0, n_stop, BLOCK_N):
+                o_n = n0 + tl.arange(0, BLOCK_N)
+                m_n = o_n < Tkv
+                p_k = k + i_b * stride_kb + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :]
+                b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
+                b_s = score_tile(
+                    p_q,
+                    p_w,
+                    bias,
+                    b_k,
+                    m_m,
+                    m_d,
+                    stride_qh,
+                    stride_wh,
+                    stride_bias,
+                    scale,
+                    H,
+                    DOT_FP32,
+                    FAST_TANH,
+                    BLOCK_M,
+                    BLOCK_N,
+                )
+                m_valid = o_n[None, :] < n_valid[:, None]
+                m_sink = m_valid & (o_n[None, :] < n_sink[:, None])
+                if STATS:  # noqa: SIM102  (constexpr test outside, run-time test inside)
+                    if p == first:
+                        b_c = tl.sum(m_valid.to(tl.float32), 1)
+                        b_tile_mean = tl.sum(tl.where(m_valid, b_s, 0.0), 1) / tl.maximum(b_c, 1.0)
+                        b_dev = tl.where(m_valid, b_s - b_tile_mean[:, None], 0.0)
+                        b_tile_m2 = tl.sum(b_dev * b_dev, 1)
+                        b_total = b_count + b_c
+                        b_delta = b_tile_mean - b_mean
+                        b_mean += b_delta * (b_c / tl.maximum(b_total, 1.0))
+                        b_m2 += b_tile_m2 + b_delta * b_delta * (b_count * b_c / tl.maximum(b_total, 1.0))
+                        b_count = b_total
+                if p < 2:
+                    b_bits = b_s.to(tl.int32, bitcast=True)
+                    b_hist += _bin_counts(b_bits, m_valid & ~m_sink, b_base, b_shift, _NUM_BINS)
+                else:
+                    tl.store(out_score + p_out[:, None] + o_n[None, :], b_s, mask=m_sink)
+                    b_sink_idx = tl.broadcast_to(o_n[None, :], [BLOCK_M, BLOCK_N])
+                    tl.store(out_idx + p_out[:, None] + o_n[None, :], b_sink_idx, mask=m_sink)
+                    b_low = o_n.to(tl.int64) ^ _LOW_MASK  # 0xFFFFFFFF - key: ties go to the lower key
+                    b_key = (b_s.to(tl.int32, bitcast=True).to(tl.int64) << 32) | b_low[None, :]
+                    b_key = tl.where(m_valid & ~m_sink, b_key, -1)
+                    m_take = b_key > b_tau[:, None]
+                    b_c_take = tl.sum(m_take.to(tl.int32), 1)
+                    m_over = (b_n + b_c_take) > CAP
+                    if tl.max(m_over.to(tl.int32), 0) > 0:
+                        tl.debug_barrier()  # earlier appends are visible to every thread
+                        for g in range(0, BLOCK_M, ROWS):
+                            o_g = g + tl.arange(0, ROWS)
+                            sel = o_r[None, :] == o_g[:, None]
+                            m_over_g = _gather_rows(m_over.to(tl.int32), sel) > 0
+                            if tl.max(m_over_g.to(tl.int32), 0) > 0:
+                                b_sorted = _sorted_rows(
+                                    p_buf, o_g, _gather_rows(b_n, sel), CAP, LOG_CAP, N_DIMS, INTERPRET
+                                )
+                                p_rows = p_buf + o_g[:, None] * CAP + o_c[None, :]
+                                tl.store(p_rows, b_sorted, mask=m_over_g[:, None])
+                                # The KP-th best key becomes the row's threshold; KP keys stay.
+                                b_tau_g = tl.sum(tl.where(o_c[None, :] == KP - 1, b_sorted, 0), 1)
+                                m_row = tl.sum((sel & m_over_g[:, None]).to(tl.int32), 0) > 0
+                                b_tau = tl.where(m_row, tl.sum(tl.where(sel, b_tau_g[:, None], 0), 0), b_tau)
+                                b_n = tl.where(m_row, KP, b_n)
+                                b_compactions += m_row.to(tl.int32)
+                        tl.debug_barrier()  # the compacted rows are visible before the appends below
+                        m_take = b_key > b_tau[:, None]
+                        b_c_take = tl.sum(m_take.to(tl.int32), 1)
+                    b_pos = b_n[:, None] + tl.cumsum(m_take.to(tl.int32), 1) - 1
+                    tl.store(p_buf + o_r[:, None] * CAP + b_pos, b_key, mask=m_take)
+                    b_n += b_c_take
+            if p < 2:
+                # The highest bin edge with at least b_need counted keys at or above it: a
+                # threshold just below that edge keeps every key that can be selected.
+                b_j, b_c_j = _best_bin(b_hist, b_need, _NUM_BINS)
+                b_edge = b_base + (b_j << b_shift)
+                m_edge = b_j >= 0
+                if p == 0:
+                    # Fine bins inside the chosen coarse bin, or octaves below S / 16.
+                    b_fine = ~m_edge | (b_c_j > FINE_LIMIT)
+                    b_base = tl.where(m_edge, b_edge, b_base - _LOW_SPAN)
+                    b_shift = tl.where(m_edge, _FINE_SHIFT, _OCTAVE_SHIFT)
+                else:
+                    m_edge = m_edge & b_fine
+                b_tau = tl.where(m_edge, (b_edge.to(tl.int64) << 32) - 1, b_tau)
+                b_hist = tl.zeros([BLOCK_M, _NUM_BINS], dtype=tl.int32)
         tl.debug_barrier()
         for g in range(0, BLOCK_M, ROWS):
             o_g = g + tl.arange(0, ROWS)
@@ -258,6 +344,8 @@ def _indexer_topk_fwd_kernel(
         if STATS:
             tl.store(out_mean + i_b * Tq + o_m64, b_mean, mask=m_m)
             tl.store(out_var + i_b * Tq + o_m64, b_m2 / tl.maximum(b_count, 1.0), mask=m_m)
+        if FILL:
+            tl.store(out_fill + i_b * Tq + o_m64, b_n | (b_compactions << 16), mask=m_m)
 
 
 @on_input_device
@@ -275,6 +363,10 @@ def indexer_topk_fwd(
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
     sort_rows: int | None = None,
     builtin_sort: bool | None = None,
+    count: bool = True,
+    fine_limit: int | None = None,
+    num_warps: int = _NUM_WARPS,
+    fill: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """``(indices, scores, mean, var)``; ``mean`` / ``var`` are zeros unless ``return_stats``.
 
@@ -319,6 +411,7 @@ def indexer_topk_fwd(
         out_score=scores,
         out_mean=mean,
         out_var=var,
+        out_fill=fill,
         workspace=workspace,
         **input_strides(q, k, w, bias),
         Tq=num_queries,
@@ -335,6 +428,8 @@ def indexer_topk_fwd(
         LOG_CAP=capacity.bit_length() - 1,
         N_DIMS=(rows * capacity).bit_length() - 1,
         INTERPRET=interpret,
+        COUNT=count,
+        FINE_LIMIT=capacity if fine_limit is None else fine_limit,
         H=heads,
         D=dim,
         BLOCK_D=max(16, next_power_of_2(dim)),
@@ -344,6 +439,7 @@ def indexer_topk_fwd(
         DOT_FP32=dot_fp32,
         FAST_TANH=fast_tanh,
         STATS=return_stats,
-        num_warps=_NUM_WARPS,
+        FILL=fill is not None,
+        num_warps=num_warps,
     )
     return indices, scores, mean, var
