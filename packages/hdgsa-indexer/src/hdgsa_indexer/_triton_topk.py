@@ -178,14 +178,14 @@ def _coarse_base(p_w, stride_wh, m_m, H: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _row_thresholds(b_hist0, b_hist1, b_need, b_base0, n_all, FINE_LIMIT: tl.constexpr):
+def _row_thresholds(b_hist0, b_hist1, b_need, b_base0, n_all, fine_limit):
     """From the coarse (and fine) bin counts of rows: ``(base1, shift1, fine, tau, survivors)``:
     the fine bins' placement, whether the row counts again, the threshold (a sort key: the
     keys above it are those at or above the chosen bin edge) and how many keys pass it."""
     b_j, b_c = _best_bin(b_hist0, b_need, _NUM_BINS)
     m_edge = b_j >= 0
     b_edge = b_base0 + (b_j << _COARSE_SHIFT)
-    b_fine = ~m_edge | (b_c > FINE_LIMIT)
+    b_fine = ~m_edge | (b_c > fine_limit)
     b_base1 = tl.where(m_edge, b_edge, b_base0 - _LOW_SPAN)
     b_shift1 = tl.where(m_edge, _FINE_SHIFT, _OCTAVE_SHIFT)
     b_tau = tl.where(m_edge, (b_edge.to(tl.int64) << 32) - 1, -1)
@@ -289,11 +289,11 @@ def _indexer_topk_pass_kernel(
     block_start,
     key_chunk,
     num_chunks,
+    fine_limit,
     scale,
     PASS: tl.constexpr,
     TOPK: tl.constexpr,
     CAP: tl.constexpr,
-    FINE_LIMIT: tl.constexpr,
     H: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -337,7 +337,7 @@ def _indexer_topk_pass_kernel(
         b_hist0 = tl.load(p_hist)
         b_hist1 = tl.load(p_hist + BLOCK_M * _NUM_BINS * tl.num_programs(0))
         b_base1, b_shift1, b_fine, b_tau, b_survivors = _row_thresholds(
-            b_hist0, b_hist1, b_need, b_base, n_valid - n_sink, FINE_LIMIT
+            b_hist0, b_hist1, b_need, b_base, n_valid - n_sink, fine_limit
         )
         if PASS == 1:
             b_base, b_shift = b_base1, b_shift1
@@ -420,13 +420,13 @@ def _indexer_topk_sort_kernel(
     block_start,
     key_chunk,
     num_chunks,
+    fine_limit,
     TOPK: tl.constexpr,
     CAP: tl.constexpr,
     ROWS: tl.constexpr,
     LOG_CAP: tl.constexpr,
     N_DIMS: tl.constexpr,
     INTERPRET: tl.constexpr,
-    FINE_LIMIT: tl.constexpr,
     H: tl.constexpr,
     BLOCK_M: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -455,7 +455,7 @@ def _indexer_topk_sort_kernel(
     p_hist = hist + o_slot[:, None] * _NUM_BINS + o_bin[None, :]
     b_hist0 = tl.load(p_hist)
     b_hist1 = tl.load(p_hist + BLOCK_M * _NUM_BINS * num_local)
-    _, _, _, _, b_survivors = _row_thresholds(b_hist0, b_hist1, b_need_g, b_base, b_all_g, FINE_LIMIT)
+    _, _, _, _, b_survivors = _row_thresholds(b_hist0, b_hist1, b_need_g, b_base, b_all_g, fine_limit)
     if tl.max((m_g & (b_survivors > CAP)).to(tl.int32), 0) > 0:
         tl.store(flags + i_local, 1)
     else:
@@ -507,6 +507,8 @@ def _indexer_topk_fwd_kernel(
     num_blocks_m,
     num_blocks,
     block_start,
+    count,
+    fine_limit,
     scale,
     TOPK: tl.constexpr,
     KP: tl.constexpr,
@@ -515,8 +517,6 @@ def _indexer_topk_fwd_kernel(
     LOG_CAP: tl.constexpr,
     N_DIMS: tl.constexpr,
     INTERPRET: tl.constexpr,
-    COUNT: tl.constexpr,
-    FINE_LIMIT: tl.constexpr,
     FLAGGED: tl.constexpr,
     H: tl.constexpr,
     D: tl.constexpr,
@@ -565,7 +565,7 @@ def _indexer_topk_fwd_kernel(
         # coarse bin; pass 2 collects the keys above the threshold they give. Blocks whose
         # rows keep all their keys only collect.
         m_keep_all = tl.max((n_valid - n_sink > b_need).to(tl.int32), 0) == 0
-        first = tl.where(m_keep_all | (not COUNT), 2, 0)
+        first = tl.where(m_keep_all | (count == 0), 2, 0)
         tl.debug_barrier()  # the previous block's last reads of the buffer are done
         for p in range(first, 3):
             n_stop = n_end
@@ -627,7 +627,7 @@ def _indexer_topk_fwd_kernel(
                 m_edge = b_j >= 0
                 if p == 0:
                     # Fine bins inside the chosen coarse bin, or octaves below S / 16.
-                    b_fine = ~m_edge | (b_c_j > FINE_LIMIT)
+                    b_fine = ~m_edge | (b_c_j > fine_limit)
                     b_base = tl.where(m_edge, b_edge, b_base - _LOW_SPAN)
                     b_shift = tl.where(m_edge, _FINE_SHIFT, _OCTAVE_SHIFT)
                 else:
@@ -760,8 +760,8 @@ def indexer_topk_fwd(
         KP=keep,
         CAP=capacity,
         INTERPRET=interpret,
-        COUNT=count,
-        FINE_LIMIT=fine_limit,
+        count=int(count),
+        fine_limit=fine_limit,
         num_warps=num_warps,
     )
     if not split:
@@ -810,14 +810,14 @@ def _split_topk(
         for pass_ in range(3):
             _indexer_topk_pass_kernel[(count, num_chunks)](
                 **split_args, **tiles, buf=buf, hist=hist, fill=buf_fill, block_start=start, PASS=pass_,
-                CAP=capacity, FINE_LIMIT=fine_limit, num_warps=num_warps,
+                CAP=capacity, fine_limit=fine_limit, num_warps=num_warps,
             )  # fmt: skip
         sort_rows = rows
         _indexer_topk_sort_kernel[(count * (_BLOCK_M // sort_rows),)](
             **split_args, w=tiles["w"], out_idx=tiles["out_idx"], out_score=tiles["out_score"], out_mean=mean,
             out_var=var, buf=buf, hist=hist, fill=buf_fill, flags=flags, num_local=count, block_start=start,
             CAP=capacity, ROWS=sort_rows, LOG_CAP=capacity.bit_length() - 1,
-            N_DIMS=(sort_rows * capacity).bit_length() - 1, INTERPRET=interpret, FINE_LIMIT=fine_limit,
+            N_DIMS=(sort_rows * capacity).bit_length() - 1, INTERPRET=interpret, fine_limit=fine_limit,
             num_warps=sort_warps,
         )  # fmt: skip
         # Rows whose survivors overflowed their buffer: their blocks again, one program each.
