@@ -259,6 +259,7 @@ def _store_sorted(
         "block_start",
         "key_chunk",
         "num_chunks",
+        "fine_limit",
     ]
 )
 def _indexer_topk_pass_kernel(
@@ -395,6 +396,7 @@ def _indexer_topk_pass_kernel(
         "block_start",
         "key_chunk",
         "num_chunks",
+        "fine_limit",
     ]
 )
 def _indexer_topk_sort_kernel(
@@ -477,7 +479,18 @@ def _indexer_topk_sort_kernel(
 
 
 @triton.jit(
-    do_not_specialize=["Tq", "Tkv", "q_offset", "sink_size", "num_blocks_m", "num_blocks", "block_start"]
+    do_not_specialize=[
+        "Tq",
+        "Tkv",
+        "q_offset",
+        "sink_size",
+        "num_blocks_m",
+        "num_blocks",
+        "block_start",
+        "flagged",
+        "count",
+        "fine_limit",
+    ]
 )
 def _indexer_topk_fwd_kernel(
     q,
@@ -507,6 +520,7 @@ def _indexer_topk_fwd_kernel(
     num_blocks_m,
     num_blocks,
     block_start,
+    flagged,
     count,
     fine_limit,
     scale,
@@ -517,7 +531,6 @@ def _indexer_topk_fwd_kernel(
     LOG_CAP: tl.constexpr,
     N_DIMS: tl.constexpr,
     INTERPRET: tl.constexpr,
-    FLAGGED: tl.constexpr,
     H: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -530,7 +543,7 @@ def _indexer_topk_fwd_kernel(
     FILL: tl.constexpr,
 ):
     """Blocks ``block_start + pid, + P, ...`` of ``num_blocks``, each start to end in one
-    program (with ``FLAGGED``, only the blocks whose flag is set: the split path's fallback)."""
+    program (with ``flagged``, only the blocks whose flag is set: the split path's fallback)."""
     pid, num_programs = tl.program_id(0), tl.num_programs(0)
     p_buf = workspace + pid.to(tl.int64) * (BLOCK_M * CAP)
     o_r = tl.arange(0, BLOCK_M)
@@ -541,7 +554,7 @@ def _indexer_topk_fwd_kernel(
         i_b, i_m, o_m, m_m, n_valid, n_sink, b_need = _block_rows(
             block_start + blk, num_blocks_m, Tq, Tkv, q_offset, sink_size, TOPK, CAUSAL, BLOCK_M
         )
-        if FLAGGED:
+        if flagged != 0:
             m_m = m_m & ((o_m * 0 + tl.load(flags + blk)) != 0)
             n_valid = tl.where(m_m, n_valid, 0)
             n_sink = tl.where(m_m, n_sink, 0)
@@ -683,7 +696,7 @@ def indexer_topk_fwd(
     fine_limit: int | None = None,
     num_warps: int = _NUM_WARPS,
     fill: torch.Tensor | None = None,
-    split: bool = False,
+    split: bool = True,
     key_chunk: int = 1024,
     sort_warps: int = 4,
 ) -> tuple[torch.Tensor, ...]:
@@ -767,10 +780,11 @@ def indexer_topk_fwd(
     if not split:
         per_program = _BLOCK_M * capacity * 8
         programs = max(1, min(num_blocks, workspace_bytes // per_program))
+        # flags: any int32 tensor (read only by the split path's fallback): the same compiled kernel.
         workspace = torch.empty(programs * _BLOCK_M * capacity, dtype=torch.int64, device=device)
         _launch_persistent(
-            persistent, programs, workspace, capacity, rows, out_fill=fill, flags=None, num_blocks=num_blocks,
-            block_start=0, FLAGGED=False, FILL=fill is not None,
+            persistent, programs, workspace, capacity, rows, out_fill=fill, flags=indices, num_blocks=num_blocks,
+            block_start=0, flagged=0, FILL=fill is not None,
         )  # fmt: skip
         return indices, scores, mean, var
     _split_topk(
@@ -801,6 +815,11 @@ def _split_topk(
         slots * num_chunks * 3 if common["STATS"] else 1, dtype=torch.float32, device=device
     )
     split_args = dict(**common, part_stats=part_stats, key_chunk=key_chunk, num_chunks=num_chunks)
+    # The sort kernel reads only w of the inputs.
+    sort_args = {name: value for name, value in split_args.items() if not name.startswith("stride_")}
+    sort_args.update(
+        stride_wb=common["stride_wb"], stride_wt=common["stride_wt"], stride_wh=common["stride_wh"]
+    )
     for start in range(0, num_blocks, chunk_blocks):
         count = min(chunk_blocks, num_blocks - start)
         counters.zero_()
@@ -814,7 +833,7 @@ def _split_topk(
             )  # fmt: skip
         sort_rows = rows
         _indexer_topk_sort_kernel[(count * (_BLOCK_M // sort_rows),)](
-            **split_args, w=tiles["w"], out_idx=tiles["out_idx"], out_score=tiles["out_score"], out_mean=mean,
+            **sort_args, w=tiles["w"], out_idx=tiles["out_idx"], out_score=tiles["out_score"], out_mean=mean,
             out_var=var, buf=buf, hist=hist, fill=buf_fill, flags=flags, num_local=count, block_start=start,
             CAP=capacity, ROWS=sort_rows, LOG_CAP=capacity.bit_length() - 1,
             N_DIMS=(sort_rows * capacity).bit_length() - 1, INTERPRET=interpret, fine_limit=fine_limit,
@@ -823,7 +842,7 @@ def _split_topk(
         # Rows whose survivors overflowed their buffer: their blocks again, one program each.
         _launch_persistent(
             persistent, count, buf, capacity, rows, out_fill=None, flags=flags, num_blocks=count,
-            block_start=start, FLAGGED=True, FILL=False,
+            block_start=start, flagged=1, FILL=False,
         )  # fmt: skip
         if fill is not None:
             fill += flags[:count].sum()
