@@ -441,31 +441,61 @@ def _exact_topk_of(scores, topk, sink_size, causal, q_offset):
 TRITON_DEVICES = [d for d in DEVICES if "triton" in runnable_backends(d)]
 
 
-@pytest.mark.parametrize("device", TRITON_DEVICES, ids=lambda d: d.type)
+# The fused kernel's paths: one program per query block ("block": threshold counts, then the
+# collection; "block-nocount": no counts, so the buffers overflow and compact as the threshold
+# rises; "block-fine": always the fine count) and the split passes ("split": 64-key chunks;
+# "split-chunks": one query block per workspace chunk).
+MODES = {
+    "block": {"split": False},
+    "block-nocount": {"split": False, "count": False},
+    "block-fine": {"split": False, "fine_limit": 0},
+    "split": {"split": True, "key_chunk": 64},
+    "split-chunks": {"split": True, "key_chunk": 128, "workspace_bytes": 1},
+}
+# On a GPU every mode compiles its kernels for every shape: there, two modes.
+GPU_MODES = ("split", "block-nocount")
+
+
+def _mode_cases(device_modes):
+    return [
+        pytest.param(device, mode, id=f"{device.type}-{mode}")
+        for device in TRITON_DEVICES
+        for mode in device_modes(device)
+    ]
+
+
+TRITON_MODES = _mode_cases(lambda device: GPU_MODES if device.type == "cuda" else list(MODES))
+
+
+def _fused_topk(q, k, w, bias, topk, scale, causal, q_offset, sink_size, mode, **options):
+    from hdgsa_indexer._triton_topk import indexer_topk_fwd
+
+    options = {**MODES[mode], **options}
+    return indexer_topk_fwd(q, k, w, bias, topk, scale, causal, q_offset, sink_size, True, **options)
+
+
+@pytest.mark.parametrize(("device", "mode"), TRITON_MODES)
 @pytest.mark.parametrize(
-    ("B", "Tq", "Tkv", "H", "d", "causal", "q_offset", "topk", "sink_size", "dtype", "workspace"),
+    ("B", "Tq", "Tkv", "H", "d", "causal", "q_offset", "topk", "sink_size", "dtype"),
     [
-        pytest.param(2, 70, 70, 3, 16, True, 0, 5, 0, torch.float32, None, id="causal"),
-        pytest.param(1, 37, 150, 4, 32, True, 113, 9, 2, torch.bfloat16, None, id="decode-offset-sinks"),
-        pytest.param(1, 40, 200, 2, 16, False, 0, 3, 1, torch.float16, 64 * 128 * 8, id="noncausal-overflow"),
-        pytest.param(1, 130, 130, 2, 16, True, 0, 70, 2, torch.float32, 64 * 256 * 8, id="k70-overflow"),
-        pytest.param(1, 9, 6, 2, 5, False, 0, 11, 3, torch.float32, None, id="topk-gt-Tkv"),
-        pytest.param(1, 8, 5, 2, 4, True, -3, 3, 1, torch.float32, None, id="negative-offset"),
+        pytest.param(2, 70, 70, 3, 16, True, 0, 5, 0, torch.float32, id="causal"),
+        pytest.param(1, 37, 150, 4, 32, True, 113, 9, 2, torch.bfloat16, id="decode-offset-sinks"),
+        pytest.param(1, 40, 200, 2, 16, False, 0, 3, 1, torch.float16, id="noncausal"),
+        pytest.param(1, 130, 130, 2, 16, True, 0, 70, 2, torch.float32, id="k70"),
+        pytest.param(1, 9, 6, 2, 5, False, 0, 11, 3, torch.float32, id="topk-gt-Tkv"),
+        pytest.param(1, 8, 5, 2, 4, True, -3, 3, 1, torch.float32, id="negative-offset"),
     ],
 )
 def test_triton_topk_is_exactly_torch_topk_of_its_scores(
-    device, B, Tq, Tkv, H, d, causal, q_offset, topk, sink_size, dtype, workspace
+    device, mode, B, Tq, Tkv, H, d, causal, q_offset, topk, sink_size, dtype
 ):
-    # The fused kernel against torch.topk over the dense Triton scores (the same score code):
-    # bitwise the same indices and scores, ties to the lower index. A small workspace forces
-    # the candidate buffers to compact (one program, many thresholds).
+    # Every path of the fused kernel against torch.topk over the dense Triton scores (the same
+    # score code): bitwise the same indices and scores, ties to the lower index.
     from hdgsa_indexer._triton_fwd import gated_indexer_fwd
-    from hdgsa_indexer._triton_topk import indexer_topk_fwd
     from hdgsa_indexer.reference import _row_stats, valid_key_counts
 
     q, k, w, bias = make_inputs(B, Tq, Tkv, H, d, dtype, device, seed=13)
-    options = {} if workspace is None else {"workspace_bytes": workspace}
-    got = indexer_topk_fwd(q, k, w, bias, topk, 0.3, causal, q_offset, sink_size, True, **options)
+    got = _fused_topk(q, k, w, bias, topk, 0.3, causal, q_offset, sink_size, mode)
     scores = gated_indexer_fwd(q, k, w, bias, 0.3, causal, q_offset)
     indices, values = _exact_topk_of(scores, topk, sink_size, causal, q_offset)
     assert torch.equal(got[0], indices)
@@ -473,24 +503,90 @@ def test_triton_topk_is_exactly_torch_topk_of_its_scores(
     mean, var = _row_stats(scores.double(), valid_key_counts(Tq, Tkv, causal, q_offset, device))
     torch.testing.assert_close(got[2], mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[3], var, rtol=1e-4, atol=1e-6)
-    if device.type == "cpu" and workspace is not None:  # the GPU's grouping of rows for the sorts
-        for rows in (8,):
-            again = indexer_topk_fwd(
-                q, k, w, bias, topk, 0.3, causal, q_offset, sink_size, True, sort_rows=rows, **options
-            )
-            assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True))
+    if device.type == "cpu" and mode in ("block-nocount", "split"):  # the GPU's sorts: rows and network
+        again = _fused_topk(q, k, w, bias, topk, 0.3, causal, q_offset, sink_size, mode, sort_rows=8)
+        assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True))
+
+
+def _hard_inputs(device, kind):
+    """Inputs whose scores defeat the score thresholds: ``"equal"``, every score of a row the
+    same (q = 0); ``"ties"``, exact quarters with many ties; ``"low"``, the selected scores far
+    below ``sum_h sigmoid(w_h) / 16`` (a large negative bias), where the coarse bins are empty."""
+    B, Tq, Tkv, H, d = 2, 40, 200, 2, 8
+    if kind == "ties":
+        return tied_inputs(B, Tq, Tkv, H, d, device, seed=3), 100.0
+    q, k, w, bias = make_inputs(B, Tq, Tkv, H, d, device=device, seed=17)
+    if kind == "equal":
+        q[0] = 0.0  # batch 0: one score per row; batch 1: random
+    else:
+        bias = torch.full_like(bias, -9.0)
+    return (q, k, w, bias), 0.5
+
+
+@pytest.mark.parametrize(
+    ("device", "mode"),
+    _mode_cases(lambda device: [m for m in (*GPU_MODES, "block") if device.type == "cpu" or m in GPU_MODES]),
+)
+@pytest.mark.parametrize(
+    ("kind", "causal", "q_offset"), [("equal", False, 0), ("ties", True, 160), ("low", True, 160)]
+)
+def test_triton_topk_is_exact_when_thresholds_cannot_separate(device, mode, kind, causal, q_offset):
+    # More keys than a row's buffer holds pass any score threshold: the buffers compact (block
+    # paths) or the query blocks go to the exact fallback (split); still exactly the top-k.
+    from hdgsa_indexer._triton_fwd import gated_indexer_fwd
+
+    (q, k, w, bias), scale = _hard_inputs(device, kind)
+    got = _fused_topk(q, k, w, bias, 5, scale, causal, q_offset, 1, mode)
+    scores = gated_indexer_fwd(q, k, w, bias, scale, causal, q_offset)
+    indices, values = _exact_topk_of(scores, 5, 1, causal, q_offset)
+    assert torch.equal(got[0], indices)
+    assert torch.equal(got[1], values)
+    if kind == "equal":
+        assert got[0][0].tolist() == [list(range(5))] * q.shape[1]
+
+
+def _fill(q, k, w, bias, topk, scale, causal, mode):
+    fill = torch.zeros(q.shape[0], q.shape[1], dtype=torch.int32, device=q.device)
+    if MODES[mode]["split"]:
+        fill = torch.zeros(1, dtype=torch.int32, device=q.device)
+    _fused_topk(q, k, w, bias, topk, scale, causal, 0, 0, mode, fill=fill)
+    return fill
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES, ids=lambda d: d.type)
-def test_triton_topk_bitwise_repeat(device):
+def test_triton_topk_thresholds_bound_the_candidates(device):
+    # The diagnostics say which path ran: with the threshold counts, random scores leave each
+    # row about topk + a fine bin of candidates and nothing compacts or falls back; without
+    # them the buffers compact; with equal scores the split path hands blocks to the fallback.
+    q, k, w, bias = make_inputs(1, 128, 400, 2, 8, device=device, seed=5)
+    fill = _fill(q, k, w, bias, 8, 0.5, False, "block")
+    assert (fill >> 16).max() == 0  # no compaction
+    assert ((fill & 0xFFFF) >= 8).all()
+    assert (fill & 0xFFFF).float().mean() < 40  # of 400 keys; the buffer holds 128
+    fill = _fill(q, k, w, bias, 8, 0.5, False, "block-fine")
+    assert (fill & 0xFFFF).max() <= 24
+    assert ((_fill(q, k, w, bias, 8, 0.5, False, "block-nocount") >> 16) > 0).all()
+    assert _fill(q, k, w, bias, 8, 0.5, False, "split").item() == 0
+    (q, k, w, bias), scale = _hard_inputs(device, "equal")
+    assert _fill(q, k, w, bias, 5, scale, False, "split").item() == 1  # batch 0's block
+    (q, k, w, bias), scale = _hard_inputs(device, "low")
+    fill = _fill(q, k, w, bias, 5, scale, False, "block")
+    assert (fill >> 16).max() == 0  # the octave bins below S / 16 found a threshold
+
+
+@pytest.mark.parametrize(("device", "mode"), TRITON_MODES)
+def test_triton_topk_bitwise_repeat(device, mode):
     q, k, w, bias = make_inputs(2, 45, 45, 4, 16, torch.bfloat16, device, seed=21)
     runs = [
-        indexer_topk(q, k, w, bias, 12, 0.25, q_offset=0, sink_size=1, return_stats=True, backend="triton")
-        for _ in range(10)
+        _fused_topk(q, k, w, bias, 12, 0.25, True, 0, 1, mode)
+        for _ in range(3 if device.type == "cpu" else 10)
     ]
     for run in runs[1:]:
         for a, b in zip(runs[0], run, strict=True):
             assert torch.equal(a, b)
+    public = indexer_topk(q, k, w, bias, 12, 0.25, sink_size=1, return_stats=True, backend="triton")
+    assert torch.equal(public[0], runs[0][0])
+    assert torch.equal(public[1], runs[0][1])
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES, ids=lambda d: d.type)
