@@ -1,4 +1,6 @@
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from hdgsa_core.testing import (
     make_tensor,
     poisoned_empty,
     rel_error,
+    strict_kernel_launches,
     strided_rows,
 )
 
@@ -79,3 +82,22 @@ def test_assert_self_check_passes():
     with pytest.raises(AssertionError, match="expected"):
         assert_self_check_passes(lambda device: self_check(device)[:1], "cpu", {"y", "dx"})
     assert_self_check_passes(lambda device: self_check(device)[:1], "cpu", {"y"})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton's interpreter")
+def test_strict_kernel_launches_rejects_a_keyword_the_kernel_does_not_take(monkeypatch):
+    # The interpreter drops an unknown launch keyword; a GPU launch raises KeyError on it.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    import triton
+    from _copy_kernel import copy_kernel  # a plain Triton function in its own file (imports Triton)
+
+    kernel = triton.jit(copy_kernel)
+    x, y = torch.randn(5), torch.full((5,), float("nan"))
+    with strict_kernel_launches():
+        kernel[(1,)](x=x, y=y, n=5, BLOCK=8, num_warps=1)  # a launch option is fine
+        assert torch.equal(x, y)
+        with pytest.raises(
+            TypeError, match=r"copy_kernel launched with keywords it does not take: \['stride'\]"
+        ):
+            kernel[(1,)](x=x, y=y, n=5, BLOCK=8, stride=1)

@@ -1,1 +1,1 @@
-from hdgsa_core.testing import poison_empty  # noqa: F401  (autouse: torch.empty outputs start as NaN)
+from hdgsa_core.testing import poison_empty, strict_launches  # noqa: F401  (autouse: NaN-filled torch.empty, strict kernel launches)

@@ -7,7 +7,7 @@ in the same low precision, and never above an absolute ceiling.
 
 Use from a package's ``tests/conftest.py``::
 
-    from hdgsa_core.testing import poison_empty  # noqa: F401  (autouse fixture)
+    from hdgsa_core.testing import poison_empty, strict_launches  # noqa: F401  (autouse fixtures)
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ __all__ = [
     "poison_empty",
     "poisoned_empty",
     "rel_error",
+    "strict_kernel_launches",
+    "strict_launches",
     "strided_rows",
 ]
 
@@ -217,9 +219,79 @@ def _poison_empty_fixture() -> Iterator[None]:
         yield
 
 
+# Launch options a GPU launch accepts besides the kernel's own arguments, if the CUDA backend's
+# option list cannot be read.
+_LAUNCH_OPTIONS = frozenset(
+    {
+        "num_warps",
+        "num_stages",
+        "num_ctas",
+        "maxnreg",
+        "enable_fp_fusion",
+        "launch_cooperative_grid",
+        "launch_pdl",
+    }
+)
+
+
+def _launch_options() -> frozenset[str]:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        return frozenset(CUDAOptions.__dataclass_fields__)
+    except (ImportError, AttributeError):  # no CUDA backend in this Triton build
+        return _LAUNCH_OPTIONS
+
+
+class strict_kernel_launches:
+    """Context manager: under ``TRITON_INTERPRET=1``, a kernel launched with a keyword that is
+    neither one of its arguments nor a launch option raises ``TypeError``.
+
+    The interpreter drops unknown keywords silently, where a GPU launch raises ``KeyError``:
+    without this, a launch that passes every CPU test can fail on its first GPU call. Does
+    nothing without Triton or outside the interpreter."""
+
+    def __enter__(self) -> strict_kernel_launches:
+        self._saved = None
+        try:
+            from triton.runtime import interpreter
+        except ImportError:
+            return self
+        executor = getattr(interpreter, "GridExecutor", None)
+        if executor is None:  # another Triton layout: nothing to check
+            return self
+        import inspect
+
+        allowed_options = _launch_options()
+        run = executor.__call__
+
+        def checked(self_: object, *args: object, **kwargs: object) -> object:
+            spec = inspect.getfullargspec(self_.fn)  # type: ignore[attr-defined]
+            unknown = set(kwargs) - set(spec.args) - set(spec.kwonlyargs) - allowed_options
+            if unknown:
+                name = getattr(self_.fn, "__name__", "kernel")  # type: ignore[attr-defined]
+                raise TypeError(f"{name} launched with keywords it does not take: {sorted(unknown)}")
+            return run(self_, *args, **kwargs)
+
+        self._executor, self._saved = executor, run
+        executor.__call__ = checked
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._saved is not None:
+            self._executor.__call__ = self._saved
+
+
+def _strict_launches_fixture() -> Iterator[None]:
+    with strict_kernel_launches():
+        yield
+
+
 try:  # pytest is a test-only dependency; the helpers above work without it.
     import pytest
 
     poison_empty = pytest.fixture(autouse=True)(_poison_empty_fixture)
+    strict_launches = pytest.fixture(autouse=True)(_strict_launches_fixture)
 except ImportError:  # pragma: no cover
     poison_empty = None  # type: ignore[assignment]
+    strict_launches = None  # type: ignore[assignment]
