@@ -1,28 +1,28 @@
 """The fused Triton top-k of the gated indexer: the scores exist only tile by tile.
 
-Each program owns a query block of ``BLOCK_M`` rows at a time (persistent: it takes blocks
-``pid, pid + P, ...``, heaviest causal blocks first) and walks its keys in tiles of
-``BLOCK_N``, computing the scores with the dense forward's own ``score_tile`` (the same tiles,
-so the same float32 bits). Every valid key of a row becomes a distinct int64 sort key
+The scores come from the dense forward's own ``score_tile`` with the same tiles, so they are
+bitwise ``gated_indexer``'s. Every valid key of a row is a distinct int64 sort key
 ``(score bits << 32) | (0xFFFFFFFF - key)``: scores are >= 0, so their float bits order like
-integers, and equal scores order by the lower key index. Per row:
+integers, and equal scores order by the lower key index.
 
-- a threshold ``tau`` (a sort key; -1 at the start) and a candidate buffer of ``CAP = 2 * KP``
-  sort keys in a workspace (``KP``: ``topk`` rounded up to a power of two, at least a tile);
-- keys above ``tau`` are appended in key order (a prefix sum over the tile gives each its slot:
-  no atomics, the buffer's content does not depend on thread timing);
-- when a tile would overflow a row's buffer, that row's buffer is sorted (``tl.sort``), its best
-  ``KP`` keys kept and ``tau`` raised to the ``KP``-th best: a key at or below it can no longer
-  reach the top ``topk``;
-- at the end the buffer is sorted once more and its first ``topk - sinks`` keys are the answer.
+Default (split) path, each pass one program per (64-query block, key chunk):
 
-Sinks (the first ``sink_size`` valid keys) skip the buffer: their scores go straight to the
-first output slots. ``return_stats``: each row's count, mean and sum of squared deviations
-are merged tile by tile (Chan et al.), in key order.
+1. coarse count: each query's keys in 16 bins of float bits over ``[S / 16, S)``, where
+   ``S = sum_h sigmoid(w_h)`` bounds the row's scores (and ``return_stats`` partials);
+2. fine count: 16 bins inside the bracket of the ``(topk - sinks)``-th best, for the queries
+   that still need it (integer atomics: exact in any order);
+3. collection: the keys at or above each query's threshold go to its buffer of ``CAP = 2 * KP``
+   sort keys (an atomic slot counter: the order varies, the content does not);
+4. sort: one ``tl.sort`` per buffer in its own kernel; its first ``topk - sinks`` keys follow the
+   sinks. Stats partials are merged in key order there (Chan et al.).
 
-Extra memory: the outputs plus ``P * BLOCK_M * CAP * 8`` bytes of workspace, P chosen so this
-stays within ``DEFAULT_WORKSPACE_BYTES`` (256 MiB). Bitwise reproducible: every sum and every
-selection has a fixed order.
+A query whose threshold bin holds more keys than its buffer (ties, all-equal scores) flags its
+block, and the per-block kernel recomputes that block: it walks the keys in order with a rising
+threshold, sorting a row's buffer and keeping its best ``KP`` whenever it would overflow. Exact
+whatever the distribution; bitwise reproducible (integer counts, sorted content).
+
+Extra memory: the outputs plus at most ``DEFAULT_WORKSPACE_BYTES`` (256 MiB) of buffers and
+counts: the query blocks go through in groups that fit.
 """
 
 from __future__ import annotations
@@ -249,6 +249,38 @@ def _store_sorted(
     tl.store(out_score + p_slot, b_score, mask=m_out)
 
 
+@triton.jit
+def _key_tile(
+    k, p_q, p_w, bias, i_b, n0, n_valid, n_sink, m_m, o_d, m_d, stride_kb, stride_kt, stride_qh, stride_wh,
+    stride_bias, scale, Tkv, H: tl.constexpr, DOT_FP32: tl.constexpr, FAST_TANH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The key tile at ``n0``: ``(o_n, scores, valid, sink)`` of a query block."""
+    o_n = n0 + tl.arange(0, BLOCK_N)
+    m_n = o_n < Tkv
+    p_k = k + i_b * stride_kb + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :]
+    b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
+    b_s = score_tile(
+        p_q,
+        p_w,
+        bias,
+        b_k,
+        m_m,
+        m_d,
+        stride_qh,
+        stride_wh,
+        stride_bias,
+        scale,
+        H,
+        DOT_FP32,
+        FAST_TANH,
+        BLOCK_M,
+        BLOCK_N,
+    )
+    m_valid = o_n[None, :] < n_valid[:, None]
+    return o_n, b_s, m_valid, m_valid & (o_n[None, :] < n_sink[:, None])
+
+
 @triton.jit(
     do_not_specialize=[
         "Tq",
@@ -351,16 +383,10 @@ def _indexer_topk_pass_kernel(
     b_mean = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n0 in range(n_lo, n_stop, BLOCK_N):
-        o_n = n0 + tl.arange(0, BLOCK_N)
-        m_n = o_n < Tkv
-        p_k = k + i_b * stride_kb + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-        b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_s = score_tile(
-            p_q, p_w, bias, b_k, m_m, m_d, stride_qh, stride_wh, stride_bias, scale,
-            H, DOT_FP32, FAST_TANH, BLOCK_M, BLOCK_N,
+        o_n, b_s, m_valid, m_sink = _key_tile(
+            k, p_q, p_w, bias, i_b, n0, n_valid, n_sink, m_m, o_d, m_d, stride_kb, stride_kt, stride_qh,
+            stride_wh, stride_bias, scale, Tkv, H, DOT_FP32, FAST_TANH, BLOCK_M, BLOCK_N,
         )  # fmt: skip
-        m_valid = o_n[None, :] < n_valid[:, None]
-        m_sink = m_valid & (o_n[None, :] < n_sink[:, None])
         if STATS:  # noqa: SIM102  (constexpr test outside, run-time test inside)
             if first == PASS:
                 b_count, b_mean, b_m2 = _stats_tile(b_s, m_valid, b_count, b_mean, b_m2)
@@ -586,16 +612,10 @@ def _indexer_topk_fwd_kernel(
                 # Only rows whose coarse threshold leaves many keys count again.
                 n_stop = tl.where(tl.max(b_fine.to(tl.int32), 0) > 0, n_end, 0)
             for n0 in range(0, n_stop, BLOCK_N):
-                o_n = n0 + tl.arange(0, BLOCK_N)
-                m_n = o_n < Tkv
-                p_k = k + i_b * stride_kb + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-                b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
-                b_s = score_tile(
-                    p_q, p_w, bias, b_k, m_m, m_d, stride_qh, stride_wh, stride_bias, scale,
-                    H, DOT_FP32, FAST_TANH, BLOCK_M, BLOCK_N,
+                o_n, b_s, m_valid, m_sink = _key_tile(
+                    k, p_q, p_w, bias, i_b, n0, n_valid, n_sink, m_m, o_d, m_d, stride_kb, stride_kt, stride_qh,
+                    stride_wh, stride_bias, scale, Tkv, H, DOT_FP32, FAST_TANH, BLOCK_M, BLOCK_N,
                 )  # fmt: skip
-                m_valid = o_n[None, :] < n_valid[:, None]
-                m_sink = m_valid & (o_n[None, :] < n_sink[:, None])
                 if STATS:  # noqa: SIM102  (constexpr test outside, run-time test inside)
                     if p == first:
                         b_count, b_mean, b_m2 = _stats_tile(b_s, m_valid, b_count, b_mean, b_m2)
