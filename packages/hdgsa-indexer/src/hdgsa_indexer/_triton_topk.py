@@ -249,6 +249,38 @@ def _store_sorted(
     tl.store(out_score + p_slot, b_score, mask=m_out)
 
 
+@triton.jit
+def _key_tile(
+    k, p_q, p_w, bias, i_b, n0, n_valid, n_sink, m_m, o_d, m_d, stride_kb, stride_kt, stride_qh, stride_wh,
+    stride_bias, scale, Tkv, H: tl.constexpr, DOT_FP32: tl.constexpr, FAST_TANH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The key tile at ``n0``: ``(o_n, scores, valid, sink)`` of a query block."""
+    o_n = n0 + tl.arange(0, BLOCK_N)
+    m_n = o_n < Tkv
+    p_k = k + i_b * stride_kb + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :]
+    b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
+    b_s = score_tile(
+        p_q,
+        p_w,
+        bias,
+        b_k,
+        m_m,
+        m_d,
+        stride_qh,
+        stride_wh,
+        stride_bias,
+        scale,
+        H,
+        DOT_FP32,
+        FAST_TANH,
+        BLOCK_M,
+        BLOCK_N,
+    )
+    m_valid = o_n[None, :] < n_valid[:, None]
+    return o_n, b_s, m_valid, m_valid & (o_n[None, :] < n_sink[:, None])
+
+
 @triton.jit(
     do_not_specialize=[
         "Tq",
@@ -351,16 +383,10 @@ def _indexer_topk_pass_kernel(
     b_mean = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n0 in range(n_lo, n_stop, BLOCK_N):
-        o_n = n0 + tl.arange(0, BLOCK_N)
-        m_n = o_n < Tkv
-        p_k = k + i_b * stride_kb + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-        b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
-        b_s = score_tile(
-            p_q, p_w, bias, b_k, m_m, m_d, stride_qh, stride_wh, stride_bias, scale,
-            H, DOT_FP32, FAST_TANH, BLOCK_M, BLOCK_N,
+        o_n, b_s, m_valid, m_sink = _key_tile(
+            k, p_q, p_w, bias, i_b, n0, n_valid, n_sink, m_m, o_d, m_d, stride_kb, stride_kt, stride_qh,
+            stride_wh, stride_bias, scale, Tkv, H, DOT_FP32, FAST_TANH, BLOCK_M, BLOCK_N,
         )  # fmt: skip
-        m_valid = o_n[None, :] < n_valid[:, None]
-        m_sink = m_valid & (o_n[None, :] < n_sink[:, None])
         if STATS:  # noqa: SIM102  (constexpr test outside, run-time test inside)
             if first == PASS:
                 b_count, b_mean, b_m2 = _stats_tile(b_s, m_valid, b_count, b_mean, b_m2)
@@ -586,16 +612,10 @@ def _indexer_topk_fwd_kernel(
                 # Only rows whose coarse threshold leaves many keys count again.
                 n_stop = tl.where(tl.max(b_fine.to(tl.int32), 0) > 0, n_end, 0)
             for n0 in range(0, n_stop, BLOCK_N):
-                o_n = n0 + tl.arange(0, BLOCK_N)
-                m_n = o_n < Tkv
-                p_k = k + i_b * stride_kb + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :]
-                b_k = tl.load(p_k, mask=m_n[:, None] & m_d[None, :], other=0.0)
-                b_s = score_tile(
-                    p_q, p_w, bias, b_k, m_m, m_d, stride_qh, stride_wh, stride_bias, scale,
-                    H, DOT_FP32, FAST_TANH, BLOCK_M, BLOCK_N,
+                o_n, b_s, m_valid, m_sink = _key_tile(
+                    k, p_q, p_w, bias, i_b, n0, n_valid, n_sink, m_m, o_d, m_d, stride_kb, stride_kt, stride_qh,
+                    stride_wh, stride_bias, scale, Tkv, H, DOT_FP32, FAST_TANH, BLOCK_M, BLOCK_N,
                 )  # fmt: skip
-                m_valid = o_n[None, :] < n_valid[:, None]
-                m_sink = m_valid & (o_n[None, :] < n_sink[:, None])
                 if STATS:  # noqa: SIM102  (constexpr test outside, run-time test inside)
                     if p == first:
                         b_count, b_mean, b_m2 = _stats_tile(b_s, m_valid, b_count, b_mean, b_m2)
@@ -696,7 +716,7 @@ def indexer_topk_fwd(
     fine_limit: int | None = None,
     num_warps: int = _NUM_WARPS,
     fill: torch.Tensor | None = None,
-    split: bool = True,
+    split: bool = False,
     key_chunk: int = 1024,
     sort_warps: int = 4,
 ) -> tuple[torch.Tensor, ...]:
