@@ -5,21 +5,25 @@ bitwise ``gated_indexer``'s. Every valid key of a row is a distinct int64 sort k
 ``(score bits << 32) | (0xFFFFFFFF - key)``: scores are >= 0, so their float bits order like
 integers, and equal scores order by the lower key index.
 
-Default (split) path, each pass one program per (64-query block, key chunk):
+Every path counts first, per query, how many keys fall in bins of float bits: 16 coarse bins
+over ``[S / 16, S)``, where ``S = sum_h sigmoid(w_h)`` bounds the row's scores, then 16 fine bins
+inside the bracket of the ``(topk - sinks)``-th best. The highest bin edge with enough keys above
+it is the query's threshold (the counts are exact integers: no key of the top-k is below it), so
+a query's candidate buffer of ``CAP = 2 * KP`` sort keys receives about ``topk`` keys and is
+sorted once with ``tl.sort``; its first ``topk - sinks`` keys follow the sinks.
 
-1. coarse count: each query's keys in 16 bins of float bits over ``[S / 16, S)``, where
-   ``S = sum_h sigmoid(w_h)`` bounds the row's scores (and ``return_stats`` partials);
-2. fine count: 16 bins inside the bracket of the ``(topk - sinks)``-th best, for the queries
-   that still need it (integer atomics: exact in any order);
-3. collection: the keys at or above each query's threshold go to its buffer of ``CAP = 2 * KP``
-   sort keys (an atomic slot counter: the order varies, the content does not);
-4. sort: one ``tl.sort`` per buffer in its own kernel; its first ``topk - sinks`` keys follow the
-   sinks. Stats partials are merged in key order there (Chan et al.).
+- Per-block path (the default): one program per 64-query block runs the counts, the collection
+  (keys in order, a prefix sum gives each its slot) and the sort. When a query's buffer would
+  overflow (ties, all-equal scores), it is sorted, its best ``KP`` kept and the threshold raised
+  to the ``KP``-th best: exact whatever the distribution.
+- Split path (``split=True``, opt-in until timed on a GPU): the count and collection passes run
+  over (query block, key chunk) programs (integer atomics for the counts, an atomic slot counter
+  for the buffer: its order varies, its content does not), a separate kernel sorts and merges
+  the stats partials in key order; blocks with an overflowing query are recomputed by the
+  per-block kernel.
 
-A query whose threshold bin holds more keys than its buffer (ties, all-equal scores) flags its
-block, and the per-block kernel recomputes that block: it walks the keys in order with a rising
-threshold, sorting a row's buffer and keeping its best ``KP`` whenever it would overflow. Exact
-whatever the distribution; bitwise reproducible (integer counts, sorted content).
+Bitwise reproducible: integer counts, sorted buffer content, stats merged in key order (Chan
+et al.).
 
 Extra memory: the outputs plus at most ``DEFAULT_WORKSPACE_BYTES`` (256 MiB) of buffers and
 counts: the query blocks go through in groups that fit.
@@ -716,7 +720,7 @@ def indexer_topk_fwd(
     fine_limit: int | None = None,
     num_warps: int = _NUM_WARPS,
     fill: torch.Tensor | None = None,
-    split: bool = True,
+    split: bool = False,
     key_chunk: int = 1024,
     sort_warps: int = 4,
 ) -> tuple[torch.Tensor, ...]:
