@@ -98,6 +98,8 @@ SWEEP_TOPK = (512, 1024, 2048)
 # Per-head lists hold Hq lists per position: past these lengths their indices and the
 # backward's inverse index (tens of GB at 64K, k = 2048) do not fit the bench's budget.
 PER_HEAD_MAX_T = {"fwd": 32768, "fwd+bwd": 16384}
+# The shared-list sweep rows that also time dense SDPA (the others have the same T and heads).
+SDPA_SWEEP_ROWS = ("per-KV-group", "random")
 SWEEP_INDEX_SETS = {
     "per-head": ("random",),
     "per-KV-group": ("random", "realistic"),
@@ -407,9 +409,8 @@ def bench_cases(ops_filter: Iterable[str] | None = None) -> list[BenchCase]:
                         if sharing == "per-head" and seq_len > PER_HEAD_MAX_T[mode]:
                             continue
                         tags = (sharing, index_set, "sweep")
-                        times_sdpa = (
-                            sharing == "per-head" or f"{sharing} {index_set}" == "per-KV-group random"
-                        )
+                        # SDPA depends only on T and the heads: once per length and head layout
+                        times_sdpa = sharing == "per-head" or (sharing, index_set) == SDPA_SWEEP_ROWS
                         providers = ("hdgsa", "sdpa") if times_sdpa else ("hdgsa",)
                         cases.append(_case(shape, backward, providers, tags))
     return cases
