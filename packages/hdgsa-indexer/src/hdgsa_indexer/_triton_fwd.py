@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hdgsa_core import interpreter_enabled
 from hdgsa_core.launch import CachedLauncher
 from hdgsa_core.triton_utils import cdiv, next_power_of_2, on_input_device
 
@@ -43,10 +44,10 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 def dot_options(q: torch.Tensor, k: torch.Tensor, fast_ok: bool = True) -> tuple[bool, bool]:
     """``(DOT_FP32, FAST_TANH)``: multiply in float32 (IEEE) unless q and k share a 16-bit
-    dtype on a GPU (the interpreter's ``tl.dot`` multiplies bfloat16's raw bits, and a
-    product of two 16-bit floats is exact in float32 anyway); use ``tanh.approx`` only for
-    16-bit inputs on a GPU (the interpreter cannot run inline assembly)."""
-    low = q.dtype == k.dtype and q.dtype in _LOW_PRECISION and q.is_cuda
+    dtype and the kernels are compiled (the interpreter's ``tl.dot`` multiplies bfloat16's raw
+    bits, and a product of two 16-bit floats is exact in float32 anyway); use ``tanh.approx``
+    only for compiled 16-bit kernels (the interpreter cannot run inline assembly)."""
+    low = q.dtype == k.dtype and q.dtype in _LOW_PRECISION and not interpreter_enabled()
     return (not low), (low and fast_ok)
 
 
