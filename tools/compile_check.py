@@ -83,13 +83,14 @@ class Report:
     failures: list[tuple[str, str]] = field(default_factory=list)
     skipped_configs: set[tuple[str, str, str]] = field(default_factory=set)
     cases: int = 0
+    dump_dir: Path | None = None
 
 
 REPORT = Report()
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers per thread, spilled bytes per thread) of a cubin's one kernel."""
+    """(registers per thread, stack-frame bytes per thread: spills) of a cubin's one kernel."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
@@ -98,8 +99,9 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
             [str(tool), "-res-usage", handle.name], capture_output=True, text=True, check=True
         ).stdout
     registers = re.search(r"REG:(\d+)", text)
-    local = re.search(r"LOCAL:(\d+)", text)
-    return int(registers.group(1)) if registers else -1, int(local.group(1)) if local else -1
+    # Spilled registers live in the stack frame (local memory).
+    frame = max((int(n) for n in re.findall(r"(?:STACK|LOCAL):(\d+)", text)), default=-1)
+    return int(registers.group(1)) if registers else -1, frame
 
 
 class _Utils:
@@ -109,6 +111,10 @@ class _Utils:
     def load_binary(self, name: str, cubin: bytes, shared: int, device: int):
         record = REPORT.kernels[-1]
         record.registers, record.spilled_bytes = _resource_usage(cubin)
+        if REPORT.dump_dir is not None:
+            path = REPORT.dump_dir / f"{name}-{len(REPORT.kernels)}.cubin"
+            path.write_bytes(cubin)
+            record.constants["cubin"] = path.name
         # A module that is not None: Triton loads each compiled kernel once.
         return name, 0, record.registers, record.spilled_bytes // 4, record.max_threads
 
@@ -460,11 +466,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="print every compiled kernel")
     parser.add_argument("--fail-on-spill", action="store_true")
     parser.add_argument("--quick", action="store_true", help="the CI subset (QUICK_CASES)")
+    parser.add_argument(
+        "--dump-dir", type=Path, help="write each compiled kernel's cubin here (nvdisasm, cuobjdump -sass)"
+    )
     args = parser.parse_args(argv)
     packages = [name.removeprefix("hdgsa-") for name in args.packages] or list(PACKAGES)
     if not any(name in PACKAGES for name in packages):
         print(f"no Triton kernels to compile in {', '.join(args.packages)}")
         return 0
+    if args.dump_dir is not None:
+        args.dump_dir.mkdir(parents=True, exist_ok=True)
+        REPORT.dump_dir = args.dump_dir
     install()
     torch.manual_seed(0)
     started = time.perf_counter()
