@@ -464,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-k", dest="filter", default="", help="only cases whose name contains this")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every compiled kernel")
-    parser.add_argument("--fail-on-spill", action="store_true")
+    parser.add_argument(
+        "--fail-on-spill", action="store_true", help="exit 1 when a kernel spills registers (CI: none do)"
+    )
     parser.add_argument("--quick", action="store_true", help="the CI subset (QUICK_CASES)")
     parser.add_argument(
         "--dump-dir", type=Path, help="write each compiled kernel's cubin here (nvdisasm, cuobjdump -sass)"
