@@ -9,7 +9,8 @@ All bf16 inputs, causal, ``scale = d ** -0.5``. Cases:
   ``torch.compile`` (the same, compiled).
 - ``indexer_topk`` with ``topk = 512`` at B1 T8192 H4 d64 and B2 T4096 H8 d64, and a sweep
   over T = 4K .. 128K (B1 H4 d64) with ``topk`` in {512, 2048}; providers ``hdgsa``
-  (:func:`indexer_topk`, auto: the fused kernel), ``torch`` (eager reference scores +
+  (:func:`indexer_topk`, auto: the fused kernel), ``hdgsa-split`` (the fused kernel's opt-in
+  split path, to choose the default from), ``torch`` (eager reference scores +
   ``torch.topk``, which builds ``[B, T, T]``), ``torch.compile`` (the same, compiled),
   ``torch-chunked`` (:func:`indexer_topk` with ``backend="torch"``, query chunks in a 256 MiB
   workspace). A peer whose ``[B, T, T]`` float32 scores would not fit the free GPU memory is
@@ -153,6 +154,14 @@ def _hdgsa_topk(shape: _Shape, backend: str = "auto") -> Callable[[], object]:
     return lambda: indexer_topk(*inputs, shape.topk, shape.scale, True, backend=backend)
 
 
+def _hdgsa_topk_split(shape: _Shape) -> Callable[[], object]:
+    """The fused top-k's opt-in split path (key chunks over more programs), beside the default."""
+    from ._triton_topk import indexer_topk_fwd
+
+    q, k, w, bias = _inputs(shape, False)
+    return lambda: indexer_topk_fwd(q, k, w, bias, shape.topk, shape.scale, True, 0, 0, False, split=True)
+
+
 def _dense_topk(q, k, w, bias, topk: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The peer: the whole ``[B, T, T]`` score matrix, then ``torch.topk``."""
     return torch.topk(gated_indexer_reference(q, k, w, bias, scale, True), topk, dim=-1)
@@ -227,6 +236,7 @@ def _topk_case(shape: _Shape, tags: tuple[str, ...]) -> BenchCase:
         name=f"{shape.label} k{shape.topk} fwd",
         providers={
             "hdgsa": lambda s=shape: _hdgsa_topk(s),
+            "hdgsa-split": lambda s=shape: _hdgsa_topk_split(s),
             "torch": lambda s=shape: _eager_topk(s),
             "torch.compile": lambda s=shape: _compiled_topk(s),
             "torch-chunked": lambda s=shape: _hdgsa_topk(s, backend="torch"),
