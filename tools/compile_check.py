@@ -6,15 +6,16 @@ so the kernels' outputs are never computed and only the compilation is checked. 
 kernels compile every config. What it catches before a GPU run: compile errors on the GPU's
 code paths (the interpreter runs other branches: ``tl.sort``, inline assembly, vector stores),
 shared memory over the H100's 227 KiB, more threads than the registers allow, and register
-spills. The table lists each compiled kernel with its registers, spilled bytes and shared
-memory; the exit code is 1 when a case failed (and with ``--fail-on-spill``, when one spills).
+local memory (a stack frame: spilled registers or run-time indexed arrays). The table lists each
+compiled kernel with its registers, stack-frame bytes and shared memory; the exit code is 1 when
+a case failed (and with ``--fail-on-stack``, when a kernel has a stack frame).
 
     python tools/compile_check.py                 # every package
     python tools/compile_check.py indexer -v      # one package, with the kernel table
 
 Host code that reads a kernel's output (a plan's sizes, a fallback flag) sees zeros: the cases
 force each path by calling the package's private entry points where the public op would choose.
-Registers and spills come from ``cuobjdump -res-usage`` on the compiled binary; the Triton
+Registers and stack frames come from ``cuobjdump -res-usage`` on the compiled binary; the Triton
 version that compiles is this environment's, which may differ from the GPU machine's.
 """
 
@@ -68,7 +69,7 @@ class CompiledKernel:
     num_stages: int
     shared: int
     registers: int = -1
-    spilled_bytes: int = -1
+    stack_bytes: int = -1
 
     @property
     def max_threads(self) -> int:
@@ -90,7 +91,8 @@ REPORT = Report()
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers per thread, stack-frame bytes per thread: spills) of a cubin's one kernel."""
+    """(registers per thread, stack-frame bytes per thread) of a cubin's one kernel. A stack frame
+    is local memory: spilled registers, or arrays the kernel indexes at run time."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
@@ -99,7 +101,6 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
             [str(tool), "-res-usage", handle.name], capture_output=True, text=True, check=True
         ).stdout
     registers = re.search(r"REG:(\d+)", text)
-    # Spilled registers live in the stack frame (local memory).
     frame = max((int(n) for n in re.findall(r"(?:STACK|LOCAL):(\d+)", text)), default=-1)
     return int(registers.group(1)) if registers else -1, frame
 
@@ -110,13 +111,13 @@ class _Utils:
 
     def load_binary(self, name: str, cubin: bytes, shared: int, device: int):
         record = REPORT.kernels[-1]
-        record.registers, record.spilled_bytes = _resource_usage(cubin)
+        record.registers, record.stack_bytes = _resource_usage(cubin)
         if REPORT.dump_dir is not None:
             path = REPORT.dump_dir / f"{name}-{len(REPORT.kernels)}.cubin"
             path.write_bytes(cubin)
             record.constants["cubin"] = path.name
         # A module that is not None: Triton loads each compiled kernel once.
-        return name, 0, record.registers, record.spilled_bytes // 4, record.max_threads
+        return name, 0, record.registers, max(record.stack_bytes, 0) // 4, record.max_threads
 
 
 class _Launcher:
@@ -465,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", dest="filter", default="", help="only cases whose name contains this")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every compiled kernel")
     parser.add_argument(
-        "--fail-on-spill", action="store_true", help="exit 1 when a kernel spills registers (CI: none do)"
+        "--fail-on-stack",
+        action="store_true",
+        help="exit 1 when a kernel has a stack frame (local memory: spills or indexed arrays)",
     )
     parser.add_argument("--quick", action="store_true", help="the CI subset (QUICK_CASES)")
     parser.add_argument(
@@ -501,17 +504,17 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"ok   {name} ({len(REPORT.kernels) - first} new kernels)", flush=True)
     _print_table(args.verbose)
-    spills = [k for k in REPORT.kernels if k.spilled_bytes > 0]
+    stacks = [k for k in REPORT.kernels if k.stack_bytes > 0]
     print(
         f"\n{REPORT.cases} cases, {len(REPORT.kernels)} kernels compiled for sm_90 with Triton "
         f"{triton.__version__} in {time.perf_counter() - started:.0f} s; "
-        f"{len(REPORT.failures)} failed, {len(spills)} kernels spill registers"
+        f"{len(REPORT.failures)} failed, {len(stacks)} kernels with a stack frame (local memory)"
     )
     for name, config, detail in sorted(REPORT.skipped_configs):
         print(f"  config left out by the autotuner: {name} {config}: {detail}")
     for name, detail in REPORT.failures:
         print(f"  FAILED {name}: {detail}")
-    return 1 if REPORT.failures or (args.fail_on_spill and spills) else 0
+    return 1 if REPORT.failures or (args.fail_on_stack and stacks) else 0
 
 
 def _summary(error: Exception) -> str:
@@ -530,18 +533,18 @@ def _print_table(verbose: bool) -> None:
     rows: dict[tuple, list[CompiledKernel]] = {}
     for kernel in REPORT.kernels:
         rows.setdefault((kernel.name,), []).append(kernel)
-    print(f"\n{'kernel':48} {'variants':>8} {'regs max':>8} {'spill B max':>11} {'smem KiB max':>12}")
+    print(f"\n{'kernel':48} {'variants':>8} {'regs max':>8} {'stack B max':>11} {'smem KiB max':>12}")
     for (name,), kernels in sorted(rows.items()):
         print(
             f"{name:48} {len(kernels):8d} {max(k.registers for k in kernels):8d} "
-            f"{max(k.spilled_bytes for k in kernels):11d} {max(k.shared for k in kernels) / 1024:12.1f}"
+            f"{max(k.stack_bytes for k in kernels):11d} {max(k.shared for k in kernels) / 1024:12.1f}"
         )
         if verbose:
             for k in kernels:
                 consts = " ".join(f"{n}={v}" for n, v in k.constants.items())
                 print(
                     f"    warps={k.num_warps} stages={k.num_stages} regs={k.registers} "
-                    f"spill={k.spilled_bytes} smem={k.shared} {consts}"
+                    f"stack={k.stack_bytes} smem={k.shared} {consts}"
                 )
 
 
