@@ -636,6 +636,20 @@ def test_triton_topk_at_t131072_is_exact_against_chunked_scores(mode):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES, ids=lambda d: d.type)
+def test_split_path_refuses_triton_that_does_not_broadcast_atomics(device, monkeypatch):
+    # Compiled Triton before 3.5 gives an atomic's result to one thread of a row only; the
+    # split path places keys by it, so it must refuse (the interpreter runs atomics per element).
+    from hdgsa_indexer import _triton_topk
+
+    monkeypatch.setattr(_triton_topk, "TRITON_VERSION", "3.4.0")
+    monkeypatch.setattr(_triton_topk, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(_triton_topk, "_indexer_topk_pass_kernel", must_not_run)
+    q, k, w, bias = make_inputs(1, 70, 70, 2, 16, device=device)
+    with pytest.raises(RuntimeError, match=r"split path needs Triton >= 3\.5 \(installed: 3\.4\.0\)"):
+        _fused_topk(q, k, w, bias, 5, 0.5, True, 0, 0, "split")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES, ids=lambda d: d.type)
 def test_triton_topk_limit_is_a_clear_error(device, monkeypatch):
     from hdgsa_indexer import _triton_topk
 

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hdgsa_core import interpreter_enabled
+from hdgsa_core import TRITON_VERSION, interpreter_enabled, parse_version
 from hdgsa_core.triton_utils import cdiv, next_power_of_2, on_input_device
 
 from ._triton_fwd import SCORE_TILE, dot_options, input_strides, score_tile
@@ -60,6 +60,8 @@ _SORT_ELEMENTS = 4096
 # Candidates kept per query (topk rounded up to a power of two): the sort of 2 * MAX_KEEP keys
 # of one row happens in registers.
 MAX_KEEP = 16384
+# The split path reads tl.atomic_add's result in every thread (broadcast since Triton 3.5).
+_SPLIT_MIN_TRITON = (3, 5)
 
 
 @triton.jit
@@ -404,7 +406,10 @@ def _indexer_topk_pass_kernel(
             b_at = tl.atomic_add(fill + o_slot, b_take, mask=b_take > 0)
             b_pos = b_at[:, None] + tl.cumsum(m_take.to(tl.int32), 1) - 1
             b_key = _tile_keys(b_s, o_n, m_valid, m_sink)
-            tl.store(buf + o_slot.to(tl.int64)[:, None] * CAP + b_pos, b_key, mask=m_take)
+            # Never past the row's buffer: a fill that disagrees with the counts sends the
+            # block to the exact fallback (the sort kernel compares them).
+            m_store = m_take & (b_pos < CAP)
+            tl.store(buf + o_slot.to(tl.int64)[:, None] * CAP + b_pos, b_key, mask=m_store)
     if PASS < 2:  # noqa: SIM102
         if n_stop > n_lo:
             tl.atomic_add(p_hist + PASS * BLOCK_M * _NUM_BINS * tl.num_programs(0), b_hist)
@@ -488,10 +493,13 @@ def _indexer_topk_sort_kernel(
     b_hist0 = tl.load(p_hist)
     b_hist1 = tl.load(p_hist + BLOCK_M * _NUM_BINS * num_local)
     _, _, _, _, b_survivors = _row_thresholds(b_hist0, b_hist1, b_need_g, b_base, b_all_g, fine_limit)
-    if tl.max((m_g & (b_survivors > CAP)).to(tl.int32), 0) > 0:
+    b_n = tl.load(fill + o_slot)
+    # Rows whose survivors overflow the buffer, or whose collected count is not what the
+    # counting passes found (the same scores, so never expected): the exact fallback.
+    m_fallback = m_g & ((b_survivors > CAP) | (b_n != b_survivors))
+    if tl.max(m_fallback.to(tl.int32), 0) > 0:
         tl.store(flags + i_local, 1)
     else:
-        b_n = tl.load(fill + o_slot)
         p_buf = buf + i_local.to(tl.int64) * (BLOCK_M * CAP)
         b_sorted = _sorted_rows(p_buf, o_g, b_n, CAP, LOG_CAP, N_DIMS, INTERPRET)
         _store_sorted(out_idx, out_score, b_sorted, (i_b * Tq + o_m64) * TOPK, m_g, b_n, b_sinks_g, TOPK, CAP)
@@ -824,6 +832,12 @@ def _split_topk(
     workspace_bytes: int, key_chunk: int, sort_warps: int, num_warps: int,
 ) -> None:  # fmt: skip
     """The split passes, over chunks of query blocks whose buffers fit ``workspace_bytes``."""
+    if parse_version(TRITON_VERSION) < _SPLIT_MIN_TRITON and not interpreter_enabled():
+        raise RuntimeError(
+            f"indexer_topk: the split path needs Triton >= 3.5 (installed: {TRITON_VERSION}): it "
+            "places keys by the value an atomic add returns to every thread of a row, which earlier "
+            "releases gave to one thread only (triton-lang/triton#7402); use the default path"
+        )
     if key_chunk % _BLOCK_N:
         raise ValueError(f"key_chunk must be a multiple of {_BLOCK_N}, got {key_chunk}")
     device = tiles["q"].device
