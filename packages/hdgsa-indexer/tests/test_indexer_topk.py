@@ -661,3 +661,15 @@ def test_triton_topk_limit_is_a_clear_error(device, monkeypatch):
     indices, _ = indexer_topk(q[:, :, :, :], k[:, :60], w, bias, 500, causal=False, backend="triton")
     assert indices.shape == (1, 3, 500)
     assert (indices[..., 60:] == -1).all()
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES, ids=lambda d: d.type)
+def test_triton_topk_limit_is_what_fits_an_h100(device, monkeypatch):
+    # 8,192 candidates a row sort in 128 KiB of shared memory; 16,384 would need 256 KiB (an
+    # H100 has 227): the larger sizes are refused before any kernel compiles.
+    from hdgsa_indexer import _triton_topk
+
+    monkeypatch.setattr(_triton_topk, "_indexer_topk_fwd_kernel", must_not_run)
+    q, k, w, bias = make_inputs(1, 2, 8200, 1, 4, device=device)
+    with pytest.raises(RuntimeError, match="at most 8192 candidates"):
+        indexer_topk(q, k, w, bias, 8193, backend="triton")

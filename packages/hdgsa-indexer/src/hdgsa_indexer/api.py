@@ -150,7 +150,7 @@ def indexer_topk(
     (``reference.DEFAULT_WORKSPACE_BYTES``). PyTorch backend: query chunks scored and reduced
     one after another (at least one query row, ``Tkv * (4 * H + 32)`` bytes). Triton backend:
     one fused kernel, scores tile by tile into per-query candidate buffers; it supports
-    ``min(topk, Tkv)`` up to 16,384 and raises ``RuntimeError`` beyond.
+    ``min(topk, Tkv)`` up to 8,192 and raises ``RuntimeError`` beyond.
 
     Args:
         q: queries ``[B, Tq, H, d]``, any strides.
@@ -179,7 +179,7 @@ def indexer_topk(
             ``sink_size > topk``.
         TypeError: as :func:`gated_indexer`; ``topk`` or ``sink_size`` not an int.
         RuntimeError: the requested backend cannot run here; on the Triton backend,
-            ``min(topk, Tkv)`` above 16,384.
+            ``min(topk, Tkv)`` above 8,192.
 
     Example:
         >>> q, k = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 16)
