@@ -58,8 +58,9 @@ _LOW_SPAN = tl.constexpr(16 << 23)
 # The interpreter sorts a whole block at once (its cost is per operation, not per element).
 _SORT_ELEMENTS = 4096
 # Candidates kept per query (topk rounded up to a power of two): the sort of 2 * MAX_KEEP keys
-# of one row happens in registers and shared memory. 8192 uses 128 KiB of shared memory (sm_90,
-# offline compile); 16384 would need 256 KiB, over an H100's 227 KiB.
+# of one row happens in registers and shared memory: 64 KiB at 4096 and 128 KiB at 8192 (sm_90,
+# offline compiles); 16384, twice that, would not fit an H100's 227 KiB (its compile did not
+# finish in 25 minutes on a 2-core CPU).
 MAX_KEEP = 8192
 # The split path reads tl.atomic_add's result in every thread (broadcast since Triton 3.5).
 _SPLIT_MIN_TRITON = (3, 5)
