@@ -615,7 +615,7 @@ def test_fused_topk_memory_is_outputs_plus_bounded_workspace_on_cuda():
 
 @pytest.mark.skipif(not HAS_CUDA, reason="T = 131,072 needs a GPU")
 @pytest.mark.parametrize("mode", ["block", "split"])
-def test_triton_topk_at_t131072_is_exact_against_chunked_scores(mode):
+def test_triton_topk_at_t131072_on_cuda_is_exact_against_chunked_scores(mode):
     # The long-context case the kernel exists for (the [T, T] scores would be 64 GiB): three
     # 64-query chunks (first, middle, last) against torch.topk of their dense Triton scores,
     # bitwise; and bitwise the same on a second call.
