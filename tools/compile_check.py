@@ -301,6 +301,13 @@ def indexer_cases() -> Iterator[tuple[str, Callable[[], None]]]:
 
                     yield f"indexer_topk T{seq} k{topk} {dtype} split={split} stats={stats}", run
 
+    # The largest topk the Triton path takes (MAX_KEEP): it must still fit; compiles for minutes.
+    def run_largest() -> None:
+        q, k, w, bias = _indexer_inputs(1, 2 * _triton_topk.MAX_KEEP, 4, 64, torch.bfloat16, grad=False)
+        _triton_topk.indexer_topk_fwd(q, k, w, bias, _triton_topk.MAX_KEEP, 0.125, True, 0, 16, True)
+
+    yield f"indexer_topk k{_triton_topk.MAX_KEEP} (MAX_KEEP) torch.bfloat16 stats=True", run_largest
+
     for seq, slots, heads, dim in ((16384, 2048, 4, 64), (1000, 77, 8, 128), (64, 5, 16, 16)):
         for dtype in (torch.bfloat16, torch.float32):
             for deterministic in (False, True):

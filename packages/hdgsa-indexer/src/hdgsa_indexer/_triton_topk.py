@@ -59,8 +59,8 @@ _LOW_SPAN = tl.constexpr(16 << 23)
 _SORT_ELEMENTS = 4096
 # Candidates kept per query (topk rounded up to a power of two): the sort of 2 * MAX_KEEP keys
 # of one row happens in registers and shared memory: 64 KiB at 4096 and 128 KiB at 8192 (sm_90,
-# offline compiles); 16384, twice that, would not fit an H100's 227 KiB (its compile did not
-# finish in 25 minutes on a 2-core CPU).
+# offline compiles with Triton 3.6; 32 KiB at 8192 with 3.9); 16384, twice that, would not fit
+# an H100's 227 KiB on 3.6 (its compile did not finish in 25 minutes on a 2-core CPU).
 MAX_KEEP = 8192
 # The split path reads tl.atomic_add's result in every thread (broadcast since Triton 3.5).
 _SPLIT_MIN_TRITON = (3, 5)
