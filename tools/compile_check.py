@@ -30,8 +30,10 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest.mock import patch
 
 # Before the packages import Triton: compiled kernels, never the interpreter; every launch
 # through Triton (the cached launcher reads the CUDA device, which there is none of).
@@ -45,6 +47,8 @@ from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime import driver as triton_driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.errors import OutOfResources, PTXASError
+
+from hdgsa_core.testing import make_tensor
 
 H100 = {
     "max_shared_mem": 232448,  # 227 KiB opt-in per block
@@ -215,7 +219,18 @@ def install() -> None:
 
 
 def _randn(*shape: int, dtype: torch.dtype = torch.bfloat16, grad: bool = True) -> torch.Tensor:
-    return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+    return make_tensor(*shape, dtype=dtype, requires_grad=grad)
+
+
+@contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(enabled)`` inside the block (picks the backward)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def _backward(*outputs: torch.Tensor) -> None:
@@ -315,12 +330,8 @@ def indexer_cases() -> Iterator[tuple[str, Callable[[], None]]]:
                 def run(seq=seq, slots=slots, heads=heads, dim=dim, dtype=dtype, det=deterministic):
                     q, k, w, bias = _indexer_inputs(1, seq, heads, dim, dtype)
                     indices = torch.randint(0, seq, (1, seq, slots))
-                    previous = torch.are_deterministic_algorithms_enabled()
-                    torch.use_deterministic_algorithms(det)
-                    try:
+                    with _deterministic(det):
                         _backward(indexer_scores_at(q, k, w, bias, indices, 0.125, backend="triton"))
-                    finally:
-                        torch.use_deterministic_algorithms(previous)
 
                 yield (
                     f"indexer_scores_at T{seq} K{slots} H{heads} d{dim} {dtype} "
@@ -365,25 +376,13 @@ def sparse_attn_cases() -> Iterator[tuple[str, Callable[[], None]]]:
                         k = _randn(1, seq, hkv, dim, dtype=dtype)
                         v = _randn(1, seq, hkv, dim_v, dtype=dtype)
                         indices = torch.randint(-1, seq, (1, hi, seq, slots), dtype=torch.int32)
-                        original = sparse_triton.choose_triton_path
 
-                        def forced(*args, **kwargs):
-                            chosen, plan = original(*args, **kwargs)
-                            if path == "per-query" or chosen == "block":
-                                return path, plan if path == "block" else None
-                            return _forced_block_plan(args, kwargs)
+                        def forced(*args):  # the path's rule reads kernel output: choose here
+                            return ("per-query", None) if path == "per-query" else _forced_block_plan(*args)
 
-                        sparse_triton.choose_triton_path = forced
-                        previous = torch.are_deterministic_algorithms_enabled()
-                        torch.use_deterministic_algorithms(det)
-                        try:
-                            out, _ = sparse_attention(
-                                q, k, v, indices, return_lse=True, validate=False, backend="triton"
-                            )
+                        with patch.object(sparse_triton, "choose_triton_path", forced), _deterministic(det):
+                            out = sparse_attention(q, k, v, indices, validate=False, backend="triton")
                             _backward(out)
-                        finally:
-                            sparse_triton.choose_triton_path = original
-                            torch.use_deterministic_algorithms(previous)
 
                     yield (
                         f"sparse_attention {name} T{seq} Hq{hq} Hkv{hkv} Hi{hi} D{dim} Dv{dim_v} "
@@ -392,9 +391,10 @@ def sparse_attn_cases() -> Iterator[tuple[str, Callable[[], None]]]:
                     )
 
 
-def _forced_block_plan(args, kwargs):
-    """The block path's plan for a call whose rule chose per-query, or per-query where the
-    block path cannot run (per-head lists with GQA, tiles over the shared memory)."""
+def _forced_block_plan(q, k, v, indices, mask, needs_grad):
+    """``("block", plan)`` with the plan's sizes those of a GPU run, or ``("per-query", None)``
+    where the block path cannot run (per-head lists with GQA, small inputs, tiles over the
+    shared memory)."""
     from hdgsa_sparse_attn._block_plan import (
         BlockTiles,
         _mark,
@@ -403,7 +403,6 @@ def _forced_block_plan(args, kwargs):
         build_block_plan,
     )
 
-    q, k, v, indices, mask, needs_grad = args
     tiles = BlockTiles.of(q, v)
     if _structural_path(indices, k.shape[2], q.shape[2], tiles, needs_grad) == "per-query":
         return "per-query", None
