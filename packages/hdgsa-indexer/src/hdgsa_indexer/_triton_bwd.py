@@ -62,20 +62,16 @@ def _gate_terms(b_dot, scale, b_bias, FAST_TANH: tl.constexpr):
 
 @triton.jit
 def _cast_for_dot(b_x, DOT_FP32: tl.constexpr, DTYPE: tl.constexpr):
-    # One return: Triton also compiles what follows a constexpr branch that returned, and
-    # requires every return to have the same type.
-    if not DOT_FP32:
-        b_x = b_x.to(DTYPE)
-    return b_x
+    if DOT_FP32:
+        return b_x
+    return b_x.to(DTYPE)
 
 
 @triton.jit
 def _dot_nn(b_a, b_b, DOT_FP32: tl.constexpr):
     if DOT_FP32:
-        b_ab = tl.dot(b_a, b_b.to(tl.float32), input_precision="ieee")
-    else:
-        b_ab = tl.dot(b_a, b_b)
-    return b_ab
+        return tl.dot(b_a, b_b.to(tl.float32), input_precision="ieee")
+    return tl.dot(b_a, b_b)
 
 
 @triton.jit
